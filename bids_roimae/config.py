@@ -1,0 +1,267 @@
+"""Typed settings for every stage, loaded from a TOML file and command-line overrides.
+
+One dataclass per concern; ``AppConfig`` groups them. Configuration is passed down
+explicitly (no module globals). A TOML file mirrors the sections::
+
+    [geometry]
+    patch_size = 6
+    [model]
+    preset = "small"
+    [train]
+    steps = 2000
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+try:  # Python >= 3.11
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A setting is unknown or out of range (a usage error, exit code 64)."""
+
+
+@dataclass
+class GeometryConfig:
+    """How a 4D BOLD window is cut into brain tokens.
+
+    A token is ``patch_size**3`` voxels x ``temporal_patch`` frames; a window is
+    ``window`` frames. ``roi_assign`` decides which patches belong to a region.
+    ``min_brain_fraction`` drops patches whose brain share is below it (0 keeps every
+    patch that touches the brain).
+    """
+
+    patch_size: int = 6
+    window: int = 20
+    temporal_patch: int = 4
+    roi_assign: Literal["majority", "any", "pure"] = "majority"
+    min_brain_fraction: float = 0.0
+
+    def validate(self) -> None:
+        if self.patch_size < 1:
+            raise ConfigError("geometry.patch_size must be >= 1")
+        if self.temporal_patch < 1 or self.window < 1:
+            raise ConfigError("geometry.window and geometry.temporal_patch must be >= 1")
+        if self.window % self.temporal_patch:
+            raise ConfigError(
+                f"geometry.window ({self.window}) must be a multiple of "
+                f"geometry.temporal_patch ({self.temporal_patch})"
+            )
+        if self.roi_assign not in ("majority", "any", "pure"):
+            raise ConfigError("geometry.roi_assign must be majority, any or pure")
+        if not 0.0 <= self.min_brain_fraction < 1.0:
+            raise ConfigError("geometry.min_brain_fraction must be in [0, 1)")
+
+
+@dataclass
+class PrepConfig:
+    """Per-run preprocessing before tokenisation (part of the cache key)."""
+
+    confounds: Literal["none", "simple", "scrubbing"] = "none"
+    target_tr: Optional[float] = None
+    dtype: Literal["float16", "int8"] = "float16"
+
+    def validate(self) -> None:
+        if self.confounds not in ("none", "simple", "scrubbing"):
+            raise ConfigError("prep.confounds must be none, simple or scrubbing")
+        if self.target_tr is not None and self.target_tr <= 0:
+            raise ConfigError("prep.target_tr must be positive")
+        if self.dtype not in ("float16", "int8"):
+            raise ConfigError("prep.dtype must be float16 or int8")
+
+
+@dataclass
+class MaskingConfig:
+    """Which tokens are hidden from the encoder during pretraining."""
+
+    strategy: Literal["roi", "random"] = "roi"
+    ratio: float = 0.5
+    region_weighting: Literal["uniform", "size"] = "uniform"
+    per_chunk: bool = False
+
+    def validate(self) -> None:
+        if self.strategy not in ("roi", "random"):
+            raise ConfigError("masking.strategy must be roi or random")
+        if not 0.0 < self.ratio < 1.0:
+            raise ConfigError("masking.ratio must be in (0, 1)")
+        if self.region_weighting not in ("uniform", "size"):
+            raise ConfigError("masking.region_weighting must be uniform or size")
+
+
+@dataclass
+class ModelConfig:
+    """Transformer sizes. ``preset`` fills the sizes left at ``None``."""
+
+    preset: str = "tiny"
+    embed_dim: Optional[int] = None
+    depth: Optional[int] = None
+    num_heads: Optional[int] = None
+    decoder_dim: Optional[int] = None
+    decoder_depth: Optional[int] = None
+    decoder_heads: Optional[int] = None
+    mlp_ratio: float = 4.0
+    attention: Literal["divided", "joint"] = "divided"
+    norm_target: bool = False
+    dropout: float = 0.0
+
+    def validate(self) -> None:
+        if self.attention not in ("divided", "joint"):
+            raise ConfigError("model.attention must be divided or joint")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation of the masked autoencoder (pretraining)."""
+
+    steps: int = 200
+    epochs: Optional[float] = None
+    batch_size: int = 8
+    lr: float = 1.5e-4
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05
+    warmup_steps: int = 20
+    grad_clip: float = 1.0
+    checkpoint_every: int = 100
+    log_every: int = 10
+    val_fraction: float = 0.1
+    val_batches: int = 4
+    compile: bool = False
+    num_workers: int = 0
+    gpu_resident: Literal["auto", "always", "never"] = "auto"
+
+    def validate(self) -> None:
+        if self.steps < 1 and not self.epochs:
+            raise ConfigError("train.steps must be >= 1")
+        if self.batch_size < 1:
+            raise ConfigError("train.batch_size must be >= 1")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError("train.val_fraction must be in [0, 1)")
+
+
+@dataclass
+class FinetuneConfig:
+    """Supervised fine-tuning and its cross-validation."""
+
+    strategy: Literal["linear-probe", "head", "full"] = "linear-probe"
+    task_type: Literal["binary", "multiclass", "regression"] = "binary"
+    folds: int = 5
+    epochs: int = 20
+    batch_size: int = 8
+    lr: float = 1e-3
+    encoder_lr: float = 1e-5
+    weight_decay: float = 0.01
+    windows_per_run: int = 8
+    head: Literal["linear", "mlp"] = "linear"
+
+    def validate(self) -> None:
+        if self.folds < 2:
+            raise ConfigError("finetune.folds must be >= 2")
+        if self.strategy not in ("linear-probe", "head", "full"):
+            raise ConfigError("finetune.strategy must be linear-probe, head or full")
+
+
+@dataclass
+class AppConfig:
+    """Every stage's settings, as passed down from the CLI."""
+
+    geometry: GeometryConfig = field(default_factory=GeometryConfig)
+    prep: PrepConfig = field(default_factory=PrepConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    seed: int = 0
+
+    def validate(self) -> "AppConfig":
+        for section in (self.geometry, self.prep, self.masking, self.model, self.train,
+                        self.finetune):
+            section.validate()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "AppConfig":
+        cfg = cls()
+        apply_overrides(cfg, data, origin="dict")
+        return cfg
+
+
+def _section_types() -> dict[str, type]:
+    return {f.name: f.type for f in fields(AppConfig) if f.name != "seed"}
+
+
+def apply_overrides(cfg: AppConfig, data: dict[str, Any], origin: str = "config") -> AppConfig:
+    """Set values from a nested mapping ``{section: {key: value}}`` on ``cfg``.
+
+    Unknown sections or keys raise :class:`ConfigError` naming ``origin``, so a typo in a
+    TOML file is never silently ignored. ``None`` values are skipped (a CLI option that
+    was not given).
+    """
+    for section, values in data.items():
+        if section == "seed":
+            if values is not None:
+                cfg.seed = int(values)
+            continue
+        if not hasattr(cfg, section) or not dataclasses.is_dataclass(getattr(cfg, section)):
+            raise ConfigError(f"{origin}: unknown section [{section}]")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{origin}: [{section}] must be a table")
+        target = getattr(cfg, section)
+        known = {f.name: f for f in fields(target)}
+        for key, value in values.items():
+            if key not in known:
+                raise ConfigError(
+                    f"{origin}: unknown setting {section}.{key} "
+                    f"(known: {', '.join(sorted(known))})"
+                )
+            if value is None:
+                continue
+            setattr(target, key, _coerce(getattr(target, key), value, f"{section}.{key}"))
+    return cfg
+
+
+def _coerce(current: Any, value: Any, name: str) -> Any:
+    if isinstance(current, bool) or isinstance(value, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be true or false")
+        return value
+    if isinstance(current, int) and not isinstance(current, bool):
+        if isinstance(value, float) and not value.is_integer():
+            raise ConfigError(f"{name} must be an integer")
+        try:
+            return int(value)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{name} must be an integer") from exc
+    if isinstance(current, float):
+        try:
+            return float(value)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{name} must be a number") from exc
+    return value
+
+
+def load_config(path: Optional[Path] = None, overrides: Optional[dict[str, Any]] = None
+                ) -> AppConfig:
+    """Build the configuration: defaults, then the TOML file, then CLI overrides."""
+    cfg = AppConfig()
+    if path is not None:
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError as exc:
+            raise ConfigError(f"--config {path}: file not found") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"--config {path}: not valid TOML ({exc})") from exc
+        apply_overrides(cfg, data, origin=str(path))
+    if overrides:
+        apply_overrides(cfg, overrides, origin="command line")
+    return cfg.validate()

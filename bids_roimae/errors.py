@@ -1,0 +1,62 @@
+"""Errors a user can cause, each tied to its BIDS-Apps exit code.
+
+The CLI catches :class:`AppError` and prints its one-line message without a traceback.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_VALIDATION = 16
+EXIT_UNKNOWN_LEVEL = 17
+EXIT_NO_FILES = 18
+EXIT_USAGE = 64
+EXIT_BAD_DATA = 65
+EXIT_MISSING_INPUT = 66
+EXIT_CANT_CREATE = 73
+
+
+class AppError(Exception):
+    """Base of user-facing errors; ``exit_code`` is what the process returns."""
+
+    exit_code = EXIT_FAILURE
+
+
+class UsageError(AppError):
+    """Options that do not make sense together or are out of range."""
+
+    exit_code = EXIT_USAGE
+
+
+class UnknownLevelError(AppError):
+    exit_code = EXIT_UNKNOWN_LEVEL
+
+
+class ValidationFailed(AppError):
+    """The input dataset failed BIDS validation."""
+
+    exit_code = EXIT_VALIDATION
+
+
+class NoDataSelected(AppError):
+    """Participant/session/task labels or a filter file selected no BOLD run."""
+
+    exit_code = EXIT_NO_FILES
+
+
+class BadDataError(AppError):
+    """A file exists but cannot be used (empty, truncated, wrong space, NaN, too short)."""
+
+    exit_code = EXIT_BAD_DATA
+
+
+class MissingInputError(AppError):
+    """A required input (dataset, derivatives, template, atlas, model) is absent."""
+
+    exit_code = EXIT_MISSING_INPUT
+
+
+class OutputError(AppError):
+    """The output or work folder cannot be created or written."""
+
+    exit_code = EXIT_CANT_CREATE

@@ -1,0 +1,462 @@
+"""Which brain voxels and regions drive a prediction, and which regions the model needs.
+
+Two analyses, both on the model's token layout (``N`` spatial tokens of ``P`` voxels):
+
+Integrated Gradients (:func:`integrated_gradients`)
+    attributions of the fine-tuned classifier's output to every input value of a window
+    ``(W, N, P)``, aggregated over windows and frames into per-voxel maps ``(N, P)``:
+    ``abs_mean`` (how much a voxel matters) and ``signed_mean`` (in which direction).
+    Completeness (sum of attributions == F(x) - F(baseline)) is checked per window.
+
+Region reconstruction fidelity (:func:`region_fidelity`)
+    the pretrained masked autoencoder is asked to reconstruct one atlas region at a time
+    (all of that region's patches hidden through the window, a tube); the region's
+    reconstruction error and how far hiding it moves the pooled encoder embedding say how
+    predictable the region is from the rest of the brain and how much the representation
+    relies on it.
+
+Maps go back to voxels with :func:`token_map` (model grid) and :func:`to_source_grid` (the
+source BOLD's grid and affine); :func:`region_table` summarises a map per atlas region.
+Writing files is :mod:`bids_roimae.report`'s job; this module does no I/O.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from dataclasses import dataclass
+from typing import Iterator, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from .geometry import TokenGeometry
+
+#: Documented completeness tolerance: with the Gauss-Legendre rule and ``steps >= 32`` the
+#: largest per-window ``|sum(attr) - (F(x) - F(b))| / |F(x) - F(b)|`` stays below this for
+#: the models this app trains (tested on a tiny transformer-like stand-in). Larger values
+#: mean the path integral is under-resolved: raise ``steps``.
+COMPLETENESS_TOLERANCE = 0.05
+
+BASELINES = ("zeros", "mean")
+
+
+@dataclass
+class IGResult:
+    """Integrated Gradients of one run's windows, aggregated over windows and frames.
+
+    Attributes
+    ----------
+    abs_mean : ndarray, shape (N, P)
+        Mean over windows and frames of ``|attribution|`` per token voxel.
+    signed_mean : ndarray, shape (N, P)
+        Mean over windows and frames of the signed attribution.
+    output : ndarray, shape (K,)
+        ``F(x)``: the attributed output (logit of ``target``) per window.
+    baseline_output : ndarray, shape (K,)
+        ``F(baseline)`` per window.
+    delta : ndarray, shape (K,)
+        Completeness gap ``sum(attr) - (F(x) - F(baseline))`` per window (captum's
+        convergence delta).
+    steps, baseline, target, method : int, str, int, str
+        How the integral was taken.
+    """
+
+    abs_mean: np.ndarray
+    signed_mean: np.ndarray
+    output: np.ndarray
+    baseline_output: np.ndarray
+    delta: np.ndarray
+    steps: int
+    baseline: str
+    target: int
+    method: str
+
+    @property
+    def relative_error(self) -> np.ndarray:
+        """Per-window ``|delta| / |F(x) - F(b)|``, shape (K,) (denominator floored at 1e-6)."""
+        gap = np.abs(self.output - self.baseline_output)
+        return np.abs(self.delta) / np.maximum(gap, 1e-6)
+
+    @property
+    def max_relative_error(self) -> float:
+        """Worst window's relative completeness error."""
+        return float(self.relative_error.max()) if self.delta.size else 0.0
+
+    @property
+    def within_tolerance(self) -> bool:
+        """Whether every window meets :data:`COMPLETENESS_TOLERANCE`."""
+        return self.max_relative_error < COMPLETENESS_TOLERANCE
+
+    def metadata(self) -> dict:
+        """Facts for a JSON sidecar."""
+        return {
+            "Method": "IntegratedGradients",
+            "Implementation": "captum",
+            "IntegrationRule": self.method,
+            "Steps": int(self.steps),
+            "Baseline": self.baseline,
+            "Target": int(self.target),
+            "NumberOfWindows": int(self.delta.size),
+            "Aggregation": "mean over windows and frames",
+            "CompletenessMaxRelativeError": self.max_relative_error,
+            "CompletenessMeanAbsoluteDelta": float(np.abs(self.delta).mean())
+            if self.delta.size else 0.0,
+            "CompletenessTolerance": COMPLETENESS_TOLERANCE,
+            "MeanOutput": float(self.output.mean()) if self.output.size else float("nan"),
+        }
+
+
+@contextlib.contextmanager
+def _inference_setup(module: nn.Module) -> Iterator[None]:
+    """Eval mode and no parameter gradients (only input gradients are needed), restored."""
+    was_training = module.training
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    module.eval()
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        module.train(was_training)
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _make_baseline(windows: torch.Tensor, baseline) -> torch.Tensor:
+    if isinstance(baseline, torch.Tensor):
+        return baseline.to(windows).expand_as(windows)
+    if baseline == "zeros":  # z-scored input: zero is every voxel's mean signal
+        return torch.zeros_like(windows)
+    if baseline == "mean":  # each voxel's window mean: attributes the dynamics only
+        return windows.mean(dim=1, keepdim=True).expand_as(windows).contiguous()
+    raise ValueError(f"unknown baseline {baseline!r}; expected one of {BASELINES} or a tensor")
+
+
+def _select(logits: torch.Tensor, target: int) -> torch.Tensor:
+    return logits[:, target]
+
+
+def integrated_gradients(classifier: nn.Module, windows: Union[torch.Tensor, np.ndarray], *,
+                         steps: int = 32, baseline: Union[str, torch.Tensor] = "zeros",
+                         target: Optional[int] = None, batch_size: int = 16,
+                         method: str = "gausslegendre") -> IGResult:
+    """Integrated Gradients of a classifier over a run's windows.
+
+    Parameters
+    ----------
+    classifier : nn.Module
+        Maps ``(B, W, N, P)`` to logits ``(B, C)``.
+    windows : tensor or ndarray, shape (K, W, N, P)
+        The run's windows (model-ready tokens).
+    steps : int
+        Integration points of the path integral (>= 2).
+    baseline : {"zeros", "mean"} or tensor broadcastable to (K, W, N, P)
+        ``zeros`` is the mean signal of z-scored data; ``mean`` keeps each voxel's window
+        mean, so only the dynamics are attributed.
+    target : int, optional
+        Output column to attribute. Default: 0 when ``C == 1`` (the logit), otherwise the
+        class predicted from the mean logits over windows.
+    batch_size : int
+        Window-steps evaluated per forward/backward pass (captum's
+        ``internal_batch_size``); windows are processed in chunks of at most this many.
+    method : str
+        Captum's integration rule.
+
+    Returns
+    -------
+    IGResult
+        ``abs_mean``/``signed_mean`` (N, P) and the per-window completeness check.
+    """
+    from captum.attr import IntegratedGradients
+
+    if steps < 2 or batch_size < 1:
+        raise ValueError("steps must be >= 2 and batch_size >= 1")
+    device = _device_of(classifier)
+    x_all = torch.as_tensor(np.asarray(windows) if not isinstance(windows, torch.Tensor)
+                            else windows).to(device=device, dtype=torch.float32)
+    if x_all.ndim != 4:
+        raise ValueError(f"windows must be (K, W, N, P), got {tuple(x_all.shape)}")
+    n_windows = x_all.shape[0]
+    chunk = max(1, min(n_windows, batch_size))
+    abs_sum = torch.zeros(x_all.shape[2:], dtype=torch.float64, device=device)
+    signed_sum = torch.zeros_like(abs_sum)
+    outputs, base_outputs, deltas = [], [], []
+    with _inference_setup(classifier):
+        if target is None:
+            with torch.no_grad():
+                logits = torch.cat([classifier(x_all[i:i + chunk])
+                                    for i in range(0, n_windows, chunk)])
+            target = 0 if logits.shape[1] == 1 else int(logits.mean(0).argmax())
+        target = int(target)
+        explainer = IntegratedGradients(lambda inp: _select(classifier(inp), target))
+        for start in range(0, n_windows, chunk):
+            x = x_all[start:start + chunk]
+            base = _make_baseline(x, baseline)
+            attr, delta = explainer.attribute(
+                x, baselines=base, n_steps=steps, method=method,
+                internal_batch_size=batch_size, return_convergence_delta=True)
+            abs_sum += attr.abs().sum(dim=(0, 1), dtype=torch.float64)
+            signed_sum += attr.sum(dim=(0, 1), dtype=torch.float64)
+            with torch.no_grad():
+                outputs.append(_select(classifier(x), target).double().cpu())
+                base_outputs.append(_select(classifier(base), target).double().cpu())
+            deltas.append(delta.detach().double().cpu())
+    denom = float(n_windows * x_all.shape[1])
+    return IGResult(
+        abs_mean=(abs_sum / denom).float().cpu().numpy(),
+        signed_mean=(signed_sum / denom).float().cpu().numpy(),
+        output=torch.cat(outputs).numpy(), baseline_output=torch.cat(base_outputs).numpy(),
+        delta=torch.cat(deltas).numpy(), steps=int(steps),
+        baseline=baseline if isinstance(baseline, str) else "custom",
+        target=target, method=method)
+
+
+# -- maps ------------------------------------------------------------------------------
+def token_map(geometry: TokenGeometry, values: np.ndarray, fill: float = 0.0):
+    """Paint per-token ``(N,)`` or per-voxel ``(N, P)`` values onto the model grid.
+
+    Returns
+    -------
+    nibabel.Nifti1Image
+        3D float32 image with the geometry's grid shape and affine.
+    """
+    import nibabel as nib
+
+    data = geometry.scatter(values, fill=fill)
+    return nib.Nifti1Image(data.astype(np.float32), np.asarray(geometry.affine, float))
+
+
+def _same_grid(shape_a, affine_a, shape_b, affine_b) -> bool:
+    return (tuple(shape_a[:3]) == tuple(shape_b[:3])
+            and np.allclose(affine_a, affine_b, atol=1e-4))
+
+
+def to_source_grid(img, reference, interpolation: str = "linear"):
+    """Put a 3D model-grid map on the source BOLD's grid and affine.
+
+    Parameters
+    ----------
+    img : nibabel.Nifti1Image
+        3D map on the model grid.
+    reference : nibabel image or path
+        The run's BOLD (3D or 4D; only its header is read) or its reference image.
+    interpolation : {"linear", "continuous", "nearest"}
+        ``linear`` keeps a non-negative map non-negative (splines overshoot).
+
+    Returns
+    -------
+    nibabel.Nifti1Image
+        Shape ``reference.shape[:3]`` and exactly ``reference.affine``; the data are
+        unchanged when the grids already agree.
+    """
+    import nibabel as nib
+
+    ref = nib.load(str(reference)) if not hasattr(reference, "affine") else reference
+    ref_shape, ref_affine = tuple(ref.shape[:3]), np.asarray(ref.affine, float)
+    if _same_grid(img.shape, img.affine, ref_shape, ref_affine):
+        data = np.asarray(img.dataobj, dtype=np.float32)
+    else:
+        from nilearn.image import resample_img
+
+        out = resample_img(img, target_affine=ref_affine, target_shape=ref_shape,
+                           interpolation=interpolation, force_resample=True,
+                           copy_header=True)
+        data = np.asarray(out.dataobj, dtype=np.float32)
+    return nib.Nifti1Image(data, ref_affine)
+
+
+# -- region summaries ------------------------------------------------------------------
+def _table_ids(table: pd.DataFrame) -> np.ndarray:
+    col = table["index"] if "index" in table.columns else table.index.to_series()
+    return np.asarray(col, dtype=np.int64)
+
+
+def region_table(values: np.ndarray, labels: np.ndarray, table: pd.DataFrame, *,
+                 signed_values: Optional[np.ndarray] = None,
+                 mask: Optional[np.ndarray] = None) -> pd.DataFrame:
+    """Summarise a voxel map per atlas region.
+
+    Parameters
+    ----------
+    values : ndarray
+        Attribution magnitudes, either a 3D map ``(X, Y, Z)`` or tokens ``(N, P)``;
+        ``|values|`` is averaged.
+    labels : ndarray of int, same shape as ``values``
+        Atlas label of each voxel (0 = unlabelled), e.g. ``geometry.labels`` for tokens
+        or the atlas resampled onto the map's grid.
+    table : DataFrame
+        Atlas table with columns ``index``, ``name`` and optionally ``system``.
+    signed_values : ndarray, same shape, optional
+        Signed map for ``signed_mean`` (default: ``values``).
+    mask : ndarray of bool, same shape, optional
+        Voxels to count (e.g. ``geometry.voxel_mask``); default every labelled voxel.
+
+    Returns
+    -------
+    DataFrame
+        One row per atlas region (plus any label on the grid that the table lacks) with
+        ``index, name, system, mean_abs, signed_mean, n_voxels, rank``; ``rank`` 1 is the
+        largest ``mean_abs`` among regions with voxels, NaN for empty regions. The sum of
+        ``mean_abs * n_voxels`` equals the sum of ``|values|`` over counted voxels.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    labels = np.asarray(labels)
+    if labels.shape != values.shape:
+        raise ValueError(f"labels {labels.shape} and values {values.shape} differ in shape")
+    signed = values if signed_values is None else np.asarray(signed_values, np.float64)
+    keep = labels > 0
+    if mask is not None:
+        keep &= np.asarray(mask, bool)
+    lab = labels[keep].astype(np.int64)
+    ids = _table_ids(table)
+    extra = np.setdiff1d(np.unique(lab), ids)
+    all_ids = np.concatenate([ids, extra])
+    size = int(all_ids.max()) + 1 if all_ids.size else 1
+    counts = np.bincount(lab, minlength=size).astype(np.int64)
+    abs_sums = np.bincount(lab, weights=np.abs(values[keep]), minlength=size)
+    signed_sums = np.bincount(lab, weights=signed[keep], minlength=size)
+    n = counts[all_ids]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_abs = np.where(n > 0, abs_sums[all_ids] / np.maximum(n, 1), np.nan)
+        signed_mean = np.where(n > 0, signed_sums[all_ids] / np.maximum(n, 1), np.nan)
+    meta = table.set_index(pd.Index(ids, name="index"))
+    names = [str(meta["name"].get(i, f"label-{i}")) if "name" in meta else f"label-{i}"
+             for i in all_ids]
+    systems = [str(meta["system"].get(i, "unknown")) if "system" in meta else "unknown"
+               for i in all_ids]
+    out = pd.DataFrame({"index": all_ids, "name": names, "system": systems,
+                        "mean_abs": mean_abs, "signed_mean": signed_mean, "n_voxels": n})
+    out["rank"] = out["mean_abs"].rank(ascending=False, method="min").astype("Int64")
+    return out
+
+
+def region_values(geometry: TokenGeometry, scores: Mapping[int, float]) -> np.ndarray:
+    """Per-voxel ``(N, P)`` array painting every labelled voxel with its region's score.
+
+    Voxels of regions without a score (and unlabelled voxels) are 0.
+    """
+    lut_size = int(max([int(geometry.labels.max())] + [int(k) for k in scores])) + 1
+    lut = np.zeros(lut_size, np.float32)
+    for region, score in scores.items():
+        if np.isfinite(score):
+            lut[int(region)] = score
+    return np.where(geometry.voxel_mask, lut[geometry.labels], 0.0).astype(np.float32)
+
+
+# -- region reconstruction fidelity -----------------------------------------------------
+def _pooled_visible(mae: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of the encoder output over visible tokens, ``(B, D)``.
+
+    Uses ``mae.embed(x, mask=...)`` when the model offers a masked embedding, otherwise
+    pools ``mae.encode(x, mask)`` (``(B, T', N, D)``) over the tokens ``mask`` leaves visible.
+    """
+    embed = getattr(mae, "embed", None)
+    if embed is not None and "mask" in inspect.signature(embed).parameters:
+        return embed(x, mask=mask)
+    enc = mae.encode(x, mask)
+    if enc.ndim == 3:  # (B, L, D): visible tokens only
+        return enc.mean(dim=1)
+    visible = (~mask).to(enc.dtype).unsqueeze(-1)
+    return (enc * visible).sum(dim=(1, 2)) / visible.sum(dim=(1, 2)).clamp_min(1.0)
+
+
+def region_fidelity(mae: nn.Module, windows: Union[torch.Tensor, np.ndarray],
+                    geometry: TokenGeometry, *, regions: Optional[Sequence[int]] = None,
+                    table: Optional[pd.DataFrame] = None, batch_size: int = 8
+                    ) -> pd.DataFrame:
+    """Reconstruction error and embedding shift when one region at a time is hidden.
+
+    For every (window, region) pair the region's patches are masked through the whole
+    window (a tube); pairs are evaluated ``batch_size`` at a time.
+
+    Parameters
+    ----------
+    mae : nn.Module
+        Pretrained masked autoencoder with ``encode(x, mask)`` (or ``embed(x, mask=)``) and
+        ``token_errors(x, mask) -> (B, T', N)``.
+    windows : tensor or ndarray, shape (K, W, N, P)
+    geometry : TokenGeometry
+        The model's geometry; regions come from ``geometry.region_patches()``.
+    regions : sequence of int, optional
+        Region labels to test (default: every region owning a patch).
+    table : DataFrame, optional
+        Atlas table; adds ``name`` and ``system``.
+    batch_size : int
+        (window, region) pairs per forward pass.
+
+    Returns
+    -------
+    DataFrame
+        Per region: ``index, n_tokens, error, error_sd, embedding_shift,
+        embedding_shift_sd, relative_shift, embedding_cosine, rank, error_rank`` (means
+        and SDs over windows; ``rank`` 1 = largest embedding shift, ``error_rank`` 1 =
+        largest error), plus ``name, system`` with ``table``.
+    """
+    owned = geometry.region_patches()
+    regions = sorted(owned) if regions is None else [int(r) for r in regions]
+    missing = [r for r in regions if r not in owned]
+    if missing:
+        raise ValueError(f"regions own no patch in this geometry: {missing[:10]}")
+    device = _device_of(mae)
+    x_all = torch.as_tensor(np.asarray(windows) if not isinstance(windows, torch.Tensor)
+                            else windows).to(device=device, dtype=torch.float32)
+    n_windows, n_tok = x_all.shape[0], x_all.shape[2]
+    errors = np.zeros((n_windows, len(regions)))
+    shifts = np.zeros_like(errors)
+    cosines = np.zeros_like(errors)
+    ref_norm = np.zeros(n_windows)
+    pairs = [(k, j) for k in range(n_windows) for j in range(len(regions))]
+    with _inference_setup(mae), torch.inference_mode():
+        t_prime = mae.encode(x_all[:1]).shape[1]
+        none_masked = torch.zeros((1, t_prime, n_tok), dtype=torch.bool, device=device)
+        reference = torch.cat([_pooled_visible(mae, x_all[k:k + 1], none_masked)
+                               for k in range(n_windows)])  # (K, D)
+        ref_norm[:] = reference.norm(dim=1).double().cpu().numpy()
+        for start in range(0, len(pairs), batch_size):
+            batch = pairs[start:start + batch_size]
+            ks = torch.tensor([k for k, _ in batch], device=device)
+            mask = torch.zeros((len(batch), t_prime, n_tok), dtype=torch.bool, device=device)
+            for row, (_, j) in enumerate(batch):
+                mask[row, :, torch.as_tensor(owned[regions[j]], device=device)] = True
+            x = x_all[ks]
+            tok_err = mae.token_errors(x, mask)  # (B, T', N)
+            region_err = (tok_err * mask).sum(dim=(1, 2)) / mask.sum(dim=(1, 2))
+            emb = _pooled_visible(mae, x, mask)
+            ref = reference[ks]
+            shift = (emb - ref).norm(dim=1)
+            cos = torch.nn.functional.cosine_similarity(emb, ref, dim=1)
+            for row, (k, j) in enumerate(batch):
+                errors[k, j] = float(region_err[row])
+                shifts[k, j] = float(shift[row])
+                cosines[k, j] = float(cos[row])
+    ddof = 1 if n_windows > 1 else 0
+    out = pd.DataFrame({
+        "index": np.asarray(regions, np.int64),
+        "n_tokens": [int(owned[r].size) for r in regions],
+        "error": errors.mean(0), "error_sd": errors.std(0, ddof=ddof),
+        "embedding_shift": shifts.mean(0), "embedding_shift_sd": shifts.std(0, ddof=ddof),
+        "relative_shift": (shifts / np.maximum(ref_norm[:, None], 1e-12)).mean(0),
+        "embedding_cosine": cosines.mean(0),
+    })
+    out["rank"] = out["embedding_shift"].rank(ascending=False, method="min").astype("Int64")
+    out["error_rank"] = out["error"].rank(ascending=False, method="min").astype("Int64")
+    if table is not None:
+        meta = table.set_index(pd.Index(_table_ids(table), name="index"))
+        out.insert(1, "name", [str(meta["name"].get(r, f"label-{r}")) for r in regions])
+        out.insert(2, "system", [str(meta["system"].get(r, "unknown"))
+                                 if "system" in meta else "unknown" for r in regions])
+    return out
+
+
+__all__ = ["BASELINES", "COMPLETENESS_TOLERANCE", "IGResult", "integrated_gradients",
+           "region_fidelity", "region_table", "region_values", "to_source_grid",
+           "token_map"]

@@ -1,0 +1,543 @@
+"""Find the fMRIPrep BOLD runs a command works on.
+
+The fMRIPrep derivatives folder is indexed with pybids without metadata (large datasets
+must not be crawled for JSON); the RepetitionTime of the selected runs is read from their
+sidecars here, following the BIDS inheritance principle over the derivatives folder and,
+when it is a separate dataset, the raw BIDS folder. Companion files (brain mask, confounds)
+are found by name in the run's folder.
+
+With ``database_dir`` the pybids index is kept in SQLite and reused by later calls while
+the top-level listing of the derivatives folder is unchanged (a new or removed subject
+rebuilds it). The index is built in a private folder and renamed into place, so
+participant jobs started together never read a half-written index.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+from .errors import BadDataError, MissingInputError, NoDataSelected, UsageError
+
+log = logging.getLogger(__name__)
+
+MODEL_RESOLUTION = "2"
+_LABEL_RE = re.compile(r"^[A-Za-z0-9]+$")
+# BIDS short keys -> pybids entity names (the names `entities` and filter files use)
+SHORT_TO_PYBIDS = {
+    "sub": "subject", "ses": "session", "task": "task", "acq": "acquisition",
+    "ce": "ceagent", "rec": "reconstruction", "dir": "direction", "run": "run",
+    "echo": "echo", "part": "part", "chunk": "chunk", "space": "space", "cohort": "cohort",
+    "res": "res", "den": "den", "atlas": "atlas", "seg": "segmentation", "label": "label",
+    "desc": "desc", "trc": "tracer", "mod": "modality", "inv": "inv", "flip": "flip",
+    "mt": "mt", "hemi": "hemi",
+}
+PYBIDS_TO_SHORT = {v: k for k, v in SHORT_TO_PYBIDS.items()}
+# entities that identify an acquisition (the run key); space/res/desc describe a derivative
+_SOURCE_KEYS = ("sub", "ses", "task", "acq", "ce", "rec", "dir", "run", "echo", "part")
+# filter-file keys this module sets itself
+_RESERVED_FILTERS = {"space", "desc", "extension", "res", "den"}
+_FIXED_FILTERS = {"suffix": "bold", "datatype": "func"}
+# fMRIPrep folders that hold no BOLD series; skipping them keeps indexing fast
+_IGNORE = (
+    re.compile(r"^/(code|models|sourcedata|stimuli|logs|log|figures)(/|$)"),
+    re.compile(r"^/sub-[^/]+/(ses-[^/]+/)?(anat|fmap|dwi|perf|figures|log|xfm)(/|$)"),
+    re.compile(r"\.(html|svg|png|gii|h5|txt|csv)$"),
+)
+_INDEX_VERSION = "1"  # bump when _IGNORE or the layout config change
+
+
+@dataclass(frozen=True)
+class BoldRun:
+    """One preprocessed BOLD series selected for the model.
+
+    ``entities`` uses pybids names (``subject``, ``session``, ``task``, ``acquisition``,
+    ``run``, ``echo``, ``space``, ``res``, ``desc``, ``suffix``, ``extension``,
+    ``datatype``) with the values exactly as written in the file name.
+    """
+
+    subject: str
+    session: str | None
+    task: str
+    run: str | None
+    entities: dict = field(hash=False, compare=False)
+    path: Path
+    mask_path: Path | None
+    confounds_path: Path | None
+    tr: float | None
+    tr_source: str  # "sidecar" | "header" | "missing"
+    space: str
+
+    @property
+    def key(self) -> str:
+        """Stable identifier built from the acquisition entities, e.g.
+        ``sub-01_ses-1_task-rest_run-1``."""
+        return "_".join(
+            f"{short}-{self.entities[SHORT_TO_PYBIDS[short]]}"
+            for short in _SOURCE_KEYS
+            if self.entities.get(SHORT_TO_PYBIDS[short]) is not None
+        )
+
+
+def normalise_labels(values, prefix) -> list[str]:
+    """Labels without their ``<prefix>-`` part, split on whitespace/commas, deduplicated.
+
+    Parameters
+    ----------
+    values : str, iterable of str or None
+        E.g. ``["sub-01 02", "03,sub-01"]``.
+    prefix : str
+        ``"sub"``, ``"ses"`` or ``"task"`` (a trailing ``-`` is accepted).
+
+    Returns
+    -------
+    list of str
+        ``["01", "02", "03"]`` for the example, in first-seen order.
+
+    Raises
+    ------
+    UsageError
+        If a label is not alphanumeric (BIDS labels are ``[A-Za-z0-9]+``).
+    """
+    if values is None:
+        return []
+    if isinstance(values, (str, bytes)):
+        values = [values]
+    head = prefix.rstrip("-") + "-"
+    labels: list[str] = []
+    for value in values:
+        for part in re.split(r"[\s,]+", str(value).strip()):
+            if part.startswith(head):
+                part = part[len(head):]
+            if not part:
+                continue
+            if not _LABEL_RE.match(part):
+                raise UsageError(f"{head}{part!s} is not a valid BIDS label (letters and digits only)")
+            if part not in labels:
+                labels.append(part)
+    return labels
+
+
+def _read_description(folder: Path) -> dict | None:
+    path = folder / "dataset_description.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BadDataError(f"{path} is not valid JSON: {err}") from err
+
+
+def _names_fmriprep(description: dict) -> bool:
+    names = [g.get("Name", "") for g in description.get("GeneratedBy", []) if isinstance(g, dict)]
+    legacy = description.get("PipelineDescription")
+    if isinstance(legacy, dict):
+        names.append(legacy.get("Name", ""))
+    return any("fmriprep" in str(n).lower() for n in names)
+
+
+def _is_derivative(description: dict | None) -> bool:
+    return bool(description) and (
+        description.get("DatasetType") == "derivative" or _names_fmriprep(description)
+    )
+
+
+def _has_preproc_bold(folder: Path) -> bool:
+    patterns = ("sub-*/func/*_desc-preproc_bold.nii*", "sub-*/ses-*/func/*_desc-preproc_bold.nii*")
+    return any(next(folder.glob(p), None) is not None for p in patterns)
+
+
+def _missing_description(folder: Path) -> MissingInputError:
+    example = '{"Name": "fMRIPrep", "BIDSVersion": "1.4.0", "DatasetType": "derivative", ' \
+        '"GeneratedBy": [{"Name": "fMRIPrep"}]}'
+    return MissingInputError(
+        f"{folder} holds fMRIPrep outputs but no dataset_description.json, so it cannot be "
+        f"read as a BIDS derivatives dataset. Add {folder / 'dataset_description.json'} "
+        f"(fMRIPrep writes one; a minimal one is {example})."
+    )
+
+
+def find_derivatives(bids_dir: Path, derivatives: Path | None) -> Path:
+    """Locate the fMRIPrep derivatives folder.
+
+    Parameters
+    ----------
+    bids_dir : path
+        The BIDS dataset, or the fMRIPrep derivatives folder itself.
+    derivatives : path or None
+        ``--derivatives``: the fMRIPrep folder (or a ``derivatives`` folder holding
+        ``fmriprep``). ``None`` looks in ``BIDS_DIR/derivatives/fmriprep``.
+
+    Returns
+    -------
+    Path
+        Absolute path of the fMRIPrep dataset.
+
+    Raises
+    ------
+    MissingInputError
+        The folder is absent, or holds fMRIPrep outputs without ``dataset_description.json``.
+    """
+    bids_dir = Path(bids_dir).expanduser().absolute()
+    if not bids_dir.is_dir():
+        raise MissingInputError(f"BIDS_DIR {bids_dir} does not exist or is not a folder")
+    if derivatives is not None:
+        candidate = Path(derivatives).expanduser().absolute()
+        if not candidate.is_dir():
+            raise MissingInputError(f"--derivatives {candidate} does not exist or is not a folder")
+        if _read_description(candidate) is None and (candidate / "fmriprep").is_dir():
+            candidate = candidate / "fmriprep"
+    elif _is_derivative(_read_description(bids_dir)):
+        return bids_dir
+    else:
+        candidate = bids_dir / "derivatives" / "fmriprep"
+        if not candidate.is_dir():
+            if _read_description(bids_dir) is None and _has_preproc_bold(bids_dir):
+                raise _missing_description(bids_dir)
+            raise MissingInputError(
+                f"no fMRIPrep outputs at {candidate}; run fMRIPrep first or point "
+                "--derivatives at its output folder"
+            )
+    if _read_description(candidate) is None:
+        raise _missing_description(candidate)
+    return candidate
+
+
+def _check_filters(bold_filters: dict) -> dict:
+    """Validated copy of the ``bold`` query of a filter file, keys as pybids names."""
+    if not isinstance(bold_filters, dict):
+        raise UsageError('the "bold" entry of the BIDS filter file must be a JSON object')
+    checked = {}
+    for key, value in bold_filters.items():
+        name = SHORT_TO_PYBIDS.get(key, key)
+        if name in _FIXED_FILTERS:
+            if value != _FIXED_FILTERS[name]:
+                raise UsageError(f'BIDS filter "{key}": only "{_FIXED_FILTERS[name]}" is supported')
+            continue
+        if name in _RESERVED_FILTERS:
+            raise UsageError(f'BIDS filter "{key}" is set by bids_roimae (use --space for the space)')
+        if name not in PYBIDS_TO_SHORT:
+            raise UsageError(f'BIDS filter "{key}" is not a known BIDS entity')
+        items = value if isinstance(value, list) else [value]
+        if not all(v is None or isinstance(v, (str, int)) and not isinstance(v, bool) for v in items):
+            raise UsageError(f'BIDS filter "{key}" must be a string, integer, null or a list of them')
+        checked[name] = value
+    return checked
+
+
+def load_filter_file(path) -> dict:
+    """Read an fMRIPrep-style ``--bids-filter-file``.
+
+    Parameters
+    ----------
+    path : path
+        JSON such as ``{"bold": {"session": "01", "acquisition": null}}``; ``null`` means
+        the entity must be absent, a list means any of its values, ``"*"`` any value.
+
+    Returns
+    -------
+    dict
+        The parsed file with its ``bold`` entry validated (keys as pybids entity names).
+
+    Raises
+    ------
+    UsageError
+        Unreadable or invalid JSON, or an unknown/unsupported entity.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UsageError(f"cannot read BIDS filter file {path}: {err}") from err
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise UsageError(f'BIDS filter file {path} must map query names (e.g. "bold") to objects')
+    if "bold" in data:
+        data["bold"] = _check_filters(data["bold"])
+    return data
+
+
+def _as_query(value):
+    from bids.layout import Query
+
+    def one(v):
+        return Query.NONE if v is None else Query.ANY if v == "*" else v
+
+    return [one(v) for v in value] if isinstance(value, list) else one(value)
+
+
+def _root_fingerprint(root: Path) -> str:
+    """Changes when a subject folder is added or removed (one listdir, no crawl)."""
+    listing = "\n".join(sorted(os.listdir(root)))
+    return hashlib.sha1(f"{_INDEX_VERSION}\n{listing}".encode()).hexdigest()
+
+
+def _open_layout(root: Path, database_dir):
+    """pybids layout over ``root`` without metadata, reusing a saved index when valid."""
+    from bids import BIDSLayout
+    from bids.layout import BIDSLayoutIndexer
+
+    def build(database_path):
+        indexer = BIDSLayoutIndexer(validate=False, index_metadata=False, ignore=list(_IGNORE))
+        return BIDSLayout(root, validate=False, config=["bids", "derivatives"],
+                          indexer=indexer, database_path=database_path,
+                          reset_database=database_path is not None)
+
+    if database_dir is None:
+        return build(None)
+    database_dir = Path(database_dir).absolute()
+    final = database_dir / f"fmriprep-{hashlib.sha1(str(root).encode()).hexdigest()[:12]}"
+    fingerprint = _root_fingerprint(root)
+    stamp = final / "fingerprint.txt"
+    if (final / "layout_index.sqlite").is_file() and stamp.is_file() \
+            and stamp.read_text() == fingerprint:
+        return BIDSLayout(root, validate=False, database_path=final)
+    # index privately, then rename into place: concurrent jobs never see a partial index
+    private = database_dir / f".{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    try:
+        layout = build(private)
+        del layout  # its SQLite connections refer to the private path
+        (private / "fingerprint.txt").write_text(fingerprint)
+        if final.exists():
+            stale = database_dir / f".{final.name}.stale.{uuid.uuid4().hex[:8]}"
+            try:
+                final.rename(stale)
+                shutil.rmtree(stale, ignore_errors=True)
+            except OSError:
+                pass  # another job replaced it first
+        try:
+            private.rename(final)
+        except OSError:
+            pass  # another job renamed its (equivalent) index first
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+    return BIDSLayout(root, validate=False, database_path=final)
+
+
+def _parse_name(name: str):
+    """``(pairs [(short key, value)], suffix, extension)`` of a BIDS file name."""
+    stem, _, ext = name.partition(".")
+    parts = stem.split("_")
+    pairs = [tuple(p.split("-", 1)) for p in parts[:-1] if "-" in p]
+    return pairs, parts[-1], "." + ext if ext else ""
+
+
+class _Listings:
+    """Cached folder listings, so each folder is read at most once per discovery."""
+
+    def __init__(self):
+        self._cache: dict[Path, frozenset] = {}
+
+    def __call__(self, folder: Path) -> frozenset:
+        if folder not in self._cache:
+            try:
+                self._cache[folder] = frozenset(os.listdir(folder))
+            except OSError:
+                self._cache[folder] = frozenset()
+        return self._cache[folder]
+
+
+def _read_tr(path: Path) -> float | None:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8")).get("RepetitionTime")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as err:
+        log.warning("ignoring unreadable sidecar %s: %s", path, err)
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+        return float(value)
+    return None
+
+
+def _repetition_time(bold: Path, roots: list[Path], listing: _Listings) -> float | None:
+    """RepetitionTime by inheritance: nearest folder first, derivatives before raw; in a
+    folder the sidecar with the most matching entities wins."""
+    own = set(_parse_name(bold.name)[0])
+    rel = bold.parent.relative_to(roots[0])
+    for root in roots:
+        for folder in [root / rel] + [root / p for p in rel.parents]:
+            matches = []
+            for name in listing(folder):
+                pairs, suffix, ext = _parse_name(name)
+                if suffix == "bold" and ext == ".json" and set(pairs) <= own:
+                    matches.append((len(pairs), name))
+            for _, name in sorted(matches, reverse=True):
+                tr = _read_tr(folder / name)
+                if tr is not None:
+                    return tr
+    return None
+
+
+def _companion(bold: Path, listing: _Listings, pairs, suffix: str, exts: Iterable[str]):
+    stem = "_".join(f"{k}-{v}" for k, v in pairs) + f"_{suffix}"
+    for ext in exts:
+        if stem + ext in listing(bold.parent):
+            return bold.parent / (stem + ext)
+    return None
+
+
+def _mask_and_confounds(bold: Path, listing: _Listings):
+    pairs, _, ext = _parse_name(bold.name)
+    exts = [ext] + [e for e in (".nii.gz", ".nii") if e != ext]
+    with_brain = [(k, "brain" if k == "desc" else v) for k, v in pairs]
+    mask = _companion(bold, listing, with_brain, "mask", exts) or _companion(
+        bold, listing, [p for p in pairs if p[0] != "desc"] + [("label", "brain")], "mask", exts)
+    source = [p for p in pairs if p[0] in _SOURCE_KEYS]
+    confounds = None
+    for variant in (source, [p for p in source if p[0] != "echo"]):
+        for suffix in ("timeseries", "regressors"):
+            confounds = confounds or _companion(
+                bold, listing, variant + [("desc", "confounds")], suffix, [".tsv"])
+    return mask, confounds
+
+
+def _res_rank(res: str | None) -> tuple:
+    """Sort key preferring res-2 (the model grid), then no res, then others."""
+    if res is not None and res.isdigit() and int(res) == int(MODEL_RESOLUTION):
+        return (0, "")
+    return (1, "") if res is None else (2, res)
+
+
+def _query_for(subjects, sessions, tasks, filters) -> dict:
+    query = {"datatype": "func", "suffix": "bold", "desc": "preproc",
+             "extension": [".nii.gz", ".nii"]}
+    for name, labels in (("subject", subjects), ("session", sessions), ("task", tasks)):
+        if labels:
+            query[name] = labels
+    for name, value in filters.items():
+        if name in query and name in ("subject", "session", "task"):
+            wanted = [str(v) for v in (value if isinstance(value, list) else [value])
+                      if v is not None and v != "*"]
+            query[name] = [v for v in query[name] if v in wanted]
+            if not query[name]:
+                raise NoDataSelected(f"the {name} labels and the BIDS filter file select nothing together")
+        else:
+            query[name] = _as_query(value)
+    return query
+
+
+def discover(bids_dir, *, derivatives=None, participant_labels=None, session_labels=None,
+             task_labels=None, space="MNI152NLin2009cAsym", bids_filters=None,
+             database_dir=None) -> list[BoldRun]:
+    """Select the fMRIPrep BOLD runs to work on.
+
+    Parameters
+    ----------
+    bids_dir : path
+        BIDS dataset (or the fMRIPrep folder itself).
+    derivatives : path, optional
+        fMRIPrep folder; default ``BIDS_DIR/derivatives/fmriprep``.
+    participant_labels, session_labels, task_labels : list of str, optional
+        Labels with or without their ``sub-``/``ses-``/``task-`` prefix.
+    space : str
+        Template space of the runs (``--space``).
+    bids_filters : dict, optional
+        Parsed filter file; its ``bold`` entry is merged into the query.
+    database_dir : path, optional
+        Where the pybids index is saved and reused.
+
+    Returns
+    -------
+    list of BoldRun
+        Sorted by ``key``; one file per run (res-2 preferred when several resolutions).
+
+    Raises
+    ------
+    MissingInputError, NoDataSelected, BadDataError
+        No derivatives; labels/filters selecting nothing; runs only in other spaces.
+    """
+    root = find_derivatives(Path(bids_dir), derivatives)
+    raw_root = Path(bids_dir).absolute()
+    roots = [root] + ([raw_root] if raw_root != root else [])
+    subjects = normalise_labels(participant_labels, "sub")
+    filters = _check_filters((bids_filters or {}).get("bold", {}))
+    layout = _open_layout(root, database_dir)
+    if subjects:
+        known = set(layout.get(return_type="id", target="subject"))
+        missing = [s for s in subjects if s not in known]
+        if missing:
+            raise NoDataSelected(
+                f"participant label(s) not found in {root}: {', '.join(missing)} "
+                f"(found: {', '.join(sorted(known)[:10]) or 'none'}{' ...' if len(known) > 10 else ''})")
+    query = _query_for(subjects, normalise_labels(session_labels, "ses"),
+                       normalise_labels(task_labels, "task"), filters)
+    found = [Path(p) for p in layout.get(return_type="filename", **query)]
+    if not found:
+        shown = {k: v for k, v in query.items() if k in ("subject", "session", "task") or k in filters}
+        raise NoDataSelected(f"no preprocessed BOLD (*_desc-preproc_bold.nii[.gz]) in {root} "
+                             f"matches {shown or 'the selection'}")
+    best: dict[tuple, tuple] = {}
+    other_spaces = set()
+    for path in found:
+        pairs = dict(_parse_name(path.name)[0])
+        if pairs.get("space") != space:
+            other_spaces.add(pairs.get("space", "none (native BOLD space)"))
+            continue
+        identity = (path.parent, tuple(sorted((k, v) for k, v in pairs.items() if k not in ("res", "den"))))
+        rank = (_res_rank(pairs.get("res")), path.name)
+        if identity not in best or rank < best[identity][0]:
+            best[identity] = (rank, path)
+    if not best:
+        raise BadDataError(
+            f"BOLD found only in spaces {', '.join(sorted(other_spaces))}; rerun fMRIPrep with "
+            f"--output-spaces {space}:res-{MODEL_RESOLUTION} (or choose one of them with --space)")
+    listing = _Listings()
+    runs = []
+    for _, path in best.values():
+        pairs, suffix, ext = _parse_name(path.name)
+        entities = {SHORT_TO_PYBIDS.get(k, k): v for k, v in pairs}
+        entities.update(suffix=suffix, extension=ext, datatype=path.parent.name)
+        mask, confounds = _mask_and_confounds(path, listing)
+        tr = _repetition_time(path, roots, listing)
+        runs.append(BoldRun(
+            subject=entities["subject"], session=entities.get("session"), task=entities["task"],
+            run=entities.get("run"), entities=entities, path=path, mask_path=mask,
+            confounds_path=confounds, tr=tr, tr_source="missing" if tr is None else "sidecar", space=space))
+    return sorted(runs, key=lambda r: (r.key, r.path.name))
+
+
+def read_participants(bids_dir):
+    """Read ``participants.tsv`` of a BIDS dataset.
+
+    Parameters
+    ----------
+    bids_dir : path
+        Folder holding ``participants.tsv``.
+
+    Returns
+    -------
+    pandas.DataFrame
+        All columns as strings (``"n/a"`` kept verbatim), names stripped of spaces;
+        index ``participant`` = label without ``sub-``.
+
+    Raises
+    ------
+    MissingInputError
+        No ``participants.tsv``.
+    BadDataError
+        Empty file, no ``participant_id`` column, or repeated participants.
+    """
+    import pandas as pd
+
+    path = Path(bids_dir) / "participants.tsv"
+    if not path.is_file():
+        raise MissingInputError(f"{path} not found; it holds the labels to fine-tune on")
+    try:
+        table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise BadDataError(f"cannot read {path}: {err}") from err
+    table.columns = [str(c).strip() for c in table.columns]
+    if "participant_id" not in table.columns:
+        raise BadDataError(f"{path} has no participant_id column (columns: {', '.join(table.columns)})")
+    labels = table["participant_id"].str.strip().str.removeprefix("sub-")
+    repeated = sorted(set(labels[labels.duplicated()]))
+    if repeated:
+        raise BadDataError(f"{path} lists participants more than once: {', '.join(repeated)}")
+    table.index = pd.Index(labels, name="participant")
+    return table

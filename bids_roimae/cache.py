@@ -1,0 +1,424 @@
+"""The brain-token cache: one memory-mapped ``.npy`` of tokens plus a JSON meta per run.
+
+Layout (inside the output dataset, where the group job finds it)::
+
+    OUTPUT_DIR/cache/sub-<label>/<run key>_<cache key>.npy   tokens (T, N, P), time-major
+    OUTPUT_DIR/cache/sub-<label>/<run key>_<cache key>.json  meta (complete == true)
+    OUTPUT_DIR/cache/.source-hashes/<hash of path>.json      memoised source digests
+
+The cache key is a content hash of what decides the token values: the source BOLD bytes
+(and the run's brain mask and confounds files when they are used), the geometry's
+extraction hash, the preprocessing settings and the template space. Same inputs, same key,
+same bytes; so concurrent writers of one entry can only ever race to write identical files.
+
+Atomicity: both files are first written under ``<name>.tmp-<pid>-<random>`` in the final
+folder and fsynced; the JSON is renamed into place first, the ``.npy`` last. An entry is a
+``.npy`` whose JSON exists and is complete, so a reader never sees tokens without their meta,
+and a killed writer leaves only ``.tmp-*`` files, which no reader looks at.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+KEY_LENGTH = 12
+HASH_INDEX_DIRNAME = ".source-hashes"
+_TMP_MARK = ".tmp-"
+_READ_CHUNK = 8 << 20
+
+# In-process memo of file digests: (abs path, size, mtime_ns) -> hex digest.
+_DIGEST_MEMO: dict[tuple[str, int, int], str] = {}
+
+
+class ScaledTokens:
+    """Read-only float32 view of an int8 token array: ``int8 * scale`` on every read.
+
+    Slicing returns a float32 ndarray, so ``tokens[t0:t0 + W]`` reads (and scales) only
+    that window from the memory map.
+    """
+
+    def __init__(self, raw: np.ndarray, scale: float):
+        self.raw = raw
+        self.scale = np.float32(scale)
+
+    shape = property(lambda self: self.raw.shape)
+    ndim = property(lambda self: self.raw.ndim)
+    dtype = property(lambda self: np.dtype(np.float32))
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+    def __getitem__(self, item) -> np.ndarray:
+        return np.multiply(self.raw[item], self.scale, dtype=np.float32)
+
+    def __array__(self, dtype=None, copy=None):
+        out = self[...]
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+
+@dataclass
+class CacheEntry:
+    """One prepared run in the cache.
+
+    Attributes
+    ----------
+    path : Path
+        The ``.npy`` token file, shape (T, N, P).
+    meta : dict
+        The JSON written beside it (run entities, TRs, settings, counts).
+    """
+
+    path: Path
+    meta: dict
+
+    subject = property(lambda self: self.meta["subject"])
+    session = property(lambda self: self.meta.get("session"))
+    task = property(lambda self: self.meta.get("task"))
+    run = property(lambda self: self.meta.get("run"))
+    run_key = property(lambda self: self.meta["run_key"])
+    n_frames = property(lambda self: int(self.meta["shape"][0]))
+    tr = property(lambda self: self.meta.get("tr"))
+    source = property(lambda self: self.meta.get("source"))
+    key = property(lambda self: self.meta["key"])
+    scale = property(lambda self: self.meta.get("scale"))
+
+    def tokens(self, mmap: bool = True):
+        """The run's tokens, shape (T, N, P).
+
+        Parameters
+        ----------
+        mmap : bool
+            Memory-map the file (default) instead of reading it into memory.
+
+        Returns
+        -------
+        ndarray or ScaledTokens
+            float16 (T, N, P) for float16 entries; for int8 entries a
+            :class:`ScaledTokens` whose slices are float32 values scaled back.
+        """
+        raw = np.load(self.path, mmap_mode="r" if mmap else None, allow_pickle=False)
+        if raw.dtype == np.int8:
+            return ScaledTokens(raw, self.meta["scale"])
+        return raw
+
+    def window(self, start: int, length: int, out: Optional[np.ndarray] = None) -> np.ndarray:
+        """Frames ``start:start + length`` as float32, shape (length, N, P).
+
+        ``out`` (float32, same shape) is filled in place when given, which avoids an
+        allocation per window in a loader.
+        """
+        if start < 0 or start + length > self.n_frames:
+            raise IndexError(f"window {start}:{start + length} outside 0:{self.n_frames}")
+        block = self.tokens()[start:start + length]
+        if out is None:
+            return np.asarray(block, dtype=np.float32)
+        np.copyto(out, block, casting="unsafe")
+        return out
+
+
+def cache_root(output_dir) -> Path:
+    """Folder of the token cache inside the output dataset: ``OUTPUT_DIR/cache``."""
+    return Path(output_dir) / "cache"
+
+
+def prep_settings(prep_cfg) -> Optional[dict]:
+    """Preprocessing settings as a plain dict (``None`` stays ``None``)."""
+    if prep_cfg is None:
+        return None
+    raw = dataclasses.asdict(prep_cfg) if dataclasses.is_dataclass(prep_cfg) else dict(prep_cfg)
+    return {"confounds": raw.get("confounds", "none"),
+            "target_tr": None if raw.get("target_tr") is None else float(raw["target_tr"]),
+            "dtype": raw.get("dtype", "float16")}
+
+
+def file_digest(path, index_dir=None) -> str:
+    """blake2b digest of a file's bytes, memoised by (absolute path, size, mtime_ns).
+
+    The memo lives in this process and, when ``index_dir`` is given, in one small JSON per
+    source file there, so rediscovering a dataset does not re-read every BOLD file.
+    """
+    path = Path(path).absolute()
+    st = path.stat()
+    memo_key = (str(path), st.st_size, st.st_mtime_ns)
+    if memo_key in _DIGEST_MEMO:
+        return _DIGEST_MEMO[memo_key]
+    index_file = None
+    if index_dir is not None:
+        name = hashlib.blake2b(str(path).encode(), digest_size=10).hexdigest()
+        index_file = Path(index_dir) / f"{name}.json"
+        try:
+            rec = json.loads(index_file.read_text())
+            if [rec["path"], rec["size"], rec["mtime_ns"]] == list(memo_key):
+                _DIGEST_MEMO[memo_key] = rec["digest"]
+                return rec["digest"]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # absent or stale or half-written: recompute
+    h = hashlib.blake2b(digest_size=20)
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_READ_CHUNK):
+            h.update(chunk)
+    digest = h.hexdigest()
+    _DIGEST_MEMO[memo_key] = digest
+    if index_file is not None:
+        record = {"path": memo_key[0], "size": memo_key[1], "mtime_ns": memo_key[2],
+                  "digest": digest}
+        try:
+            index_file.parent.mkdir(parents=True, exist_ok=True)
+            _atomic_write_bytes(index_file, json.dumps(record).encode(), durable=False)
+        except OSError as exc:  # a read-only output only costs a re-hash next time
+            logger.debug("could not record digest of %s: %s", path, exc)
+    return digest
+
+
+def cache_key(run, geometry, prep_cfg, template_space: str, *, index_dir=None) -> str:
+    """Short hex key of everything that decides a run's token values.
+
+    Parameters
+    ----------
+    run : BoldRun
+        The source run (its BOLD bytes are hashed; the brain mask's too, and the confounds
+        file's when confound regression is on).
+    geometry : TokenGeometry
+        Contributes ``extraction_hash`` (grid, affine, brain mask, patch size).
+    prep_cfg : PrepConfig
+        Preprocessing settings.
+    template_space : str
+        Template space name of the model grid.
+    index_dir : path, optional
+        Folder of the persistent digest memo (``cache_root(out) / ".source-hashes"``).
+
+    Returns
+    -------
+    str
+        ``KEY_LENGTH`` hex characters.
+    """
+    prep = prep_settings(prep_cfg)
+    parts: dict[str, Any] = {
+        "format": FORMAT_VERSION,
+        "source": file_digest(run.path, index_dir),
+        "mask": file_digest(run.mask_path, index_dir) if _exists(run.mask_path) else None,
+        "extraction": geometry.extraction_hash,
+        "prep": prep,
+        "space": str(template_space),
+    }
+    if prep["confounds"] != "none":
+        parts["confounds"] = (file_digest(run.confounds_path, index_dir)
+                              if _exists(run.confounds_path) else None)
+    if prep["confounds"] != "none" or prep["target_tr"] is not None:
+        parts["tr"] = run.tr  # the sidecar TR changes the filter and the resampling
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.blake2b(blob, digest_size=16).hexdigest()[:KEY_LENGTH]
+
+
+def entry_path(output_dir, run, key: str) -> Path:
+    """``cache/sub-<label>/<run.key>_<key>.npy``."""
+    return cache_root(output_dir) / f"sub-{run.subject}" / f"{run.key}_{key}.npy"
+
+
+def meta_path(npy_path) -> Path:
+    """The JSON beside a token file."""
+    return Path(npy_path).with_suffix(".json")
+
+
+def read_entry(npy_path) -> Optional[CacheEntry]:
+    """The entry at ``npy_path``, or ``None`` if its tokens or complete meta are missing."""
+    npy_path = Path(npy_path)
+    if _TMP_MARK in npy_path.name or not npy_path.is_file():
+        return None
+    try:
+        meta = json.loads(meta_path(npy_path).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict) or not meta.get("complete") \
+            or meta.get("format") != FORMAT_VERSION:
+        return None
+    return CacheEntry(npy_path, meta)
+
+
+def lookup(output_dir, run, geometry, prep_cfg, space: str) -> Optional[CacheEntry]:
+    """The cached entry for ``run`` under these settings, or ``None`` when it must be made."""
+    key = cache_key(run, geometry, prep_cfg, space,
+                    index_dir=cache_root(output_dir) / HASH_INDEX_DIRNAME)
+    entry = read_entry(entry_path(output_dir, run, key))
+    if entry is None or entry.meta.get("key") != key or not _header_matches(entry):
+        return None
+    return entry
+
+
+def load_entries(output_dir, geometry, prep_cfg=None, subjects=None) -> list[CacheEntry]:
+    """Every cached entry made for this geometry (and these prep settings, if given).
+
+    Parameters
+    ----------
+    output_dir : path
+        The output dataset holding ``cache/``.
+    geometry : TokenGeometry
+        Entries whose ``extraction_hash`` differs are left out.
+    prep_cfg : PrepConfig, optional
+        When given, only entries prepared with these settings.
+    subjects : iterable of str, optional
+        Participant labels, with or without ``sub-``.
+
+    Returns
+    -------
+    list of CacheEntry
+        Sorted by path. When a run was prepared more than once with the same settings
+        (its source file changed), only the newest entry is kept.
+    """
+    root = cache_root(output_dir)
+    if subjects is not None:
+        folders = [root / f"sub-{str(s).removeprefix('sub-')}" for s in subjects]
+    else:
+        folders = sorted(root.glob("sub-*"))
+    wanted_prep = prep_settings(prep_cfg)
+    newest: dict[tuple, tuple[int, CacheEntry]] = {}
+    for folder in folders:
+        for npy in sorted(folder.glob("*.npy")):
+            entry = read_entry(npy)
+            if entry is None or entry.meta.get("extraction_hash") != geometry.extraction_hash:
+                continue
+            if wanted_prep is not None and entry.meta.get("prep") != wanted_prep:
+                continue
+            ident = (entry.run_key, entry.meta.get("space"),
+                     json.dumps(entry.meta.get("prep"), sort_keys=True))
+            mtime = npy.stat().st_mtime_ns
+            if ident in newest:
+                logger.info("cache holds an older preparation of %s; using the newest",
+                            entry.run_key)
+                if newest[ident][0] >= mtime:
+                    continue
+            newest[ident] = (mtime, entry)
+    return sorted((e for _, e in newest.values()), key=lambda e: str(e.path))
+
+
+def write_entry(npy_path, shape: tuple, dtype, fill: Callable[[np.ndarray], None],
+                meta: dict) -> CacheEntry:
+    """Write one entry atomically (see the module docstring for the protocol).
+
+    Parameters
+    ----------
+    npy_path : Path
+        Final ``.npy`` path; its folder is created.
+    shape, dtype
+        Token array shape (T, N, P) and type.
+    fill : callable
+        Called with the writable memory map (all zeros) to store the tokens.
+    meta : dict
+        JSON-serialisable meta; ``complete``, ``format`` and ``shape`` are set here.
+    """
+    npy_path = Path(npy_path)
+    npy_path.parent.mkdir(parents=True, exist_ok=True)
+    meta = dict(meta, shape=[int(s) for s in shape], dtype=np.dtype(dtype).name,
+                format=FORMAT_VERSION, complete=True)
+    tmp_npy = _tmp_name(npy_path)
+    try:
+        arr = np.lib.format.open_memmap(tmp_npy, mode="w+", dtype=dtype, shape=tuple(shape))
+        fill(arr)
+        arr.flush()
+        del arr
+        _fsync_file(tmp_npy)
+        _atomic_write_bytes(meta_path(npy_path),
+                            json.dumps(meta, indent=1, sort_keys=True, default=_json_default)
+                            .encode())
+        os.replace(tmp_npy, npy_path)
+        _fsync_dir(npy_path.parent)
+    finally:
+        if tmp_npy.exists():
+            tmp_npy.unlink()
+    return CacheEntry(npy_path, meta)
+
+
+def remove_stale_temps(folder, max_age_s: float = 86400.0) -> int:
+    """Delete ``*.tmp-*`` files older than ``max_age_s`` (left by killed writers)."""
+    removed = 0
+    now = time.time()
+    for tmp in Path(folder).glob(f"*{_TMP_MARK}*"):
+        try:
+            if now - tmp.stat().st_mtime > max_age_s:
+                tmp.unlink()
+                removed += 1
+        except OSError:
+            pass  # another job removed or renamed it meanwhile
+    return removed
+
+
+# -- helpers ---------------------------------------------------------------------------
+def _exists(path) -> bool:
+    return path is not None and Path(path).is_file()
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f"{path.name}{_TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def _atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
+    tmp = _tmp_name(path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some platforms cannot open folders; the rename already happened
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _header_matches(entry: CacheEntry) -> bool:
+    """The ``.npy`` header agrees with the meta (guards against a foreign file)."""
+    try:
+        with open(entry.path, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            reader = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                      else np.lib.format.read_array_header_2_0)
+            shape, _, dtype = reader(fh)
+    except (OSError, ValueError):
+        return False
+    return list(shape) == entry.meta.get("shape") and dtype.name == entry.meta.get("dtype")
+
+
+def _json_default(value):
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
+

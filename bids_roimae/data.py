@@ -1,0 +1,502 @@
+"""Preparation of BOLD runs into model-ready brain tokens, and access to the token cache.
+
+Per run, in order: read the NIfTI (streamed frame by frame, so a corrupt or truncated file
+fails here and the whole 4D array is never held in float64), check it (4D, long enough,
+template space, grid, brain mask grid, finite), bring it onto the model grid (as is, or
+resampled from another resolution of the same space), optionally regress confounds and
+resample in time, z-score every template-brain voxel over time, cut tokens and write the
+cache entry atomically (:mod:`bids_roimae.cache`).
+
+All work after reading happens on the ``(T, V)`` matrix of the ``V`` template-brain voxels
+that are token voxels, float32 throughout.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import time
+import zlib
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from fractions import Fraction
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from .cache import (HASH_INDEX_DIRNAME, CacheEntry, ScaledTokens, cache_key,  # noqa: F401
+                    cache_root, entry_path, load_entries, lookup, prep_settings, read_entry,
+                    remove_stale_temps, write_entry)
+from .config import PrepConfig
+from .errors import AppError, BadDataError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SPACE = "MNI152NLin2009cAsym"
+
+__all__ = ["CacheEntry", "ScaledTokens", "cache_root", "cache_key", "lookup", "load_entries",
+           "prepare_run", "prepare_runs"]
+
+
+def prepare_run(run, geometry, template_img, prep_cfg: Optional[PrepConfig], output_dir, *,
+                window: int, work_dir=None, overwrite: bool = False,
+                space: Optional[str] = None) -> CacheEntry:
+    """Prepare one BOLD run into a cache entry (or find it already cached).
+
+    Parameters
+    ----------
+    run : BoldRun
+        The run (its ``space`` entity must be the template space).
+    geometry : TokenGeometry
+        Token layout on the model grid (``N`` tokens of ``P`` voxels).
+    template_img : nibabel image or Template
+        Template brain mask on the model grid (a ``Template`` gives its ``mask_img`` and
+        ``space``); it must match ``geometry``'s grid and affine.
+    prep_cfg : PrepConfig or None
+        Confounds, target TR, storage dtype (``None``: defaults).
+    output_dir : path
+        Output dataset; the entry goes to ``cache/sub-<label>/``.
+    window : int
+        Frames per model window; shorter runs are refused.
+    work_dir : path, optional
+        Accepted for the workflow's signature; preparation streams in memory and needs no
+        scratch files.
+    overwrite : bool
+        Rebuild even when a matching entry exists.
+    space : str, optional
+        Template space name (default: ``template_img.space`` or MNI152NLin2009cAsym).
+
+    Returns
+    -------
+    CacheEntry
+        Tokens (T, N, P) float16 (or int8 with ``meta["scale"]``).
+
+    Raises
+    ------
+    BadDataError
+        Unreadable, 3D, too short, non-finite, wrong space or grid, mask grid mismatch,
+        missing confounds; the message starts with the file name.
+    """
+    prep = prep_cfg if prep_cfg is not None else PrepConfig()
+    space = space or getattr(template_img, "space", None) or DEFAULT_SPACE
+    mask_img = getattr(template_img, "mask_img", template_img)
+    _check_template(geometry, mask_img)
+    name = Path(run.path).name
+    if run.space != space:
+        raise BadDataError(f"{name}: is in space {run.space!r}, but the model grid is "
+                           f"{space}; only {space} BOLD can be used")
+    if not Path(run.path).is_file():
+        raise BadDataError(f"{name}: file not found ({run.path})")
+    root = cache_root(output_dir)
+    key = cache_key(run, geometry, prep, space, index_dir=root / HASH_INDEX_DIRNAME)
+    final = entry_path(output_dir, run, key)
+    if not overwrite:
+        entry = read_entry(final)
+        if entry is not None:
+            _check_length(name, entry.n_frames, window, entry.meta.get("target_tr"))
+            logger.info("%s: cached (%s)", run.key, final.name)
+            return entry
+    if final.parent.is_dir():
+        remove_stale_temps(final.parent)
+    started = time.perf_counter()
+    source = BoldSource(run.path)
+    tr_in, tr_source = _input_tr(run, source, needed=prep.target_tr is not None
+                                 or prep.confounds != "none")
+    expected = (_resampled_length(source.n_frames, tr_in, prep.target_tr)
+                if prep.target_tr else source.n_frames)
+    _check_length(name, expected, window, prep.target_tr)
+    if prep.confounds != "none":
+        _require_confounds(run, prep.confounds)
+    outside = _outside_run_mask(run, source, geometry, mask_img)  # checks its grid first
+    brain, grid_info = model_grid_matrix(source, geometry, mask_img, space)
+    n_bad = int(brain.size - np.count_nonzero(np.isfinite(brain)))
+    if n_bad:
+        bad_vox = int(np.count_nonzero(~np.isfinite(brain).all(axis=0)))
+        raise BadDataError(f"{name}: {n_bad} non-finite values (NaN/inf) in {bad_vox} "
+                           f"voxels inside the template brain")
+    confound_info: dict = {}
+    if prep.confounds != "none":
+        brain, confound_info = _regress_confounds(run, brain, prep.confounds, tr_in)
+    tr_out = tr_in
+    if prep.target_tr is not None:
+        brain = _resample_time(brain, tr_in, prep.target_tr)
+        tr_out = float(prep.target_tr)
+    _check_length(name, brain.shape[0], window, prep.target_tr)
+    n_flat = zscore_inplace(brain)
+    if outside is not None:
+        brain[:, outside] = 0.0
+    meta = {
+        "key": key, "subject": run.subject, "session": run.session, "task": run.task,
+        "run": run.run, "run_key": run.key, "entities": dict(run.entities),
+        "source": str(Path(run.path).absolute()), "space": space,
+        "mask_path": None if run.mask_path is None else str(run.mask_path),
+        "confounds_path": None if run.confounds_path is None else str(run.confounds_path),
+        "prep": prep_settings(prep), "target_tr": prep.target_tr,
+        "tr": tr_out, "tr_original": tr_in, "tr_source": tr_source,
+        "n_frames_source": source.n_frames, "extraction_hash": geometry.extraction_hash,
+        "patch_size": geometry.patch_size, "n_tokens": geometry.n_tokens,
+        "n_brain_voxels": int(brain.shape[1]), "n_zero_variance_voxels": n_flat,
+        "n_outside_run_mask": 0 if outside is None else int(outside.sum()),
+        **grid_info, **confound_info,
+    }
+    dtype, scale = np.float16, None
+    if prep.dtype == "int8":
+        dtype, scale = np.int8, _int8_scale(brain)
+        meta["scale"] = scale
+    entry = write_entry(final, (brain.shape[0], geometry.n_tokens, geometry.patch_voxels),
+                        dtype, lambda arr: _fill_tokens(arr, brain, geometry, scale), meta)
+    logger.info("%s: prepared %d frames x %d tokens in %.1f s -> %s", run.key,
+                brain.shape[0], geometry.n_tokens, time.perf_counter() - started, final.name)
+    return entry
+
+
+def prepare_runs(runs: Sequence, geometry, template_img, prep_cfg, output_dir, *,
+                 window: int, nprocs: int = 1, work_dir=None, space: Optional[str] = None
+                 ) -> tuple[list[CacheEntry], list[tuple[object, AppError]]]:
+    """Prepare many runs, in parallel processes when ``nprocs > 1``.
+
+    A run that fails is logged as one line (file and problem) and returned in the
+    failures list; the others still finish.
+
+    Returns
+    -------
+    entries : list of CacheEntry
+        Successful runs, in input order.
+    failures : list of (BoldRun, AppError)
+        Failed runs with their error (``exit_code`` tells the kind), in input order.
+    """
+    results: list = [None] * len(runs)
+    kwargs = dict(window=window, work_dir=work_dir, space=space)
+    if nprocs <= 1 or len(runs) <= 1:
+        for i, run in enumerate(runs):
+            try:
+                results[i] = prepare_run(run, geometry, template_img, prep_cfg, output_dir,
+                                         **kwargs)
+            except Exception as exc:  # noqa: BLE001 - one bad run must not stop the rest
+                results[i] = _as_app_error(run, exc)
+    else:
+        # spawn: workers must not inherit the parent's thread pools (torch, BLAS) mid-state.
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=min(nprocs, len(runs)), mp_context=ctx) as pool:
+            futures = {pool.submit(prepare_run, run, geometry, template_img, prep_cfg,
+                                   output_dir, **kwargs): i for i, run in enumerate(runs)}
+            for fut in as_completed(futures):
+                i = futures[fut]
+                try:
+                    results[i] = fut.result()
+                    logger.info("%s: ready (%s)", runs[i].key, results[i].path.name)
+                except Exception as exc:  # noqa: BLE001 - includes a worker killed by OOM
+                    results[i] = _as_app_error(runs[i], exc)
+    entries = [r for r in results if isinstance(r, CacheEntry)]
+    failures = [(run, r) for run, r in zip(runs, results) if isinstance(r, AppError)]
+    for _, err in failures:
+        logger.error("skipped: %s", err)
+    return entries, failures
+
+
+def zscore_inplace(brain: np.ndarray) -> int:
+    """Z-score each column of ``brain`` (T, V) over time, in place.
+
+    Columns with (numerically) zero variance become 0. Returns their count.
+    """
+    mean = brain.mean(axis=0, dtype=np.float64)
+    brain -= mean.astype(np.float32)
+    # einsum squares and sums without a (T, V) temporary.
+    var = np.einsum("tv,tv->v", brain, brain, dtype=np.float64) / brain.shape[0]
+    std = np.sqrt(var)
+    flat = std <= 1e-6 * np.maximum(np.abs(mean), 1e-6)
+    inv = np.where(flat, 0.0, 1.0 / np.where(flat, 1.0, std)).astype(np.float32)
+    brain *= inv
+    return int(flat.sum())
+
+
+# -- reading -------------------------------------------------------------------------------
+class BoldSource:
+    """A 4D NIfTI whose frames are streamed from disk as float32.
+
+    Reading goes straight through the (gzip) file in frame order, so the whole image is
+    never held at once and a truncated or corrupt file fails while reading (the gzip CRC
+    is checked by reading to the end of the stream).
+    """
+
+    def __init__(self, path):
+        import nibabel as nib
+
+        self.path = Path(path)
+        self.name = self.path.name
+        if self.path.stat().st_size == 0:
+            raise BadDataError(f"{self.name}: empty file (0 bytes)")
+        try:
+            img = nib.load(self.path)
+        except Exception as exc:  # noqa: BLE001 - nibabel raises many kinds
+            raise BadDataError(f"{self.name}: {self._damage()} ({exc})") from exc
+        if len(img.shape) != 4:
+            raise BadDataError(f"{self.name}: is {len(img.shape)}D, expected 4D BOLD")
+        if not nib.is_proxy(img.dataobj) or getattr(img.dataobj, "order", "F") != "F":
+            raise BadDataError(f"{self.name}: not a plain NIfTI-1/2 file")
+        self.shape = tuple(int(s) for s in img.shape)
+        self.n_frames = self.shape[3]
+        self.affine = np.asarray(img.affine, np.float64)
+        self.header = img.header
+        self._dtype = np.dtype(img.get_data_dtype())
+        self._offset = int(img.dataobj.offset)
+        self._slope = float(img.dataobj.slope)
+        self._inter = float(img.dataobj.inter)
+
+    def _damage(self) -> str:
+        return ("truncated or corrupt gzip" if self.name.endswith(".gz")
+                else "truncated or corrupt NIfTI")
+
+    @property
+    def header_tr(self) -> Optional[float]:
+        """pixdim[4] in seconds, or None when 0/absent."""
+        zooms = self.header.get_zooms()
+        tr = float(zooms[3]) if len(zooms) > 3 else 0.0
+        unit = self.header.get_xyzt_units()[1]
+        tr /= {"msec": 1e3, "usec": 1e6}.get(unit, 1.0)
+        return tr if np.isfinite(tr) and tr > 0 else None
+
+    def on_grid(self, shape, affine) -> bool:
+        return self.shape[:3] == tuple(shape) and np.allclose(self.affine, affine, atol=1e-3)
+
+    def iter_frames(self, frames_per_chunk: int = 1):
+        """Yield ``(t0, block)``; ``block`` is float32 (k, X*Y*Z), rows in Fortran order."""
+        from nibabel.openers import ImageOpener
+
+        n_vox = int(np.prod(self.shape[:3]))
+        raw_dtype = self._dtype
+        scaled = (self._slope, self._inter) != (1.0, 0.0)
+        direct = raw_dtype == np.dtype(np.float32) and not scaled
+        buf = bytearray(frames_per_chunk * n_vox * raw_dtype.itemsize)
+        try:
+            with ImageOpener(self.path, "rb") as fobj:
+                fobj.seek(self._offset)
+                for t0 in range(0, self.n_frames, frames_per_chunk):
+                    k = min(frames_per_chunk, self.n_frames - t0)
+                    view = memoryview(buf)[:k * n_vox * raw_dtype.itemsize]
+                    got = 0
+                    while got < len(view):
+                        n = fobj.readinto(view[got:])
+                        if not n:
+                            raise EOFError(f"data end at frame {t0} of {self.n_frames}")
+                        got += n
+                    block = np.frombuffer(view, raw_dtype).reshape(k, n_vox)
+                    if not direct:
+                        block = block.astype(np.float32)
+                        if scaled:
+                            block *= np.float32(self._slope)
+                            block += np.float32(self._inter)
+                    yield t0, block
+                while fobj.read(1 << 20):  # reach the gzip trailer so its CRC is checked
+                    pass
+        except (EOFError, OSError, zlib.error, ValueError) as exc:
+            raise BadDataError(f"{self.name}: {self._damage()} ({exc})") from exc
+
+
+def model_grid_matrix(source: BoldSource, geometry, mask_img, space: str
+                      ) -> tuple[np.ndarray, dict]:
+    """The source's template-brain voxels on the model grid, float32 (T, V).
+
+    Column order is ``geometry.voxel_index[geometry.voxel_mask]``. A source on the model
+    grid is gathered frame by frame; a source on another grid of the same space (another
+    resolution) is resampled with nilearn (continuous) a few frames at a time. A grid whose
+    field of view misses over 10% of the template brain is refused.
+    """
+    brain_flat = geometry.voxel_index[geometry.voxel_mask]
+    n_frames = source.n_frames
+    out = np.empty((n_frames, brain_flat.size), np.float32)
+    zooms = np.sqrt((source.affine[:3, :3] ** 2).sum(axis=0))
+    info = {"source_grid": list(source.shape[:3]), "source_zooms": [float(z) for z in zooms]}
+    if source.on_grid(geometry.grid_shape, geometry.affine):
+        for t0, block in source.iter_frames(1):
+            np.take(block, brain_flat, axis=1, out=out[t0:t0 + block.shape[0]])
+        return out, dict(info, resampled=False)
+    coverage = _brain_coverage(source, geometry, brain_flat)
+    if coverage < 0.9:
+        raise BadDataError(
+            f"{source.name}: grid {source.shape[:3]} {_fmt_zooms(source.affine)} covers "
+            f"{coverage:.0%} of the {space} template brain; its affine is not in the "
+            f"{space} field of view")
+    import nibabel as nib
+    from nilearn.image import resample_to_img
+
+    x, y, z = source.shape[:3]
+    for t0, block in source.iter_frames(8):
+        k = block.shape[0]
+        chunk = nib.Nifti1Image(block.T.reshape((x, y, z, k), order="F"), source.affine)
+        res = resample_to_img(chunk, mask_img, interpolation="continuous",
+                              force_resample=True, copy_header=True)
+        data = np.asarray(res.dataobj, dtype=np.float32).reshape(-1, k, order="F")
+        out[t0:t0 + k] = data[brain_flat].T
+    return out, dict(info, resampled=True, brain_coverage=round(float(coverage), 4))
+
+
+def _brain_coverage(source: BoldSource, geometry, brain_flat: np.ndarray) -> float:
+    """Share of template-brain voxel centres inside the source image's field of view."""
+    ijk = np.column_stack(np.unravel_index(brain_flat, geometry.grid_shape, order="F"))
+    world = ijk @ geometry.affine[:3, :3].T + geometry.affine[:3, 3]
+    inv = np.linalg.inv(source.affine)
+    src = world @ inv[:3, :3].T + inv[:3, 3]
+    inside = np.all((src > -0.5) & (src < np.asarray(source.shape[:3]) - 0.5), axis=1)
+    return float(inside.mean())
+
+
+# -- steps ---------------------------------------------------------------------------------
+def _check_template(geometry, mask_img) -> None:
+    shape = tuple(mask_img.shape[:3])
+    if shape != tuple(geometry.grid_shape) or not np.allclose(mask_img.affine,
+                                                              geometry.affine, atol=1e-3):
+        raise ValueError(f"template image grid {shape} does not match the geometry's "
+                         f"grid {tuple(geometry.grid_shape)}")
+
+
+def _check_length(name: str, n_frames: int, window: int, target_tr) -> None:
+    if n_frames < window:
+        after = f" after resampling to TR {target_tr:g} s" if target_tr else ""
+        raise BadDataError(f"{name}: has {n_frames} frames{after}, shorter than one "
+                           f"window ({window})")
+
+
+def _input_tr(run, source: BoldSource, needed: bool) -> tuple[Optional[float], str]:
+    """The run's TR in seconds and where it came from (sidecar first, then header)."""
+    if run.tr is not None and run.tr > 0:
+        return float(run.tr), run.tr_source
+    header_tr = source.header_tr
+    if header_tr:
+        return header_tr, "nifti_header"
+    if needed:
+        raise BadDataError(f"{Path(run.path).name}: no repetition time (no RepetitionTime "
+                           f"in the sidecar and pixdim[4] is 0)")
+    return None, "unknown"
+
+
+def _outside_run_mask(run, source: BoldSource, geometry, mask_img) -> Optional[np.ndarray]:
+    """Template-brain voxels outside the run's own brain mask, bool (V,), or None."""
+    if run.mask_path is None:
+        return None
+    import nibabel as nib
+
+    mask_name = Path(run.mask_path).name
+    try:
+        run_mask = nib.load(run.mask_path)
+        data = np.asanyarray(run_mask.dataobj)
+    except Exception as exc:  # noqa: BLE001 - any reader failure is bad data
+        raise BadDataError(f"{mask_name}: brain mask cannot be read ({exc})") from exc
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.shape[:3] != source.shape[:3] or data.ndim != 3 or \
+            not np.allclose(run_mask.affine, source.affine, atol=1e-3):
+        raise BadDataError(
+            f"{Path(run.path).name}: brain mask grid {data.shape} "
+            f"{_fmt_zooms(run_mask.affine)} differs from BOLD grid {source.shape[:3]} "
+            f"{_fmt_zooms(source.affine)} ({mask_name})")
+    data = (data > 0).astype(np.float32)
+    if not source.on_grid(geometry.grid_shape, geometry.affine):
+        from nilearn.image import resample_to_img
+
+        resampled = resample_to_img(nib.Nifti1Image(data, source.affine), mask_img,
+                                    interpolation="nearest", force_resample=True,
+                                    copy_header=True)
+        data = np.asanyarray(resampled.dataobj)
+    flat = data.reshape(-1, order="F")
+    return flat[geometry.voxel_index[geometry.voxel_mask]] <= 0.5
+
+
+def _require_confounds(run, strategy: str) -> None:
+    if run.confounds_path is None or not Path(run.confounds_path).is_file():
+        raise BadDataError(f"{Path(run.path).name}: confound regression ({strategy}) was "
+                           f"asked for, but the run has no confounds file"
+                           + (f" ({run.confounds_path})" if run.confounds_path else ""))
+
+
+def _regress_confounds(run, brain: np.ndarray, strategy: str, tr: Optional[float]
+                       ) -> tuple[np.ndarray, dict]:
+    """Regress fMRIPrep confounds out of ``brain`` (T, V); scrubbing drops frames."""
+    name = Path(run.path).name
+    import nilearn
+    from nilearn import signal
+    from nilearn.interfaces.fmriprep import load_confounds
+
+    parts = ("motion", "high_pass", "wm_csf") + (("scrub",) if strategy == "scrubbing"
+                                                  else ())
+    try:
+        confounds, sample_mask = load_confounds(str(run.path), strategy=parts,
+                                                motion="basic", wm_csf="basic")
+    except Exception as exc:  # noqa: BLE001 - nilearn raises ValueError/KeyError/...
+        raise BadDataError(f"{name}: confounds cannot be used ({exc})") from exc
+    if len(confounds) != brain.shape[0]:
+        raise BadDataError(f"{name}: confounds file has {len(confounds)} rows for "
+                           f"{brain.shape[0]} frames")
+    # nilearn >= 0.14 spells "no standardisation" None and deprecates False.
+    no_std = None if _version_at_least(nilearn.__version__, (0, 14)) else False
+    cleaned = signal.clean(brain, confounds=confounds.to_numpy(np.float64),
+                           sample_mask=sample_mask, detrend=False, standardize=no_std,
+                           standardize_confounds=True, filter=False, t_r=tr)
+    info = {"confound_columns": list(confounds.columns),
+            "n_frames_scrubbed": 0 if sample_mask is None
+            else int(brain.shape[0] - len(sample_mask))}
+    return np.ascontiguousarray(cleaned, dtype=np.float32), info
+
+
+def _resampled_length(n_frames: int, tr_in: float, tr_out: float) -> int:
+    up, down = _tr_ratio(tr_in, tr_out)
+    return -(-n_frames * up // down)
+
+
+def _tr_ratio(tr_in: float, tr_out: float) -> tuple[int, int]:
+    ratio = Fraction(tr_in / tr_out).limit_denominator(64)
+    return ratio.numerator, ratio.denominator
+
+
+def _resample_time(brain: np.ndarray, tr_in: float, tr_out: float) -> np.ndarray:
+    """Resample (T, V) from TR ``tr_in`` to ``tr_out`` with a polyphase anti-alias filter."""
+    from scipy.signal import resample_poly
+
+    up, down = _tr_ratio(tr_in, tr_out)
+    if up == down:
+        return brain
+    out = resample_poly(brain, up, down, axis=0, padtype="line")
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def _int8_scale(brain: np.ndarray) -> float:
+    peak = float(np.abs(brain).max()) if brain.size else 0.0
+    return peak / 127.0 if peak > 0 else 1.0
+
+
+def _fill_tokens(arr: np.ndarray, brain: np.ndarray, geometry, scale: Optional[float]) -> None:
+    """Place brain voxel values (T, V) into the token array (T, N, P), frame by frame.
+
+    Column ``v`` of ``brain`` is the ``v``-th True entry of ``geometry.voxel_mask`` in C
+    order, which is where ``geometry.extract`` puts that voxel.
+    """
+    positions = np.flatnonzero(geometry.voxel_mask.reshape(-1))
+    for t in range(brain.shape[0]):
+        row = arr[t].reshape(-1)
+        if scale is None:
+            row[positions] = brain[t]
+        else:
+            row[positions] = np.clip(np.rint(brain[t] / scale), -127, 127)
+
+
+def _as_app_error(run, exc: BaseException) -> AppError:
+    if isinstance(exc, AppError):
+        return exc
+    logger.debug("unexpected failure preparing %s", run.path, exc_info=exc)
+    err = AppError(f"{Path(run.path).name}: preparation failed "
+                   f"({type(exc).__name__}: {exc})")
+    err.__cause__ = exc
+    return err
+
+
+def _version_at_least(version: str, wanted: tuple) -> bool:
+    numbers = []
+    for part in version.split(".")[:2]:
+        digits = "".join(ch for ch in part if ch.isdigit())
+        numbers.append(int(digits or 0))
+    return tuple(numbers) >= wanted
+
+
+def _fmt_zooms(affine) -> str:
+    zooms = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+    return "(" + "x".join(f"{z:g}" for z in zooms) + " mm)"

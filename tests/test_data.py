@@ -1,0 +1,348 @@
+"""Preparation of one BOLD run into brain tokens: checks, resampling, confounds, z-score."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Optional
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+from bids_roimae.config import PrepConfig
+from bids_roimae.data import prepare_run, prepare_runs, zscore_inplace
+from bids_roimae.errors import EXIT_BAD_DATA, AppError, BadDataError
+from bids_roimae.geometry import build_geometry
+
+GRID = (13, 17, 11)
+AFFINE = np.array([[2.0, 0, 0, -12.0], [0, 2.0, 0, -17.0], [0, 0, 2.0, -9.0], [0, 0, 0, 1]])
+SPACE = "MNI152NLin2009cAsym"
+WINDOW = 8
+
+
+@dataclass(frozen=True)
+class BoldRun:
+    """Stand-in with the fields of ``bids_roimae.bids.BoldRun``."""
+
+    subject: str
+    session: Optional[str]
+    task: str
+    run: Optional[str]
+    entities: dict
+    path: Path
+    mask_path: Optional[Path]
+    confounds_path: Optional[Path]
+    tr: Optional[float]
+    tr_source: str
+    space: str
+
+    @property
+    def key(self) -> str:
+        parts = [f"sub-{self.subject}"]
+        parts += [f"ses-{self.session}"] if self.session else []
+        parts += [f"task-{self.task}"]
+        parts += [f"run-{self.run}"] if self.run else []
+        return "_".join(parts)
+
+
+def ellipsoid(shape=GRID, fill=0.8) -> np.ndarray:
+    idx = np.indices(shape).astype(float)
+    centre = (np.asarray(shape) - 1) / 2
+    radii = np.asarray(shape) / 2 * fill
+    return (((idx - centre[:, None, None, None]) / radii[:, None, None, None]) ** 2
+            ).sum(0) <= 1.0
+
+
+@pytest.fixture(scope="module")
+def grid():
+    mask = ellipsoid()
+    geometry = build_geometry(mask, AFFINE, None, patch_size=3)
+    template = nib.Nifti1Image(mask.astype(np.uint8), AFFINE)
+    return mask, geometry, template
+
+
+def write_bold(folder: Path, data: np.ndarray, affine=AFFINE, subject="01", tr=2.0,
+               name=None, mask: Optional[np.ndarray] = None, mask_affine=None,
+               confounds: Optional[pd.DataFrame] = None, space=SPACE) -> BoldRun:
+    """Save an fMRIPrep-named BOLD run (plus optional mask/confounds) and describe it."""
+    func = folder / f"sub-{subject}" / "func"
+    func.mkdir(parents=True, exist_ok=True)
+    stem = f"sub-{subject}_task-rest"
+    path = func / (name or f"{stem}_space-{space}_desc-preproc_bold.nii.gz")
+    img = nib.Nifti1Image(data, affine)
+    if data.ndim == 4:
+        img.header.set_zooms(tuple(np.sqrt((affine[:3, :3] ** 2).sum(0))) + (tr,))
+    nib.save(img, path)
+    mask_path = conf_path = None
+    if mask is not None:
+        mask_path = func / f"{stem}_space-{space}_desc-brain_mask.nii.gz"
+        ma = affine if mask_affine is None else mask_affine
+        nib.save(nib.Nifti1Image(mask.astype(np.uint8), ma), mask_path)
+    if confounds is not None:
+        conf_path = func / f"{stem}_desc-confounds_timeseries.tsv"
+        confounds.to_csv(conf_path, sep="\t", index=False, na_rep="n/a")
+        conf_path.with_suffix(".json").write_text(json.dumps({}))
+    return BoldRun(subject=subject, session=None, task="rest", run=None,
+                   entities={"subject": subject, "task": "rest", "space": space},
+                   path=path, mask_path=mask_path, confounds_path=conf_path, tr=tr,
+                   tr_source="sidecar", space=space)
+
+
+def random_bold(n_frames=24, seed=0, shape=GRID) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    base = rng.uniform(500, 1500, size=shape)[..., None]
+    return (base + rng.normal(0, 10, size=shape + (n_frames,))).astype(np.float32)
+
+
+def zscore_ref(series: np.ndarray) -> np.ndarray:
+    series = series.astype(np.float64)
+    return (series - series.mean(-1, keepdims=True)) / series.std(-1, keepdims=True)
+
+
+# -- values and layout --------------------------------------------------------------------
+def test_tokens_hold_zscored_voxels_at_their_grid_positions(tmp_path, grid):
+    mask, geometry, template = grid
+    data = random_bold(24)
+    run = write_bold(tmp_path / "bids", data)
+    entry = prepare_run(run, geometry, template, PrepConfig(), tmp_path / "out", window=WINDOW)
+    tokens = entry.tokens()
+    assert tokens.shape == (24, geometry.n_tokens, 27) and tokens.dtype == np.float16
+    expected = zscore_ref(data)
+    ps = geometry.patch_size
+    # Locate voxels by hand (patch index, then C-order offset inside the patch).
+    brain_vox = np.argwhere(mask)
+    for x, y, z in brain_vox[:: max(1, len(brain_vox) // 25)]:
+        rel = np.array([x, y, z]) - geometry.origin
+        n = int(np.flatnonzero((geometry.patch_ijk == rel // ps).all(axis=1))[0])
+        dx, dy, dz = rel % ps
+        p = dx * ps * ps + dy * ps + dz
+        np.testing.assert_allclose(tokens[:, n, p], expected[x, y, z], atol=2e-2)
+    # And the whole array agrees with the geometry's own extraction; background is 0.
+    ref = geometry.extract(np.where(mask[..., None], expected, 0.0))
+    np.testing.assert_allclose(tokens.astype(np.float32), ref, atol=2e-2)
+    assert not tokens[:, ~geometry.voxel_mask].any()
+
+
+def test_zscore_mean_zero_sd_one_and_flat_voxels_zero(tmp_path, grid):
+    mask, geometry, template = grid
+    data = random_bold(30, seed=3)
+    data[4, 8, 5, :] = 777.0  # a constant brain voxel
+    run = write_bold(tmp_path / "bids", data)
+    entry = prepare_run(run, geometry, template, None, tmp_path / "out", window=WINDOW)
+    tok = entry.tokens().astype(np.float32)[:, geometry.voxel_mask]  # (T, V)
+    flat = np.abs(tok).max(axis=0) == 0
+    assert flat.sum() == 1 and entry.meta["n_zero_variance_voxels"] == 1
+    np.testing.assert_allclose(tok[:, ~flat].mean(axis=0), 0, atol=2e-3)
+    np.testing.assert_allclose(tok[:, ~flat].std(axis=0), 1, atol=2e-3)
+
+
+def test_zscore_inplace_matrix():
+    rng = np.random.default_rng(1)
+    mat = rng.normal(5, 3, size=(40, 6)).astype(np.float32)
+    mat[:, 2] = 1e4
+    n_flat = zscore_inplace(mat)
+    assert n_flat == 1 and not mat[:, 2].any()
+    np.testing.assert_allclose(mat[:, [0, 1, 3, 4, 5]].std(axis=0), 1, atol=1e-5)
+
+
+def test_run_mask_zeroes_template_voxels_outside_subject_brain(tmp_path, grid):
+    mask, geometry, template = grid
+    run_mask = mask.copy()
+    run_mask[:, :, 7:] = False  # the subject's brain misses the top slices
+    run = write_bold(tmp_path / "bids", random_bold(20), mask=run_mask)
+    entry = prepare_run(run, geometry, template, None, tmp_path / "out", window=WINDOW)
+    expected_out = int((mask & ~run_mask).sum())
+    assert expected_out > 0 and entry.meta["n_outside_run_mask"] == expected_out
+    grid_abs = geometry.scatter(np.abs(entry.tokens().astype(np.float32)).max(axis=0))
+    assert not grid_abs[mask & ~run_mask].any()
+    assert grid_abs[mask & run_mask].all()
+
+
+def test_resampling_from_a_1mm_grid(tmp_path, grid):
+    mask, geometry, template = grid
+    # The same field of view at 1 mm: voxel centres at +-0.5 mm around each 2 mm centre.
+    fine_affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    fine_affine[:3, 3] = AFFINE[:3, 3] - 0.5
+    fine_shape = tuple(2 * g for g in GRID)
+    ijk = np.indices(fine_shape).reshape(3, -1).T
+    world = ijk @ fine_affine[:3, :3].T + fine_affine[:3, 3]
+    field = (world @ np.array([0.5, 1.0, -0.7])).reshape(fine_shape)  # linear in mm
+    rng = np.random.default_rng(5)
+    gain, shift = rng.uniform(0.5, 1.5, 20), rng.normal(0, 30, 20)
+    data = (1000 + field[..., None] * gain + shift).astype(np.float32)
+    run = write_bold(tmp_path / "bids", data, affine=fine_affine)
+    entry = prepare_run(run, geometry, template, None, tmp_path / "out", window=WINDOW)
+    assert entry.meta["resampled"] and entry.meta["source_grid"] == list(fine_shape)
+    assert entry.tokens().shape == (20, geometry.n_tokens, 27)
+    # Expected: the same linear field sampled at model voxel centres, then z-scored.
+    mijk = np.indices(GRID).reshape(3, -1).T
+    mworld = mijk @ AFFINE[:3, :3].T + AFFINE[:3, 3]
+    mfield = (mworld @ np.array([0.5, 1.0, -0.7])).reshape(GRID)
+    expected = zscore_ref(1000 + mfield[..., None] * gain + shift)
+    got = geometry.scatter(entry.tokens()[7].astype(np.float32))
+    interior = mask.copy()
+    interior[[0, 1, -2, -1], :, :] = interior[:, [0, 1, -2, -1], :] = False
+    interior[:, :, [0, 1, -2, -1]] = False
+    np.testing.assert_allclose(got[interior], expected[..., 7][interior], atol=0.05)
+
+
+def test_target_tr_resampling_changes_frame_count(tmp_path, grid):
+    mask, geometry, template = grid
+    run = write_bold(tmp_path / "bids", random_bold(30), tr=2.0)
+    entry = prepare_run(run, geometry, template, PrepConfig(target_tr=1.0), tmp_path / "out",
+                        window=WINDOW)
+    assert entry.n_frames == 60 and entry.tr == 1.0 and entry.meta["tr_original"] == 2.0
+    slow = write_bold(tmp_path / "bids2", random_bold(30), tr=2.5)
+    entry2 = prepare_run(slow, geometry, template, PrepConfig(target_tr=2.0),
+                         tmp_path / "out", window=WINDOW)
+    assert entry2.n_frames == 38 and entry2.meta["tr_original"] == 2.5
+
+
+def test_header_tr_used_when_sidecar_has_none(tmp_path, grid):
+    mask, geometry, template = grid
+    run = replace(write_bold(tmp_path / "bids", random_bold(20), tr=3.0), tr=None,
+                  tr_source="none")
+    entry = prepare_run(run, geometry, template, PrepConfig(target_tr=1.5), tmp_path / "out",
+                        window=WINDOW)
+    assert entry.meta["tr_source"] == "nifti_header" and entry.n_frames == 40
+
+
+def _confounds(n, seed=0, fd_spike=None):
+    rng = np.random.default_rng(seed)
+    cols = ["trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z", "white_matter",
+            "csf"]
+    df = pd.DataFrame(rng.normal(size=(n, len(cols))), columns=cols)
+    t = np.arange(n)
+    df["cosine00"] = np.cos(np.pi * (t + 0.5) / n)
+    df["framewise_displacement"] = np.r_[np.nan, np.full(n - 1, 0.1)]
+    df["std_dvars"] = np.r_[np.nan, np.full(n - 1, 1.0)]
+    if fd_spike is not None:
+        df.loc[fd_spike, "framewise_displacement"] = 2.0
+    return df
+
+
+def test_simple_confounds_are_regressed_out(tmp_path, grid):
+    mask, geometry, template = grid
+    n = 40
+    conf = _confounds(n)
+    data = random_bold(n, seed=2)
+    data += (conf["white_matter"].to_numpy() * 25).astype(np.float32)  # shared nuisance
+    run = write_bold(tmp_path / "bids", data, confounds=conf)
+    entry = prepare_run(run, geometry, template, PrepConfig(confounds="simple"),
+                        tmp_path / "out", window=WINDOW)
+    tok = entry.tokens().astype(np.float32)[:, geometry.voxel_mask]
+    wm = conf["white_matter"].to_numpy()
+    corr = np.corrcoef(np.c_[wm, tok[:, :50]].T)[0, 1:]
+    assert np.abs(corr).max() < 0.02
+    assert "white_matter" in entry.meta["confound_columns"]
+
+
+def test_scrubbing_drops_high_motion_frames(tmp_path, grid):
+    mask, geometry, template = grid
+    run = write_bold(tmp_path / "bids", random_bold(40), confounds=_confounds(40, fd_spike=20))
+    entry = prepare_run(run, geometry, template, PrepConfig(confounds="scrubbing"),
+                        tmp_path / "out", window=WINDOW)
+    assert entry.n_frames == 39 and entry.meta["n_frames_scrubbed"] == 1
+
+
+# -- bad inputs: exit code 65 and one line naming the file ------------------------------
+def _assert_bad(excinfo, name, *needles):
+    err = excinfo.value
+    assert err.exit_code == EXIT_BAD_DATA == 65
+    text = str(err)
+    assert "\n" not in text and text.startswith(name)
+    for needle in needles:
+        assert needle in text, text
+
+
+def _bad(tmp_path, grid, run, prep=None, window=WINDOW):
+    mask, geometry, template = grid
+    with pytest.raises(BadDataError) as excinfo:
+        prepare_run(run, geometry, template, prep, tmp_path / "out", window=window)
+    return excinfo
+
+
+def test_zero_byte_file(tmp_path, grid):
+    run = write_bold(tmp_path, random_bold(10))
+    run.path.write_bytes(b"")
+    _assert_bad(_bad(tmp_path, grid, run), run.path.name, "empty")
+
+
+def test_truncated_gzip(tmp_path, grid):
+    run = write_bold(tmp_path, random_bold(20))
+    blob = run.path.read_bytes()
+    run.path.write_bytes(blob[: len(blob) // 2])
+    _assert_bad(_bad(tmp_path, grid, run), run.path.name, "truncated or corrupt gzip")
+
+
+def test_corrupt_gzip_body(tmp_path, grid):
+    run = write_bold(tmp_path, random_bold(20))
+    blob = bytearray(run.path.read_bytes())
+    blob[len(blob) // 2: len(blob) // 2 + 64] = bytes(64)
+    run.path.write_bytes(bytes(blob))
+    _assert_bad(_bad(tmp_path, grid, run), run.path.name, "truncated or corrupt gzip")
+
+
+def test_3d_image(tmp_path, grid):
+    run = write_bold(tmp_path, random_bold(1)[..., 0])
+    _assert_bad(_bad(tmp_path, grid, run), run.path.name, "is 3D, expected 4D BOLD")
+
+
+def test_nan_inside_brain(tmp_path, grid):
+    data = random_bold(20)
+    data[6, 8, 5, 3:6] = np.nan
+    data[0, 0, 0, :] = np.nan  # background NaN is harmless on its own
+    run = write_bold(tmp_path, data)
+    _assert_bad(_bad(tmp_path, grid, run), run.path.name, "3 non-finite values", "1 voxels")
+
+
+def test_too_short_for_a_window(tmp_path, grid):
+    run = write_bold(tmp_path, random_bold(12))
+    _assert_bad(_bad(tmp_path, grid, run, window=20), run.path.name,
+                "has 12 frames, shorter than one window (20)")
+
+
+def test_other_space(tmp_path, grid):
+    run = write_bold(tmp_path, random_bold(20), space="MNI152NLin6Asym")
+    _assert_bad(_bad(tmp_path, grid, run), run.path.name, "MNI152NLin6Asym")
+
+
+def test_affine_outside_template_field_of_view(tmp_path, grid):
+    shifted = AFFINE.copy()
+    shifted[:3, 3] += [60.0, -80.0, 40.0]
+    run = write_bold(tmp_path, random_bold(20), affine=shifted)
+    _assert_bad(_bad(tmp_path, grid, run), run.path.name, "field of view")
+
+
+def test_mask_on_another_grid(tmp_path, grid):
+    mask, _, _ = grid
+    coarse = np.diag([3.0, 3.0, 3.0, 1.0])
+    run = write_bold(tmp_path, random_bold(20), mask=mask[::2, ::2, ::2], mask_affine=coarse)
+    _assert_bad(_bad(tmp_path, grid, run), run.path.name,
+                "brain mask grid", "differs from BOLD grid")
+
+
+def test_missing_confounds_when_asked(tmp_path, grid):
+    run = write_bold(tmp_path, random_bold(20))
+    _assert_bad(_bad(tmp_path, grid, run, prep=PrepConfig(confounds="simple")),
+                run.path.name, "no confounds file")
+
+
+def test_prepare_runs_keeps_going_past_a_bad_run(tmp_path, grid, caplog):
+    mask, geometry, template = grid
+    good1 = write_bold(tmp_path / "bids", random_bold(20), subject="01")
+    bad = write_bold(tmp_path / "bids", random_bold(20), subject="02")
+    bad.path.write_bytes(bad.path.read_bytes()[:500])
+    good2 = write_bold(tmp_path / "bids", random_bold(20, seed=9), subject="03")
+    with caplog.at_level(logging.INFO, logger="bids_roimae.data"):
+        entries, failures = prepare_runs([good1, bad, good2], geometry, template, None,
+                                         tmp_path / "out", window=WINDOW)
+    assert [e.subject for e in entries] == ["01", "03"]
+    assert len(failures) == 1 and failures[0][0] is bad
+    assert isinstance(failures[0][1], AppError) and failures[0][1].exit_code == 65
+    skipped = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(skipped) == 1 and bad.path.name in skipped[0] and "\n" not in skipped[0]

@@ -1,0 +1,254 @@
+"""The brain-token cache: keys, hits, atomic writes, concurrent writers, int8 entries."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from bids_roimae import cache
+from bids_roimae.config import PrepConfig
+from bids_roimae.data import (CacheEntry, ScaledTokens, cache_key, cache_root, load_entries,
+                              lookup, prepare_run, prepare_runs)
+from bids_roimae.geometry import build_geometry
+
+GRID = (13, 17, 11)
+AFFINE = np.array([[2.0, 0, 0, -12.0], [0, 2.0, 0, -17.0], [0, 0, 2.0, -9.0], [0, 0, 0, 1]])
+SPACE = "MNI152NLin2009cAsym"
+WINDOW = 8
+
+
+@dataclass(frozen=True)
+class BoldRun:
+    """Stand-in with the fields of ``bids_roimae.bids.BoldRun``."""
+
+    subject: str
+    session: Optional[str]
+    task: str
+    run: Optional[str]
+    entities: dict
+    path: Path
+    mask_path: Optional[Path]
+    confounds_path: Optional[Path]
+    tr: Optional[float]
+    tr_source: str
+    space: str
+
+    @property
+    def key(self) -> str:
+        ses = f"_ses-{self.session}" if self.session else ""
+        run = f"_run-{self.run}" if self.run else ""
+        return f"sub-{self.subject}{ses}_task-{self.task}{run}"
+
+
+def ellipsoid(shape=GRID) -> np.ndarray:
+    idx = np.indices(shape).astype(float)
+    centre = (np.asarray(shape) - 1) / 2
+    radii = np.asarray(shape) / 2 * 0.8
+    return (((idx - centre[:, None, None, None]) / radii[:, None, None, None]) ** 2
+            ).sum(0) <= 1.0
+
+
+@pytest.fixture(scope="module")
+def grid():
+    mask = ellipsoid()
+    return mask, build_geometry(mask, AFFINE, None, patch_size=3), \
+        nib.Nifti1Image(mask.astype(np.uint8), AFFINE)
+
+
+def make_run(folder: Path, subject="01", n_frames=20, seed=0, run=None) -> BoldRun:
+    rng = np.random.default_rng(seed)
+    data = (rng.uniform(500, 1500, GRID)[..., None]
+            + rng.normal(0, 10, GRID + (n_frames,))).astype(np.float32)
+    func = folder / f"sub-{subject}" / "func"
+    func.mkdir(parents=True, exist_ok=True)
+    run_ent = f"_run-{run}" if run else ""
+    path = func / f"sub-{subject}_task-rest{run_ent}_space-{SPACE}_desc-preproc_bold.nii.gz"
+    img = nib.Nifti1Image(data, AFFINE)
+    img.header.set_zooms((2.0, 2.0, 2.0, 2.0))
+    nib.save(img, path)
+    return BoldRun(subject=subject, session=None, task="rest", run=run,
+                   entities={"subject": subject, "task": "rest"}, path=path, mask_path=None,
+                   confounds_path=None, tr=2.0, tr_source="sidecar", space=SPACE)
+
+
+def entry_files(out: Path) -> list[str]:
+    return sorted(p.name for p in cache_root(out).rglob("*") if p.is_file()
+                  and cache.HASH_INDEX_DIRNAME not in p.parts)
+
+
+def test_second_prepare_is_a_cache_hit(tmp_path, grid, caplog):
+    _, geometry, template = grid
+    run = make_run(tmp_path / "bids")
+    out = tmp_path / "out"
+    assert lookup(out, run, geometry, PrepConfig(), SPACE) is None
+    first = prepare_run(run, geometry, template, None, out, window=WINDOW)
+    mtime = first.path.stat().st_mtime_ns
+    meta_mtime = first.path.with_suffix(".json").stat().st_mtime_ns
+    with caplog.at_level(logging.INFO, logger="bids_roimae.data"):
+        second = prepare_run(run, geometry, template, None, out, window=WINDOW)
+    assert second.path == first.path
+    assert second.path.stat().st_mtime_ns == mtime
+    assert second.path.with_suffix(".json").stat().st_mtime_ns == meta_mtime
+    assert any("cached" in r.getMessage() for r in caplog.records)
+    hit = lookup(out, run, geometry, PrepConfig(), SPACE)
+    assert hit is not None and hit.path == first.path
+    assert first.path.parent == cache_root(out) / "sub-01"
+    assert first.path.name == f"sub-01_task-rest_{first.key}.npy" and len(first.key) == 12
+    assert (hit.subject, hit.task, hit.run_key, hit.n_frames, hit.tr) == (
+        "01", "rest", "sub-01_task-rest", 20, 2.0)
+    # Asked for again with a longer window, the cached entry is refused like the source.
+    with pytest.raises(Exception, match="shorter than one window"):
+        prepare_run(run, geometry, template, None, out, window=40)
+
+
+def test_settings_and_geometry_change_the_key(tmp_path, grid):
+    mask, geometry, template = grid
+    run = make_run(tmp_path / "bids")
+    base = cache_key(run, geometry, PrepConfig(), SPACE)
+    assert cache_key(run, geometry, PrepConfig(), SPACE) == base
+    assert cache_key(run, geometry, PrepConfig(dtype="int8"), SPACE) != base
+    assert cache_key(run, geometry, PrepConfig(target_tr=1.0), SPACE) != base
+    assert cache_key(run, geometry, PrepConfig(), "MNI152NLin6Asym") != base
+    other_geometry = build_geometry(mask, AFFINE, None, patch_size=2)
+    assert cache_key(run, other_geometry, PrepConfig(), SPACE) != base
+    # The same content under another run name keeps the content part, not the file name.
+    out = tmp_path / "out"
+    a = prepare_run(run, geometry, template, None, out, window=WINDOW)
+    b = prepare_run(run, geometry, template, PrepConfig(dtype="int8"), out, window=WINDOW)
+    assert a.path != b.path and a.path.exists() and b.path.exists()
+
+
+def test_content_hash_memo_is_keyed_by_size_and_mtime(tmp_path, grid):
+    _, geometry, _ = grid
+    run = make_run(tmp_path / "bids")
+    index = tmp_path / "index"
+    key = cache_key(run, geometry, PrepConfig(), SPACE, index_dir=index)
+    assert len(list(index.glob("*.json"))) == 1
+    cache._DIGEST_MEMO.clear()  # a new process: only the on-disk index remains
+    st = run.path.stat()
+    blob = bytearray(run.path.read_bytes())
+    blob[-1] ^= 0xFF
+    run.path.write_bytes(bytes(blob))
+    os.utime(run.path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    # Same path, size and mtime: the recorded digest is reused without reading the file.
+    assert cache_key(run, geometry, PrepConfig(), SPACE, index_dir=index) == key
+    os.utime(run.path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert cache_key(run, geometry, PrepConfig(), SPACE, index_dir=index) != key
+
+
+def test_leftover_temporaries_and_incomplete_entries_are_not_entries(tmp_path, grid):
+    _, geometry, template = grid
+    out = tmp_path / "out"
+    good = prepare_run(make_run(tmp_path / "bids"), geometry, template, None, out,
+                       window=WINDOW)
+    folder = good.path.parent
+    # A killed writer's leftovers, and a .npy whose meta never arrived.
+    (folder / f"{good.path.name}.tmp-123-abcd").write_bytes(good.path.read_bytes())
+    (folder / f"{good.path.with_suffix('.json').name}.tmp-123-abcd").write_text("{")
+    orphan = folder / "sub-01_task-rest_run-2_0123456789ab.npy"
+    np.save(orphan, np.zeros((20, geometry.n_tokens, 27), np.float16))
+    half = folder / "sub-01_task-rest_run-3_0123456789ab.npy"
+    np.save(half, np.zeros((20, geometry.n_tokens, 27), np.float16))
+    half.with_suffix(".json").write_text('{"complete": false}')
+    entries = load_entries(out, geometry)
+    assert [e.path for e in entries] == [good.path]
+
+
+def test_failed_write_leaves_nothing(tmp_path):
+    target = tmp_path / "cache" / "sub-01" / "x_0123456789ab.npy"
+
+    def explode(arr):
+        arr[0] = 1
+        raise RuntimeError("disk on fire")
+
+    with pytest.raises(RuntimeError):
+        cache.write_entry(target, (4, 3, 2), np.float16, explode, {"subject": "01"})
+    assert list(target.parent.iterdir()) == []
+
+
+def test_stale_temporaries_are_cleaned(tmp_path):
+    old = tmp_path / "a.npy.tmp-1-aaaa"
+    new = tmp_path / "b.npy.tmp-2-bbbb"
+    old.write_bytes(b"x")
+    new.write_bytes(b"x")
+    os.utime(old, (0, 0))
+    assert cache.remove_stale_temps(tmp_path) == 1
+    assert not old.exists() and new.exists()
+
+
+def test_load_entries_filters_geometry_settings_subjects(tmp_path, grid):
+    mask, geometry, template = grid
+    out = tmp_path / "out"
+    r1 = make_run(tmp_path / "bids", subject="01")
+    r2 = make_run(tmp_path / "bids", subject="02", seed=1)
+    for run in (r1, r2):
+        prepare_run(run, geometry, template, None, out, window=WINDOW)
+    prepare_run(r1, geometry, template, PrepConfig(dtype="int8"), out, window=WINDOW)
+    assert len(load_entries(out, geometry)) == 3
+    assert {e.subject for e in load_entries(out, geometry, PrepConfig())} == {"01", "02"}
+    only = load_entries(out, geometry, PrepConfig(dtype="int8"))
+    assert [(e.subject, e.meta["prep"]["dtype"]) for e in only] == [("01", "int8")]
+    assert [e.subject for e in load_entries(out, geometry, PrepConfig(),
+                                            subjects=["sub-02"])] == ["02"]
+    other = build_geometry(mask, AFFINE, None, patch_size=2)
+    assert load_entries(out, other) == []
+    assert load_entries(tmp_path / "nothing", geometry) == []
+
+
+def test_changed_source_supersedes_older_entry(tmp_path, grid):
+    _, geometry, template = grid
+    out = tmp_path / "out"
+    run = make_run(tmp_path / "bids", seed=0)
+    old = prepare_run(run, geometry, template, None, out, window=WINDOW)
+    os.utime(old.path, ns=(0, 10**9))  # written long ago
+    run = make_run(tmp_path / "bids", seed=7)  # fMRIPrep rerun: same name, new content
+    new = prepare_run(run, geometry, template, None, out, window=WINDOW)
+    assert new.path != old.path
+    assert [e.path for e in load_entries(out, geometry)] == [new.path]
+
+
+def test_int8_entries_read_back_as_scaled_floats(tmp_path, grid):
+    _, geometry, template = grid
+    out = tmp_path / "out"
+    run = make_run(tmp_path / "bids")
+    f16 = prepare_run(run, geometry, template, None, out, window=WINDOW)
+    i8 = prepare_run(run, geometry, template, PrepConfig(dtype="int8"), out, window=WINDOW)
+    raw = np.load(i8.path, mmap_mode="r")
+    assert raw.dtype == np.int8 and i8.meta["scale"] > 0
+    tokens = i8.tokens()
+    assert isinstance(tokens, ScaledTokens) and tokens.shape == f16.tokens().shape
+    window = tokens[3:3 + WINDOW]
+    assert window.dtype == np.float32 and window.shape == (WINDOW, geometry.n_tokens, 27)
+    ref = f16.tokens()[3:3 + WINDOW].astype(np.float32)
+    assert np.abs(window - ref).max() <= i8.meta["scale"] * 0.5 + 1e-2
+    buf = np.empty((WINDOW, geometry.n_tokens, 27), np.float32)
+    assert i8.window(3, WINDOW, out=buf) is buf
+    np.testing.assert_array_equal(buf, window)
+    np.testing.assert_allclose(f16.window(3, WINDOW), ref)
+    with pytest.raises(IndexError):
+        f16.window(15, WINDOW)
+
+
+def test_concurrent_prepare_of_one_run_gives_one_valid_entry(tmp_path, grid):
+    _, geometry, template = grid
+    run = make_run(tmp_path / "bids", n_frames=60)
+    bad = make_run(tmp_path / "bids", subject="02")
+    bad.path.write_bytes(b"")
+    out = tmp_path / "out"
+    # Two worker processes prepare the same run at the same time; a bad run rides along.
+    entries, failures = prepare_runs([run, run, bad], geometry, template, None, out,
+                                     window=WINDOW, nprocs=2)
+    assert len(entries) == 2 and entries[0].path == entries[1].path
+    assert [(r.subject, e.exit_code) for r, e in failures] == [("02", 65)]
+    assert entry_files(out) == sorted([entries[0].path.name,
+                                       entries[0].path.with_suffix(".json").name])
+    reference = prepare_run(run, geometry, template, None, tmp_path / "ref", window=WINDOW)
+    np.testing.assert_array_equal(entries[0].tokens(), reference.tokens())
+    assert isinstance(load_entries(out, geometry)[0], CacheEntry)

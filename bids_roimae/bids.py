@@ -50,9 +50,11 @@ _FIXED_FILTERS = {"suffix": "bold", "datatype": "func"}
 _IGNORE = (
     re.compile(r"^/(code|models|sourcedata|stimuli|logs|log|figures)(/|$)"),
     re.compile(r"^/sub-[^/]+/(ses-[^/]+/)?(anat|fmap|dwi|perf|figures|log|xfm)(/|$)"),
-    re.compile(r"\.(html|svg|png|gii|h5|txt|csv)$"),
+    # only preprocessed BOLD is queried; companions and sidecars are found by name
+    re.compile(r"^/sub-[^/]+/(ses-[^/]+/)?func/(?![^/]*_desc-preproc_bold\.nii(\.gz)?$)[^/]+$"),
+    re.compile(r"^/[^/]+\.html$"),
 )
-_INDEX_VERSION = "1"  # bump when _IGNORE or the layout config change
+_INDEX_VERSION = "2"  # bump when _IGNORE or the layout config change
 
 
 @dataclass(frozen=True)

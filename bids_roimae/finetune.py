@@ -1,0 +1,467 @@
+"""Participant-level fine-tuning: honest cross-validation, the refit model, prediction.
+
+:func:`run_finetune` cross-validates a strategy (see :mod:`bids_roimae.classifier`) over
+subjects (folds from :mod:`bids_roimae.evaluation`), writes every subject's out-of-fold
+prediction and the fold metrics, then refits on all labelled subjects and saves that
+model as ``OUTPUT_DIR/models/<pretrained>_ft-<target>_<strategy>/model.pt``: a checkpoint
+that :func:`load_finetuned` rebuilds with no other input (encoder configuration, geometry,
+head, standardisation, label mapping, target and positive codes).
+:func:`predict_subject` applies such a model to one subject's prepared runs.
+
+Outputs of a fine-tuning run::
+
+    models/<name>/model.pt  fold_metrics.tsv  metrics.json  predictions.tsv
+    sub-<label>/func/sub-<label>_desc-finetune_predictions.tsv (+ .json)  one row per model
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .classifier import (Classifier, build_head, embed_windows, fit_linear_probe,
+                         n_outputs, probe_classifier, subject_output, subject_windows,
+                         train_classifier, window_logits)
+from .errors import BadDataError, MissingInputError, OutputError
+from .evaluation import compute_metrics, fold_assignment, make_folds, mean_sd, \
+    summarise_folds
+from .labels import align_labels, label_attrs, parse_labels
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Classifier", "parse_labels", "run_finetune", "load_finetuned", "predict_subject",
+           "cross_validate", "finetuned_name", "load_pretrained"]
+
+
+# -- names and loading ------------------------------------------------------------------
+def _checkpoint_file(path) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.pt"
+    if not path.is_file():
+        raise MissingInputError(f"model checkpoint not found: {path}")
+    return path
+
+
+def pretrained_name(path) -> str:
+    """Name of a pretrained model: its folder under ``models/``, else the file stem."""
+    path = Path(path)
+    return path.name if path.is_dir() else (path.parent.name if path.name == "model.pt"
+                                            else path.stem)
+
+
+def finetuned_name(pretrained, target: str, strategy: str) -> str:
+    """``<pretrained>_ft-<target>_<strategy>`` with the target reduced to letters/digits."""
+    clean = re.sub(r"[^0-9A-Za-z]+", "", str(target)) or "target"
+    return f"{pretrained_name(pretrained)}_ft-{clean}_{strategy}"
+
+
+def load_pretrained(path, device="cpu"):
+    """Pretrained encoder, its configuration, geometry and checkpoint dict."""
+    from .checkpoint import model_from_checkpoint
+
+    return model_from_checkpoint(_checkpoint_file(path), device=device)
+
+
+def merged_config(pre_cfg, cfg):
+    """The pretrained model's architecture and geometry with this run's fine-tuning."""
+    out = copy.deepcopy(pre_cfg)
+    out.finetune = copy.deepcopy(cfg.finetune)
+    out.seed = cfg.seed
+    return out
+
+
+def check_entries(entries: Sequence, geometry) -> None:
+    expected = (geometry.n_tokens, geometry.patch_voxels)
+    for entry in entries[:1]:
+        shape = tuple(int(s) for s in entry.tokens().shape[1:])
+        if shape != expected:
+            raise BadDataError(f"{entry.run_key}: cached tokens are {shape} (N, P) but the "
+                               f"model expects {expected}; prepare with the model's geometry")
+
+
+# -- cross-validation -------------------------------------------------------------------
+def _fit(encoder, strategy, subjects, y, refs, emb, cfg, label_info, device, seed
+         ) -> Classifier:
+    """Fit one model on the given (training) subjects."""
+    if strategy == "linear-probe":
+        features = np.stack([emb[s].mean(axis=0) for s in subjects])
+        probe = fit_linear_probe(features, y, label_info["task_type"], seed)
+        log.debug("linear probe penalty %.3g", probe["penalty"])
+        return probe_classifier(encoder, probe, label_info).to(device)
+    window_refs = [r for s in subjects for r in refs[s]]
+    window_y = np.concatenate([np.full(len(refs[s]), v) for s, v in zip(subjects, y)])
+    window_emb = np.concatenate([emb[s] for s in subjects])
+    return train_classifier(encoder, window_refs, window_y, cfg, label_info, device,
+                            seed=seed, window_embeddings=window_emb)
+
+
+def _predict(classifier, subjects, refs, emb, cfg, device, frozen: bool) -> list:
+    out = []
+    for s in subjects:
+        logits, _ = window_logits(classifier, refs[s], cfg.geometry.window,
+                                  cfg.finetune.batch_size, device,
+                                  embeddings=emb[s] if frozen else None)
+        out.append(subject_output(logits, classifier.task_type))
+    return out
+
+
+def cross_validate(encoder, labels: pd.Series, refs: dict, cfg, label_info: dict, folds,
+                   device, emb: Optional[dict] = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Out-of-fold predictions and per-fold metrics of one strategy.
+
+    Parameters
+    ----------
+    encoder : nn.Module
+        Pretrained encoder with ``embed``.
+    labels : Series, shape (S,)
+        Label per subject (index: subject label), in the order the folds index.
+    refs : dict
+        ``{subject: [(entry, start), ...]}`` windows per subject.
+    cfg : AppConfig
+        Merged configuration (``geometry.window``, ``finetune.*``, ``seed``).
+    folds : list of (train_idx, test_idx)
+        Subject indices into ``labels``.
+    emb : dict, optional
+        ``{subject: (K_s, D)}`` frozen window embeddings (computed when omitted).
+
+    Returns
+    -------
+    predictions : DataFrame
+        One row per subject: ``fold``, ``y_true``, ``output`` (P(positive), the class
+        probabilities or the predicted value), ``n_windows``.
+    fold_table : DataFrame
+        :func:`~bids_roimae.evaluation.summarise_folds` table.
+    """
+    strategy, task = cfg.finetune.strategy, label_info["task_type"]
+    subjects = list(labels.index)
+    y = labels.to_numpy()
+    if emb is None:
+        emb = frozen_embeddings(encoder, refs, cfg, device)
+    outputs: list = [None] * len(subjects)
+    fold_metrics = []
+    for k, (train, test) in enumerate(folds):
+        model = _fit(encoder, strategy, [subjects[i] for i in train], y[train], refs, emb,
+                     cfg, label_info, device, seed=cfg.seed + 1009 * (k + 1))
+        pred = _predict(model, [subjects[i] for i in test], refs, emb, cfg, device,
+                        frozen=strategy != "full")
+        for i, p in zip(test, pred):
+            outputs[i] = p
+        metrics = compute_metrics(task, y[test], np.stack(pred))
+        fold_metrics.append(dict(metrics, n_train=int(train.size), n_test=int(test.size)))
+        log.info("fold %d/%d: %s", k + 1, len(folds), ", ".join(
+            f"{m} {v:.3f}" for m, v in metrics.items()))
+    table = summarise_folds(fold_metrics, task)
+    predictions = pd.DataFrame({
+        "fold": fold_assignment(folds, len(subjects)), "y_true": y,
+        "output": outputs, "n_windows": [len(refs[s]) for s in subjects]},
+        index=pd.Index(subjects, name="participant"))
+    return predictions, table
+
+
+def frozen_embeddings(encoder, refs: dict, cfg, device) -> dict:
+    """``{subject: (K_s, D)}`` window embeddings of the (frozen) pretrained encoder."""
+    return {s: embed_windows(encoder, r, cfg.geometry.window, cfg.finetune.batch_size,
+                             device) for s, r in refs.items()}
+
+
+def prepare_inputs(entries, labels: pd.Series, cfg, groups: Optional[pd.Series] = None,
+                   label_info: Optional[dict] = None):
+    """Align labels with prepared runs and cut windows; returns what CV needs.
+
+    Returns
+    -------
+    labels, refs, groups, label_info, counts
+    """
+    info = dict(label_attrs(dict(labels.attrs)) if label_info is None else label_info)
+    info.setdefault("task_type", cfg.finetune.task_type)
+    labels, entries, groups, counts = align_labels(labels, entries, groups)
+    refs = subject_windows(entries, cfg.geometry.window, cfg.finetune.windows_per_run)
+    too_short = [s for s in labels.index if s not in refs]
+    if too_short:
+        log.warning("%d subjects have no run as long as one window (skipped): %s",
+                    len(too_short), ", ".join(too_short[:10]))
+    keep = [s for s in labels.index if s in refs]
+    if not keep:
+        raise BadDataError(f"no labelled subject has a run of at least "
+                           f"{cfg.geometry.window} frames")
+    counts["too_short"] = too_short
+    counts["counts"]["too_short"] = len(too_short)
+    labels = labels.loc[keep]
+    groups = None if groups is None else groups.loc[keep]
+    return labels, refs, groups, info, counts
+
+
+# -- the participant-level workflow -----------------------------------------------------
+def run_finetune(entries: Sequence, labels: pd.Series, pretrained, cfg, output_dir, *,
+                 device="cpu", groups: Optional[pd.Series] = None,
+                 label_info: Optional[dict] = None, name: Optional[str] = None) -> dict:
+    """Cross-validate, write out-of-fold predictions and metrics, refit and save.
+
+    Parameters
+    ----------
+    entries : sequence of CacheEntry
+        Prepared runs (any subjects; those without a label are skipped).
+    labels : Series
+        From :func:`~bids_roimae.labels.parse_labels` (its ``attrs`` carry the label
+        mapping; or pass ``label_info``).
+    pretrained : path
+        Pretrained checkpoint (``model.pt``) or its folder.
+    cfg : AppConfig
+        This run's settings; ``finetune`` and ``seed`` are used, the architecture and
+        geometry come from the pretrained checkpoint.
+    output_dir : path
+        The derivative dataset.
+    groups : Series, optional
+        CV group per subject (``--cv-group``): leave-one-group-out.
+
+    Returns
+    -------
+    dict
+        ``model_path``, ``model_dir``, ``name``, ``metrics`` ({metric: {mean, sd}}),
+        ``n_subjects``, ``n_folds``, ``excluded`` (counts), ``predictions`` (DataFrame).
+    """
+    output_dir = Path(output_dir)
+    encoder, pre_cfg, geometry, ckpt = load_pretrained(pretrained, device)
+    run_cfg = merged_config(pre_cfg, cfg)
+    check_entries(list(entries), geometry)
+    labels, refs, groups, info, counts = prepare_inputs(entries, labels, run_cfg, groups,
+                                                        label_info)
+    task, strategy = info["task_type"], run_cfg.finetune.strategy
+    folds = make_folds(labels.to_numpy(), run_cfg.finetune.folds, run_cfg.seed, task,
+                       None if groups is None else groups.to_numpy())
+    log.info("fine-tuning %s (%s) on %d subjects, %d folds", info.get("target"), strategy,
+             labels.size, len(folds))
+    emb = frozen_embeddings(encoder, refs, run_cfg, device)
+    predictions, table = cross_validate(encoder, labels, refs, run_cfg, info, folds, device,
+                                        emb)
+    final = _fit(encoder, strategy, list(labels.index), labels.to_numpy(), refs, emb,
+                 run_cfg, info, device, seed=run_cfg.seed)
+
+    name = name or finetuned_name(pretrained, info.get("target", "target"), strategy)
+    model_dir = output_dir / "models" / name
+    summary = {"name": name, "target": info.get("target"), "task_type": task,
+               "strategy": strategy, "pretrained": str(pretrained),
+               "cv": "leave-one-group-out" if groups is not None else "stratified-kfold",
+               "n_folds": len(folds), "n_subjects": int(labels.size),
+               "seed": run_cfg.seed, "label_info": info, "metrics": mean_sd(table),
+               "excluded": counts["counts"], "folds": table.reset_index().to_dict("records")}
+    _save_finetuned(model_dir / "model.pt", final, run_cfg, geometry, ckpt, info, summary)
+    _write_tsv(model_dir / "fold_metrics.tsv", table.reset_index())
+    _write_json(model_dir / "metrics.json", summary)
+    rows = prediction_rows(predictions, info, name)
+    _write_tsv(model_dir / "predictions.tsv", rows)
+    for subject, row in rows.groupby("participant_id", sort=False):
+        _write_subject_predictions(output_dir, subject, row)
+    return {"model_path": model_dir / "model.pt", "model_dir": model_dir, "name": name,
+            "metrics": summary["metrics"], "n_subjects": int(labels.size),
+            "n_folds": len(folds), "excluded": counts["counts"], "predictions": rows}
+
+
+def prediction_rows(predictions: pd.DataFrame, info: dict, model: str) -> pd.DataFrame:
+    """Readable out-of-fold table: true and predicted labels, probabilities."""
+    rows = []
+    for subject, r in predictions.iterrows():
+        row = {"participant_id": f"sub-{subject}", "model": model,
+               "target": info.get("target"), "fold": int(r["fold"]),
+               "n_windows": int(r["n_windows"])}
+        row.update(decode_output(r["output"], info, true=r["y_true"]))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def decode_output(output, info: dict, true=None) -> dict:
+    """Turn a subject output into labelled columns (true label added when given)."""
+    task, classes = info["task_type"], list(info.get("classes", []))
+    out = {}
+    if task == "regression":
+        if true is not None:
+            out["true_value"] = float(true)
+        out["predicted_value"] = float(output)
+        return out
+    if task == "binary":
+        prob = float(output)
+        probs = [1.0 - prob, prob]
+    else:
+        probs = [float(p) for p in np.asarray(output)]
+    pred = int(np.argmax(probs)) if task == "multiclass" else int(prob >= 0.5)
+    if true is not None:
+        out["true_label"] = str(classes[int(true)])
+    out["predicted_label"] = str(classes[pred])
+    out["probability"] = prob if task == "binary" else probs[pred]
+    if task == "multiclass":
+        out.update({f"probability_{c}": p for c, p in zip(classes, probs)})
+    return out
+
+
+# -- files ------------------------------------------------------------------------------
+def _atomic_write(path: Path, text: str) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc}") from exc
+
+
+def _write_json(path: Path, data) -> None:
+    from .outputs import write_json
+
+    try:
+        write_json(path, data)
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc}") from exc
+
+
+def _write_tsv(path: Path, table: pd.DataFrame) -> None:
+    _atomic_write(path, table.to_csv(sep="\t", index=False, na_rep="n/a",
+                                     float_format="%.6g"))
+
+
+PREDICTION_COLUMNS = {
+    "participant_id": "Participant label", "model": "Fine-tuned model (models/<name>)",
+    "target": "participants.tsv column predicted",
+    "fold": "Cross-validation fold in which the participant was tested (0-based)",
+    "n_windows": "Windows averaged into the participant's prediction",
+    "true_label": "Observed class", "predicted_label": "Out-of-fold predicted class",
+    "probability": "Out-of-fold probability of the positive class (binary) or of the "
+                   "predicted class (multi-class)",
+    "true_value": "Observed value", "predicted_value": "Out-of-fold predicted value",
+}
+
+
+def _write_subject_predictions(output_dir: Path, subject_id: str, rows: pd.DataFrame
+                               ) -> None:
+    """Merge this model's row into ``sub-X/func/sub-X_desc-finetune_predictions.tsv``."""
+    from .outputs import derivative_path
+
+    path = derivative_path(output_dir, {"sub": subject_id.removeprefix("sub-")},
+                           suffix="predictions", extension=".tsv", desc="finetune")
+    table = rows
+    if path.is_file():
+        old = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+        old = old[~old["model"].isin(set(rows["model"]))]
+        table = pd.concat([old, rows.astype(object)], ignore_index=True)
+    _write_tsv(path, table)
+    columns = {c: {"Description": PREDICTION_COLUMNS.get(c, f"Probability of class "
+                                                            f"{c.removeprefix('probability_')}")}
+               for c in table.columns}
+    _write_json(path.with_suffix(".json"), columns)
+
+
+def _save_finetuned(path: Path, classifier: Classifier, cfg, geometry, pre_ckpt: dict,
+                    info: dict, summary: dict) -> None:
+    from .checkpoint import save_checkpoint
+
+    pre_extra = dict(pre_ckpt.get("extra") or {})
+    extra = dict(pre_extra, kind="finetune", label_info=label_attrs(info),
+                 head={"kind": cfg.finetune.head if cfg.finetune.strategy != "linear-probe"
+                       else "linear",
+                       "embed_dim": int(classifier.feature_mean.numel()),
+                       "n_outputs": n_outputs(info["task_type"],
+                                              len(info.get("classes", [])) or 2)},
+                 strategy=cfg.finetune.strategy, pretrained=summary["pretrained"],
+                 pretrained_kind=pre_extra.get("kind", "pretrain"),
+                 cv_metrics=summary["metrics"])
+    try:
+        save_checkpoint(path, model=classifier, cfg=cfg, geometry=geometry, extra=extra)
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc}") from exc
+
+
+def load_finetuned(path, device="cpu"):
+    """Rebuild a fine-tuned model saved by :func:`run_finetune`.
+
+    Returns
+    -------
+    classifier : Classifier (eval mode, on ``device``)
+    cfg : AppConfig
+    geometry : TokenGeometry
+    ckpt : dict
+        The raw checkpoint (``extra`` holds ``label_info``, ``head``, ``strategy``).
+    """
+    from .checkpoint import load_checkpoint
+    from .model import build_model
+
+    path = _checkpoint_file(path)
+    ckpt = load_checkpoint(path, map_location="cpu")
+    extra = ckpt.get("extra") or {}
+    if extra.get("kind") != "finetune":
+        raise BadDataError(f"{path} is not a fine-tuned model (kind "
+                           f"{extra.get('kind', 'pretrain')!r}); use --pretrained for it")
+    cfg, geometry = _ckpt_cfg_geometry(ckpt)
+    head_spec = extra["head"]
+    encoder = build_model(cfg, geometry)
+    head = build_head(head_spec["kind"], head_spec["embed_dim"], head_spec["n_outputs"])
+    classifier = Classifier(encoder, head, head_spec["embed_dim"],
+                            label_info=extra["label_info"])
+    try:
+        classifier.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        raise BadDataError(f"{path}: weights do not fit the stored model: {exc}") from exc
+    return classifier.to(device).eval(), cfg, geometry, ckpt
+
+
+def _ckpt_cfg_geometry(ckpt: dict):
+    from .checkpoint import geometry_from_checkpoint
+    from .config import AppConfig
+
+    return AppConfig.from_dict(ckpt["config"]), geometry_from_checkpoint(ckpt)
+
+
+# -- prediction -------------------------------------------------------------------------
+def predict_subject(classifier: Classifier, entries: Sequence, cfg, device="cpu") -> dict:
+    """Predict one subject from its prepared runs (no label needed).
+
+    Parameters
+    ----------
+    classifier : Classifier
+        From :func:`load_finetuned` or :func:`run_finetune`.
+    entries : sequence of CacheEntry
+        Runs of a single subject.
+    cfg : AppConfig
+        ``geometry.window`` and ``finetune.windows_per_run``/``batch_size`` (use the
+        configuration stored with the model).
+
+    Returns
+    -------
+    dict
+        ``prediction`` (class index or value), ``label`` (class name), ``probability``
+        (P(positive) for binary, of the predicted class for multi-class, None for
+        regression), ``probabilities`` ({class: p}), ``embedding`` (D,) mean window
+        embedding, ``n_windows``, ``window_logits`` (K, C).
+    """
+    subjects = sorted({str(e.subject) for e in entries})
+    if len(subjects) != 1:
+        raise ValueError(f"predict_subject needs the runs of one subject, got {subjects}")
+    refs = subject_windows(entries, cfg.geometry.window, cfg.finetune.windows_per_run)
+    if not refs:
+        raise BadDataError(f"sub-{subjects[0]}: no run has {cfg.geometry.window} frames "
+                           f"(one window)")
+    refs = refs[subjects[0]]
+    classifier = classifier.to(device).eval()
+    logits, emb = window_logits(classifier, refs, cfg.geometry.window,
+                                cfg.finetune.batch_size, device)
+    info = classifier.label_info
+    output = subject_output(logits, classifier.task_type)
+    decoded = decode_output(output, info)
+    result = {"embedding": emb.mean(axis=0), "n_windows": len(refs), "window_logits": logits}
+    if classifier.task_type == "regression":
+        return dict(result, prediction=decoded["predicted_value"], label=None,
+                    probability=None, probabilities={})
+    classes = list(info["classes"])
+    probs = [1.0 - float(output), float(output)] if classifier.task_type == "binary" \
+        else [float(p) for p in output]
+    return dict(result, prediction=classes.index(decoded["predicted_label"]),
+                label=decoded["predicted_label"], probability=decoded["probability"],
+                probabilities=dict(zip(classes, probs)))

@@ -1,0 +1,290 @@
+"""Fine-tuning, cross-validation outputs, the saved model and prediction, end to end.
+
+Data: a 13x17x11 grid cut into 3^3-voxel patches, runs written into a real token cache;
+"positive" subjects carry a planted offset in one atlas region. The pretrained model is a
+tiny, untrained RoiMAE saved as a real checkpoint (its random features still carry the
+planted offset, which is all a linear probe needs).
+"""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from bids_roimae.cache import write_entry
+from bids_roimae.checkpoint import load_checkpoint, save_checkpoint
+from bids_roimae.classifier import (embed_windows, fit_linear_probe, load_windows,
+                                    probe_classifier, subject_windows, window_starts)
+from bids_roimae.config import AppConfig
+from bids_roimae.errors import BadDataError
+from bids_roimae.evaluation import compare_masking, make_folds
+from bids_roimae.finetune import (cross_validate, frozen_embeddings, load_finetuned,
+                                  load_pretrained, predict_subject, run_finetune)
+from bids_roimae.geometry import build_geometry
+from bids_roimae.labels import parse_labels
+from bids_roimae.model import build_model
+
+torch.set_num_threads(1)
+N_SUBJECTS = 24
+OFFSET = 1.0
+
+
+def make_geometry(patch_size=3):
+    shape = (13, 17, 11)
+    ijk = np.indices(shape).transpose(1, 2, 3, 0)
+    centre = (np.array(shape) - 1) / 2
+    mask = (((ijk - centre) / (centre * 0.9)) ** 2).sum(-1) <= 1
+    labels = np.where(mask, 1 + (ijk[..., 0] > 6) + 2 * (ijk[..., 2] > 5), 0)
+    return build_geometry(mask, np.diag([2.0, 2.0, 2.0, 1.0]), labels, patch_size)
+
+
+def make_cfg(strategy="linear-probe", folds=3):
+    cfg = AppConfig()
+    cfg.geometry.patch_size, cfg.geometry.window, cfg.geometry.temporal_patch = 3, 8, 4
+    cfg.model.embed_dim, cfg.model.depth, cfg.model.num_heads = 32, 1, 2
+    cfg.model.decoder_dim, cfg.model.decoder_depth, cfg.model.decoder_heads = 16, 1, 2
+    cfg.finetune.strategy, cfg.finetune.folds = strategy, folds
+    cfg.finetune.windows_per_run, cfg.finetune.epochs, cfg.finetune.batch_size = 2, 3, 8
+    return cfg
+
+
+def save_pretrained(path, geometry, seed):
+    cfg = make_cfg()
+    torch.manual_seed(seed)
+    save_checkpoint(path, model=build_model(cfg, geometry), cfg=cfg, geometry=geometry,
+                    extra={"kind": "pretrain", "atlas": {"name": "toy"}})
+    return path
+
+
+def write_run(root, geometry, subject, run, amount, rng, n_frames=20, session=None):
+    tokens = rng.normal(size=(n_frames, geometry.n_tokens, geometry.patch_voxels))
+    tokens[:, geometry.patch_label == 1, :] += amount  # the planted group difference
+    tokens = (tokens * geometry.voxel_mask).astype(np.float32)
+    ses = f"_ses-{session}" if session else ""
+    key = f"sub-{subject}{ses}_task-rest_run-{run}"
+
+    def fill(array):
+        array[...] = tokens
+
+    return write_entry(root / "cache" / f"sub-{subject}" / f"{key}_abc.npy", tokens.shape,
+                       np.float16, fill, {"subject": subject, "session": session,
+                                          "run_key": key})
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """Output folder with a pretrained model, cached runs and a participants table."""
+    root = tmp_path_factory.mktemp("study")
+    geometry = make_geometry()
+    rng = np.random.default_rng(0)
+    entries, rows = [], []
+    for i in range(N_SUBJECTS):
+        subject, dx = f"{i:02d}", "1" if i % 2 else "0"
+        amount = OFFSET * (dx == "1")
+        entries.append(write_run(root, geometry, subject, 1, amount, rng))
+        if i % 4 == 0:  # a second session for some subjects
+            entries.append(write_run(root, geometry, subject, 1, amount, rng, session="2"))
+        rows.append({"participant_id": f"sub-{subject}", "DX": dx, "site": "ABC"[i % 3],
+                     "score": f"{amount + rng.normal(scale=0.1):.3f}"})
+    entries.append(write_run(root, geometry, "00", 2, 0.0, rng, n_frames=6))  # too short
+    rows.append({"participant_id": "sub-99", "DX": "1", "site": "A", "score": "1"})  # no run
+    table = pd.DataFrame(rows).set_index(
+        pd.Index([r["participant_id"][4:] for r in rows], name="participant"))
+    pretrained = save_pretrained(root / "models" / "pre" / "model.pt", geometry, seed=0)
+    return {"root": root, "geometry": geometry, "entries": entries, "table": table,
+            "pretrained": pretrained}
+
+
+@pytest.fixture(scope="module")
+def probe_run(study):
+    labels, _ = parse_labels(study["table"], "dx", positive=["1"])
+    result = run_finetune(study["entries"], labels, study["pretrained"], make_cfg(),
+                          study["root"], device="cpu")
+    return result
+
+
+def test_window_starts_are_evenly_spaced_inside_the_run():
+    assert list(window_starts(20, 8, 3)) == [0, 6, 12]
+    assert list(window_starts(8, 8, 4)) == [0]
+    assert window_starts(6, 8, 2).size == 0
+    assert list(window_starts(10, 8, 5)) == [0, 1, 2]
+
+
+def test_windows_follow_their_subject(study):
+    refs = subject_windows(study["entries"], 8, 2)
+    assert len(refs["00"]) == 4  # two sessions x two windows; the 6-frame run gives none
+    assert all(entry.subject == s for s, rs in refs.items() for entry, _ in rs)
+    windows = load_windows(refs["01"], 8)
+    assert windows.shape == (2, 8, study["geometry"].n_tokens, 27)
+    assert windows.dtype == np.float32
+
+
+def test_linear_probe_finds_the_planted_difference(probe_run, study):
+    assert probe_run["metrics"]["accuracy"]["mean"] > 0.85
+    assert probe_run["metrics"]["roc_auc"]["mean"] > 0.9
+    assert probe_run["n_subjects"] == N_SUBJECTS and probe_run["n_folds"] == 3
+    assert probe_run["excluded"]["labelled_without_runs"] == 1  # sub-99
+    model_dir = probe_run["model_dir"]
+    assert model_dir.name == "pre_ft-DX_linear-probe"
+    folds = pd.read_csv(model_dir / "fold_metrics.tsv", sep="\t", dtype={"fold": str})
+    assert list(folds["fold"]) == ["0", "1", "2", "mean", "sd"]
+    assert folds["n_test"].iloc[:3].sum() == N_SUBJECTS
+
+
+def test_out_of_fold_predictions_are_per_participant_and_subject_disjoint(probe_run, study):
+    rows = probe_run["predictions"]
+    assert sorted(rows["participant_id"]) == [f"sub-{i:02d}" for i in range(N_SUBJECTS)]
+    # Re-create the folds: every subject (with all its sessions) is tested exactly once,
+    # in the fold that the output says, and never trained on in that fold.
+    labels, _ = parse_labels(study["table"].drop(index="99"), "dx", positive=["1"])
+    folds = make_folds(labels.to_numpy(), 3, seed=0)
+    for k, (train, test) in enumerate(folds):
+        tested = set(labels.index[test])
+        assert not tested & set(labels.index[train])
+        assert tested == {p[4:] for p in rows.loc[rows["fold"] == k, "participant_id"]}
+    path = study["root"] / "sub-00" / "func" / "sub-00_desc-finetune_predictions.tsv"
+    one = pd.read_csv(path, sep="\t")
+    assert one.loc[0, "model"] == "pre_ft-DX_linear-probe" and one.loc[0, "n_windows"] == 4
+    assert one.loc[0, "true_label"] == "negative"
+    assert 0.0 <= one.loc[0, "probability"] <= 1.0
+    assert path.with_suffix(".json").is_file()
+
+
+def test_shuffled_labels_stay_at_chance(study):
+    cfg = make_cfg()
+    encoder, _, _, _ = load_pretrained(study["pretrained"])
+    labels, info = parse_labels(study["table"].drop(index="99"), "dx", positive=["1"])
+    refs = subject_windows(study["entries"], 8, 2)
+    emb = frozen_embeddings(encoder, refs, cfg, "cpu")
+    accuracies = []
+    for seed in range(3):
+        shuffled = pd.Series(np.random.default_rng(seed).permutation(labels.to_numpy()),
+                             index=labels.index)
+        folds = make_folds(shuffled.to_numpy(), 3, seed=seed)
+        _, table = cross_validate(encoder, shuffled, refs, cfg, info, folds, "cpu", emb)
+        accuracies.append(table.loc["mean", "balanced_accuracy"])
+    assert np.mean(accuracies) < 0.7
+    _, real = cross_validate(encoder, labels, refs, cfg, info,
+                             make_folds(labels.to_numpy(), 3, seed=0), "cpu", emb)
+    assert real.loc["mean", "balanced_accuracy"] > np.mean(accuracies) + 0.2
+
+
+def test_probe_classifier_reproduces_scikit_learn_and_is_differentiable(study):
+    from sklearn.linear_model import LogisticRegression
+
+    encoder, _, _, _ = load_pretrained(study["pretrained"])
+    refs = subject_windows(study["entries"], 8, 2)
+    subjects = sorted(refs)
+    y = np.array([int(s) % 2 for s in subjects])
+    window_emb = {s: embed_windows(encoder, refs[s], 8, 8, "cpu") for s in subjects}
+    features = np.stack([window_emb[s].mean(0) for s in subjects])
+    probe = fit_linear_probe(features, y, "binary", seed=0)
+    z = (features - features.mean(0)) / features.std(0)
+    reference = LogisticRegression(C=probe["penalty"], class_weight="balanced",
+                                   max_iter=2000).fit(z, y)
+    clf = probe_classifier(encoder, probe, {"task_type": "binary",
+                                            "classes": ["negative", "positive"]})
+    windows = torch.from_numpy(load_windows(refs["03"], 8)).requires_grad_(True)
+    logits = clf(windows)
+    assert logits.shape == (len(refs["03"]), 1)
+    # Mean window logit == the linear model's logit of the mean embedding.
+    expected = reference.decision_function(z[subjects.index("03")][None])[0]
+    assert logits.mean().item() == pytest.approx(expected, abs=1e-3)
+    logits.sum().backward()
+    assert windows.grad is not None and windows.grad.abs().sum() > 0
+
+
+def test_load_finetuned_rebuilds_the_model_and_predicts_a_new_subject(probe_run, study,
+                                                                      tmp_path):
+    clf, cfg, geometry, ckpt = load_finetuned(probe_run["model_path"])
+    assert ckpt["extra"]["kind"] == "finetune" and ckpt["extra"]["atlas"] == {"name": "toy"}
+    assert clf.label_info["positive"] == ["1"] and clf.label_info["target"] == "DX"
+    assert geometry.n_tokens == study["geometry"].n_tokens
+    rng = np.random.default_rng(42)  # unseen subjects in a dataset of their own
+    for subject, amount, expected in (("new1", OFFSET, "positive"), ("new0", 0.0, "negative")):
+        entries = [write_run(tmp_path, geometry, subject, 1, amount, rng),
+                   write_run(tmp_path, geometry, subject, 2, amount, rng, n_frames=12)]
+        out = predict_subject(clf, entries, cfg, "cpu")
+        assert out["label"] == expected
+        assert out["n_windows"] == 4 and out["embedding"].shape == (32,)
+        assert out["probabilities"]["positive"] == pytest.approx(out["probability"])
+    with pytest.raises(BadDataError):
+        load_finetuned(study["pretrained"])  # a pretrained model is not a fine-tuned one
+
+
+def test_head_and_full_strategies(study):
+    labels, _ = parse_labels(study["table"], "dx", positive=["1"])
+    subset = [e for e in study["entries"] if int(e.subject) < 12 and e.session is None]
+    before = load_checkpoint(study["pretrained"])["model"]
+    for strategy in ("head", "full"):
+        cfg = make_cfg(strategy, folds=2)
+        cfg.finetune.head = "mlp" if strategy == "head" else "linear"
+        cfg.finetune.windows_per_run, cfg.finetune.epochs = 1, 2
+        result = run_finetune(subset, labels, study["pretrained"], cfg, study["root"],
+                              device="cpu")
+        assert result["n_folds"] == 2 and result["n_subjects"] == 12
+        assert 0.0 <= result["metrics"]["accuracy"]["mean"] <= 1.0
+        after = load_checkpoint(result["model_path"])["model"]
+        changed = any(not torch.equal(before[k], after[f"encoder.{k}"]) for k in before)
+        assert changed == (strategy == "full")
+        clf, cfg2, _, _ = load_finetuned(result["model_path"])
+        out = predict_subject(clf, [e for e in subset if e.subject == "03"], cfg2, "cpu")
+        assert out["n_windows"] == 1 and 0.0 <= out["probability"] <= 1.0
+
+
+def test_leave_site_out(study):
+    from bids_roimae.labels import parse_groups
+
+    labels, _ = parse_labels(study["table"], "dx", positive=["1"])
+    groups, _ = parse_groups(study["table"], "site")
+    cfg = make_cfg()
+    result = run_finetune(study["entries"], labels, study["pretrained"], cfg,
+                          study["root"], device="cpu", groups=groups, name="bysite")
+    assert result["n_folds"] == 3
+    rows = result["predictions"]
+    sites = study["table"].set_index("participant_id").loc[rows["participant_id"], "site"]
+    assert all(len(set(sites[rows["fold"].to_numpy() == k])) == 1 for k in range(3))
+
+
+def test_regression_and_multiclass_probes(study):
+    encoder, _, _, _ = load_pretrained(study["pretrained"])
+    refs = subject_windows(study["entries"], 8, 2)
+    emb = frozen_embeddings(encoder, refs, make_cfg(), "cpu")
+    table = study["table"].drop(index="99")
+    score, info = parse_labels(table, "score", task_type="regression")
+    _, reg = cross_validate(encoder, score, refs, make_cfg(), info,
+                            make_folds(score.to_numpy(), 3, 0, "regression"), "cpu", emb)
+    assert reg.loc["mean", "pearson_r"] > 0.8
+    table = table.assign(DX=[str(int(s) % 2 + (int(s) % 4 == 3)) for s in table.index])
+    multi, info = parse_labels(table, "dx", task_type="multiclass")
+    predictions, _ = cross_validate(encoder, multi, refs, make_cfg(), info,
+                                    make_folds(multi.to_numpy(), 3, 0), "cpu", emb)
+    assert all(np.asarray(p).shape == (3,) for p in predictions["output"])
+
+
+def test_compare_masking_uses_the_same_folds(study, tmp_path):
+    other = save_pretrained(study["root"] / "models" / "pre2" / "model.pt",
+                            study["geometry"], seed=1)
+    labels, _ = parse_labels(study["table"], "dx", positive=["1"])
+    out = compare_masking({"random": other, "roi": study["pretrained"]}, study["entries"],
+                          labels, make_cfg(), tmp_path, "cpu")
+    table = out["table"]
+    assert {"accuracy_random", "accuracy_roi", "accuracy_diff_roi"} <= set(table.columns)
+    assert table.loc["0", "accuracy_diff_roi"] == pytest.approx(
+        table.loc["0", "accuracy_roi"] - table.loc["0", "accuracy_random"])
+    assert set(out["tests"]["metric"]) >= {"accuracy", "roc_auc"}
+    assert {"t_pvalue", "wilcoxon_pvalue"} <= set(out["tests"].columns)
+    a = pd.read_csv(tmp_path / "predictions_random.tsv", sep="\t", index_col=0)
+    b = pd.read_csv(tmp_path / "predictions_roi.tsv", sep="\t", index_col=0)
+    assert a["fold"].equals(b["fold"])
+    png = out["paths"]["figure"].read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_cache_made_with_another_geometry_is_refused(study, tmp_path):
+    geometry = make_geometry(patch_size=2)
+    entries = [write_run(tmp_path, geometry, f"{i:02d}", 1, 0.0, np.random.default_rng(i))
+               for i in range(4)]
+    labels, _ = parse_labels(study["table"], "dx", positive=["1"])
+    with pytest.raises(BadDataError, match="geometry"):
+        run_finetune(entries, labels, study["pretrained"], make_cfg(), tmp_path)

@@ -138,18 +138,14 @@ def _read_description(folder: Path) -> dict | None:
         raise BadDataError(f"{path} is not valid JSON: {err}") from err
 
 
-def _names_fmriprep(description: dict) -> bool:
-    names = [g.get("Name", "") for g in description.get("GeneratedBy", []) if isinstance(g, dict)]
-    legacy = description.get("PipelineDescription")
-    if isinstance(legacy, dict):
-        names.append(legacy.get("Name", ""))
-    return any("fmriprep" in str(n).lower() for n in names)
-
-
 def _is_derivative(description: dict | None) -> bool:
-    return bool(description) and (
-        description.get("DatasetType") == "derivative" or _names_fmriprep(description)
-    )
+    """DatasetType "derivative", or GeneratedBy/PipelineDescription naming fMRIPrep."""
+    if not description:
+        return False
+    makers = [g for g in description.get("GeneratedBy", []) if isinstance(g, dict)]
+    makers.append(description.get("PipelineDescription") or {})
+    return description.get("DatasetType") == "derivative" or any(
+        "fmriprep" in str(m.get("Name", "")).lower() for m in makers if isinstance(m, dict))
 
 
 def _has_preproc_bold(folder: Path) -> bool:
@@ -301,6 +297,11 @@ def _open_layout(root: Path, database_dir):
     if (final / "layout_index.sqlite").is_file() and stamp.is_file() \
             and stamp.read_text() == fingerprint:
         return BIDSLayout(root, validate=False, database_path=final)
+    try:
+        database_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        log.warning("cannot save the BIDS index in %s (%s); indexing in memory", database_dir, err)
+        return build(None)
     # index privately, then rename into place: concurrent jobs never see a partial index
     private = database_dir / f".{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
     try:
@@ -331,19 +332,15 @@ def _parse_name(name: str):
     return pairs, parts[-1], "." + ext if ext else ""
 
 
-class _Listings:
+class _Listings(dict):
     """Cached folder listings, so each folder is read at most once per discovery."""
 
-    def __init__(self):
-        self._cache: dict[Path, frozenset] = {}
-
-    def __call__(self, folder: Path) -> frozenset:
-        if folder not in self._cache:
-            try:
-                self._cache[folder] = frozenset(os.listdir(folder))
-            except OSError:
-                self._cache[folder] = frozenset()
-        return self._cache[folder]
+    def __missing__(self, folder: Path) -> frozenset:
+        try:
+            self[folder] = frozenset(os.listdir(folder))
+        except OSError:
+            self[folder] = frozenset()
+        return self[folder]
 
 
 def _read_tr(path: Path) -> float | None:
@@ -361,11 +358,14 @@ def _repetition_time(bold: Path, roots: list[Path], listing: _Listings) -> float
     """RepetitionTime by inheritance: nearest folder first, derivatives before raw; in a
     folder the sidecar with the most matching entities wins."""
     own = set(_parse_name(bold.name)[0])
-    rel = bold.parent.relative_to(roots[0])
+    try:
+        rel = bold.parent.relative_to(roots[0])
+    except ValueError:  # one of them went through a symbolic link
+        rel = bold.parent.resolve().relative_to(roots[0].resolve())
     for root in roots:
         for folder in [root / rel] + [root / p for p in rel.parents]:
             matches = []
-            for name in listing(folder):
+            for name in listing[folder]:
                 pairs, suffix, ext = _parse_name(name)
                 if suffix == "bold" and ext == ".json" and set(pairs) <= own:
                     matches.append((len(pairs), name))
@@ -379,7 +379,7 @@ def _repetition_time(bold: Path, roots: list[Path], listing: _Listings) -> float
 def _companion(bold: Path, listing: _Listings, pairs, suffix: str, exts: Iterable[str]):
     stem = "_".join(f"{k}-{v}" for k, v in pairs) + f"_{suffix}"
     for ext in exts:
-        if stem + ext in listing(bold.parent):
+        if stem + ext in listing[bold.parent]:
             return bold.parent / (stem + ext)
     return None
 

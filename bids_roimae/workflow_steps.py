@@ -28,8 +28,11 @@ def _start_output(ctx: RunContext) -> None:
     if fmriprep.resolve() != ctx.bids_dir.resolve():
         sources.append(fmriprep.as_uri())
     write_dataset_description(ctx.output_dir, source_datasets=sources)
-    write_bidsignore(ctx.output_dir, ["cache/", "models/", "logs/", "figures/",
-                                      "*.html", "*_report.html"])
+    # Non-schema outputs (3D statistical maps, region tables, figures, reports) are
+    # listed so the dataset still passes the BIDS validator.
+    write_bidsignore(ctx.output_dir, ["cache/", "models/", "logs/", "figures/", "*.html",
+                                      "*_boldmap.*", "*_stat-*", "*.svg", "*.png",
+                                      "*_predictions.*"])
 
 
 def _template_geometry(ctx: RunContext, cfg, with_atlas: bool):

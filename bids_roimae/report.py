@@ -1,0 +1,515 @@
+"""Attribution and fidelity outputs as BIDS derivatives, and the HTML reports.
+
+Per run (``participant --mode predict``), named from the source BOLD's entities with
+:func:`bids_roimae.outputs.derivative_path`, following XCP-D where BIDS has no rule::
+
+    sub-01/func/sub-01_task-rest_run-1_space-<S>[_res-<R>]_stat-ig_desc-absmean_boldmap.nii.gz
+    sub-01/func/sub-01_task-rest_run-1_space-<S>[_res-<R>]_stat-ig_desc-signedmean_boldmap.nii.gz
+    sub-01/func/sub-01_task-rest_run-1_space-<S>_seg-<Atlas>_stat-ig_bold.tsv
+    sub-01/func/sub-01_task-rest_run-1_space-<S>[_res-<R>]_seg-<Atlas>_stat-fidelity_desc-{error,shift}_boldmap.nii.gz
+    sub-01/func/sub-01_task-rest_run-1_space-<S>_seg-<Atlas>_stat-fidelity_bold.tsv
+
+each with a JSON sidecar. ``stat-`` and ``_boldmap`` are not in the BIDS schema, so these
+files need the :data:`BIDSIGNORE` patterns; pybids finds them by entity with
+:func:`pybids_config` added to its configs. Per participant ``sub-<label>.html`` (as
+fMRIPrep does) and a group folder ``group/`` (``--mode report``: mean and SD maps, region
+and system rankings, group differences, ``group.html``) complete the tree.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+
+from .attribution import IGResult, region_table, region_values, to_source_grid, token_map
+from .geometry import TokenGeometry
+
+#: Patterns the dataset's ``.bidsignore`` needs for what this module writes.
+BIDSIGNORE = ["*_stat-*", "*_boldmap.*", "*.html", "group"]
+STAT_ENTITY_PATTERN = r"[_/\\]+stat-([a-zA-Z0-9]+)"
+_NAME_RE = re.compile(r"([a-zA-Z]+)-([a-zA-Z0-9]+)")
+
+
+def pybids_config() -> dict:
+    """A pybids config adding the ``stat`` entity (use with ``"bids", "derivatives"``).
+
+    Example: ``BIDSLayout(out, validate=False, config=["bids", "derivatives",
+    pybids_config()]).get(stat="ig", desc="absmean", extension=".nii.gz")``.
+    """
+    return {"name": "bids_roimae",
+            "entities": [{"name": "stat", "pattern": STAT_ENTITY_PATTERN}]}
+
+
+def name_entities(path) -> dict:
+    """BIDS key-value pairs and suffix of a file name (``{"sub": "01", ..., "suffix": ..}``)."""
+    stem = Path(path).name.split(".", 1)[0]
+    parts = stem.split("_")
+    out = {m.group(1): m.group(2) for p in parts[:-1] if (m := _NAME_RE.fullmatch(p))}
+    out["suffix"] = parts[-1]
+    return out
+
+
+def _write_tsv(table: pd.DataFrame, path: Path, columns: dict) -> Path:
+    from .outputs import _atomic_write, write_sidecar
+
+    text = table.to_csv(sep="\t", index=False, na_rep="n/a", lineterminator="\n",
+                        float_format="%.6g")
+    _atomic_write(path, lambda f: f.write(text))
+    write_sidecar(path, {c: {"Description": d} for c, d in columns.items() if c in table})
+    return path
+
+
+def _resolution_meta(res, reference) -> dict:
+    if res is None:
+        return {}
+    import nibabel as nib
+
+    ref = nib.load(str(reference)) if not hasattr(reference, "affine") else reference
+    zooms = " x ".join(f"{z:g}" for z in ref.header.get_zooms()[:3])
+    return {"Resolution": {str(res): f"source BOLD grid, voxels of {zooms} mm"}}
+
+
+def _region_columns(extra: Optional[dict] = None) -> dict:
+    cols = {"index": "Atlas label", "name": "Region name", "system": "Functional system",
+            "n_voxels": "Brain voxels of the region on the model grid",
+            "rank": "Rank of the region (1 = most important)"}
+    cols.update(extra or {})
+    return cols
+
+
+def write_run_attribution(output_dir, source_entities: dict, ig: IGResult,
+                          geometry: TokenGeometry, reference, atlas_name: str,
+                          atlas_table: pd.DataFrame, *, space: str, res=None,
+                          model_meta: Optional[dict] = None,
+                          sources: Sequence[str] = ()) -> dict:
+    """Write one run's IG maps (on the source grid) and its region table.
+
+    Parameters
+    ----------
+    output_dir : path
+    source_entities : dict
+        Entities of the source BOLD (``sub``, ``ses``, ``task``, ``run``, ...).
+    ig : IGResult
+    geometry : TokenGeometry
+        The model's geometry (its ``labels`` are the atlas on the model grid).
+    reference : nibabel image or path
+        The source BOLD (or its reference image); maps get its shape and affine.
+    atlas_name, atlas_table : str, DataFrame
+    space, res : str
+        Space and resolution entities of the source (``res`` None when it has none).
+    model_meta : dict, optional
+        Model facts for the sidecars (checkpoint, name, preset, ...).
+    sources : sequence of str
+        Sidecar ``Sources`` (e.g. BIDS URIs of the BOLD and the model).
+
+    Returns
+    -------
+    dict
+        ``{"absmean": Path, "signedmean": Path, "table": Path}``.
+    """
+    from .outputs import derivative_path, save_image
+
+    meta = {**ig.metadata(), "Model": dict(model_meta or {}), "Atlas": atlas_name,
+            "Sources": list(sources), "Space": space, **_resolution_meta(res, reference)}
+    paths = {}
+    for desc, values, what in (("absmean", ig.abs_mean, "mean |attribution|"),
+                               ("signedmean", ig.signed_mean, "mean signed attribution")):
+        img = to_source_grid(token_map(geometry, values), reference)
+        path = derivative_path(output_dir, source_entities, suffix="boldmap",
+                               extension=".nii.gz", space=space, res=res, stat="ig",
+                               desc=desc)
+        paths[desc] = save_image(img, path, {**meta, "Description":
+                                             f"Integrated Gradients: {what} per voxel"})
+    table = region_table(ig.abs_mean, geometry.labels, atlas_table,
+                         signed_values=ig.signed_mean, mask=geometry.voxel_mask)
+    tpath = derivative_path(output_dir, source_entities, suffix="bold", extension=".tsv",
+                            space=space, seg=atlas_name, stat="ig")
+    paths["table"] = _write_tsv(table, tpath, _region_columns({
+        "mean_abs": "Mean |IG attribution| over the region's voxels",
+        "signed_mean": "Mean signed IG attribution over the region's voxels"}))
+    return paths
+
+
+def write_run_fidelity(output_dir, source_entities: dict, fidelity: pd.DataFrame,
+                       geometry: TokenGeometry, reference, atlas_name: str, *, space: str,
+                       res=None, model_meta: Optional[dict] = None,
+                       sources: Sequence[str] = ()) -> dict:
+    """Write one run's region-fidelity table and maps painting each region's score.
+
+    Parameters
+    ----------
+    fidelity : DataFrame
+        From :func:`bids_roimae.attribution.region_fidelity`.
+    Other parameters as :func:`write_run_attribution`.
+
+    Returns
+    -------
+    dict
+        ``{"error": Path, "shift": Path, "table": Path}``.
+    """
+    from .outputs import derivative_path, save_image
+
+    meta = {"Method": "region occlusion of the masked autoencoder (tube mask per region)",
+            "Model": dict(model_meta or {}), "Atlas": atlas_name, "Sources": list(sources),
+            "Space": space, "NumberOfRegions": int(len(fidelity)),
+            **_resolution_meta(res, reference)}
+    paths = {}
+    for desc, column, what in (("error", "error", "reconstruction error (MSE)"),
+                               ("shift", "embedding_shift", "embedding shift (L2)")):
+        scores = dict(zip(fidelity["index"].astype(int), fidelity[column].astype(float)))
+        img = to_source_grid(token_map(geometry, region_values(geometry, scores)), reference)
+        path = derivative_path(output_dir, source_entities, suffix="boldmap",
+                               extension=".nii.gz", space=space, res=res, seg=atlas_name,
+                               stat="fidelity", desc=desc)
+        paths[desc] = save_image(img, path, {**meta, "Description":
+                                             f"Each region painted with its {what} when "
+                                             "hidden from the encoder"})
+    tpath = derivative_path(output_dir, source_entities, suffix="bold", extension=".tsv",
+                            space=space, seg=atlas_name, stat="fidelity")
+    paths["table"] = _write_tsv(fidelity, tpath, _region_columns({
+        "n_tokens": "Spatial tokens owned by the region",
+        "error": "Mean reconstruction MSE of the region's tokens when it is hidden",
+        "error_sd": "SD of error over windows",
+        "embedding_shift": "L2 distance of the pooled embedding with vs without the region",
+        "embedding_shift_sd": "SD of embedding_shift over windows",
+        "relative_shift": "embedding_shift / norm of the unmasked embedding",
+        "embedding_cosine": "Cosine similarity of the embeddings with vs without the region",
+        "error_rank": "Rank by error (1 = largest)"}))
+    return paths
+
+
+def find_outputs(output_dir, *, stat: str, suffix: str, desc: Optional[str] = None,
+                 extension: str = ".tsv", subjects: Optional[Iterable[str]] = None
+                 ) -> list[tuple[dict, Path]]:
+    """Per-run files of the dataset with the given entities, as ``(entities, path)``."""
+    found = []
+    wanted = None if subjects is None else {str(s).removeprefix("sub-") for s in subjects}
+    for path in sorted(Path(output_dir).glob(f"sub-*/**/sub-*_stat-{stat}*_{suffix}{extension}")):
+        ents = name_entities(path)
+        if ents.get("stat") != stat or ents.get("suffix") != suffix:
+            continue
+        if desc is not None and ents.get("desc") != desc:
+            continue
+        if wanted is not None and ents.get("sub") not in wanted:
+            continue
+        found.append((ents, path))
+    return found
+
+
+def read_region_tables(output_dir, stat: str, subjects: Optional[Iterable[str]] = None
+                       ) -> pd.DataFrame:
+    """Every run's region table for ``stat`` ("ig" or "fidelity"), stacked.
+
+    Returns
+    -------
+    DataFrame
+        The tables' columns plus ``subject``, ``session``, ``run_key``.
+    """
+    frames = []
+    for ents, path in find_outputs(output_dir, stat=stat, suffix="bold", subjects=subjects):
+        table = pd.read_csv(path, sep="\t", na_values="n/a", keep_default_na=False)
+        table["subject"] = ents["sub"]
+        table["session"] = ents.get("ses")
+        table["run_key"] = path.name.split("_space-")[0]
+        frames.append(table)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+# -- group summaries ------------------------------------------------------------------
+def _participant_means(tables: pd.DataFrame, value: str) -> pd.DataFrame:
+    """Participants x regions: ``value`` averaged over each participant's runs."""
+    return tables.pivot_table(index="subject", columns="index", values=value, aggfunc="mean")
+
+
+def _region_meta(tables: pd.DataFrame) -> pd.DataFrame:
+    cols = [c for c in ("name", "system") if c in tables]
+    return tables.drop_duplicates("index").set_index("index")[cols]
+
+
+def region_ranking(tables: pd.DataFrame, value: str) -> pd.DataFrame:
+    """Group mean and SD over participants of a per-region value, ranked (1 = largest).
+
+    Parameters
+    ----------
+    tables : DataFrame
+        Stacked run tables (:func:`read_region_tables`).
+    value : str
+        Column to summarise, e.g. ``mean_abs`` or ``embedding_shift``.
+    """
+    per = _participant_means(tables, value)
+    out = _region_meta(tables).reindex(per.columns)
+    out["mean"] = per.mean(axis=0)
+    out["sd"] = per.std(axis=0, ddof=1) if len(per) > 1 else 0.0
+    out["n_participants"] = per.notna().sum(axis=0)
+    out["rank"] = out["mean"].rank(ascending=False, method="min").astype("Int64")
+    return out.reset_index().sort_values("rank", na_position="last", ignore_index=True)
+
+
+def system_ranking(tables: pd.DataFrame, value: str) -> pd.DataFrame:
+    """Rank functional systems: per participant the mean over the system's regions, then
+    group mean and SD over participants."""
+    per = _participant_means(tables, value)
+    systems = _region_meta(tables).reindex(per.columns)["system"].fillna("unknown")
+    per_system = per.T.groupby(systems.replace("", "unknown").to_numpy()).mean().T
+    out = pd.DataFrame({"system": per_system.columns,
+                        "mean": per_system.mean(axis=0).to_numpy(),
+                        "sd": (per_system.std(axis=0, ddof=1) if len(per) > 1
+                               else per_system.mean(axis=0) * 0).to_numpy(),
+                        "n_regions": systems.value_counts().reindex(per_system.columns)
+                        .to_numpy()})
+    out["rank"] = out["mean"].rank(ascending=False, method="min").astype("Int64")
+    return out.sort_values("rank", ignore_index=True)
+
+
+def group_difference(tables: pd.DataFrame, value: str, groups: pd.Series
+                     ) -> Optional[pd.DataFrame]:
+    """Per-region comparison of diagnostic groups.
+
+    Two groups: Welch's t-test, Cohen's d (first minus second group in sorted order);
+    more groups: one-way ANOVA. Benjamini-Hochberg ``q`` over regions; ``rank`` 1 = the
+    smallest p. ``None`` when fewer than two groups have at least two participants.
+
+    Parameters
+    ----------
+    groups : Series
+        Group label per participant (index: label without ``sub-``).
+    """
+    from scipy import stats
+
+    per = _participant_means(tables, value)
+    labels = groups.reindex(per.index.astype(str)).dropna().astype(str)
+    counts = labels.value_counts()
+    names = sorted(counts[counts >= 2].index)
+    if len(names) < 2:
+        return None
+    samples = [per.loc[labels.index[labels == g]] for g in names]
+    out = _region_meta(tables).reindex(per.columns)
+    for g, sample in zip(names, samples):
+        out[f"mean_{g}"] = sample.mean(axis=0)
+        out[f"n_{g}"] = sample.notna().sum(axis=0)
+    if len(names) == 2:
+        a, b = samples
+        test = stats.ttest_ind(a, b, axis=0, equal_var=False, nan_policy="omit")
+        pooled = np.sqrt((a.var(axis=0, ddof=1) + b.var(axis=0, ddof=1)) / 2)
+        out["statistic"] = np.asarray(test.statistic, float)
+        out["cohen_d"] = ((a.mean(axis=0) - b.mean(axis=0)) / pooled.replace(0, np.nan))
+        out["test"] = f"Welch t ({names[0]} - {names[1]})"
+    else:
+        test = stats.f_oneway(*[s.to_numpy() for s in samples], axis=0)
+        out["statistic"] = np.asarray(test.statistic, float)
+        out["test"] = "one-way ANOVA"
+    p = np.asarray(test.pvalue, float)
+    out["p"] = p
+    q = np.full_like(p, np.nan)
+    ok = np.isfinite(p)
+    if ok.any():
+        q[ok] = stats.false_discovery_control(p[ok])
+    out["q"] = q
+    out["rank"] = out["p"].rank(method="min").astype("Int64")
+    return out.reset_index().sort_values("rank", na_position="last", ignore_index=True)
+
+
+def mean_sd_maps(paths_by_subject: dict, target_img):
+    """Group mean and SD maps on the template grid.
+
+    Each participant's runs are averaged first; maps on another grid are resampled.
+
+    Parameters
+    ----------
+    paths_by_subject : dict of str -> list of paths
+    target_img : nibabel image
+        The template brain mask (grid, affine; voxels outside it are 0).
+
+    Returns
+    -------
+    (mean_img, sd_img) : nibabel images
+    """
+    import nibabel as nib
+
+    mask = np.asarray(target_img.dataobj) > 0
+    per_subject = []
+    for paths in paths_by_subject.values():
+        runs = [np.asarray(to_source_grid(nib.load(str(p)), target_img).dataobj)
+                for p in paths]
+        per_subject.append(np.mean(runs, axis=0))
+    stack = np.stack(per_subject)
+    mean = np.where(mask, stack.mean(0), 0).astype(np.float32)
+    sd = stack.std(0, ddof=1) if len(stack) > 1 else np.zeros_like(mean)
+    sd = np.where(mask, sd, 0).astype(np.float32)
+    return nib.Nifti1Image(mean, target_img.affine), nib.Nifti1Image(sd, target_img.affine)
+
+
+# -- reports ----------------------------------------------------------------------------
+def _group_path(output_dir, suffix: str, extension: str, **entities) -> Path:
+    """``OUTPUT_DIR/group/<entities>_<suffix><ext>`` in the schema's entity order."""
+    from .outputs import ENTITY_ORDER, _label
+
+    parts = [f"{k}-{_label(k, entities[k])}" for k in ENTITY_ORDER
+             if entities.get(k) is not None]
+    return Path(output_dir) / "group" / ("_".join(parts + [_label("suffix", suffix)])
+                                         + extension)
+
+
+def _ranking_section(table: pd.DataFrame, value: str, title: str, label: str = "name",
+                     error: Optional[str] = "sd") -> str:
+    from .figures import bar_png, figure_html, html_table
+
+    png = bar_png(table, value=value, label=label, error=error, title=title)
+    return figure_html(png, title) + html_table(table)
+
+
+def build_participant_report(output_dir, subject: str, *, template=None) -> Path:
+    """``OUTPUT_DIR/sub-<label>.html``: every run's maps, region rankings and fidelity."""
+    import json
+
+    import nibabel as nib
+
+    from .figures import brain_png, figure_html, html_page, html_table
+    from .outputs import _atomic_write
+
+    label = str(subject).removeprefix("sub-")
+    sections = []
+    for ents, path in find_outputs(output_dir, stat="ig", suffix="boldmap", desc="absmean",
+                                   extension=".nii.gz", subjects=[label]):
+        run = path.name.split("_space-")[0]
+        meta = json.loads(path.with_name(path.name.replace(".nii.gz", ".json")).read_text())
+        img = nib.load(str(path))
+        inner = [f"<p class='meta'>steps {meta.get('Steps')}, baseline "
+                 f"{meta.get('Baseline')}, windows {meta.get('NumberOfWindows')}, "
+                 f"completeness error {meta.get('CompletenessMaxRelativeError', 0):.2%}</p>",
+                 figure_html(brain_png(img, title="mean |IG|"), "Mean |attribution|")]
+        if template is not None and template.t1w_path is not None:
+            inner.append(figure_html(brain_png(img, title="mean |IG|", kind="stat",
+                                               bg_img=str(template.t1w_path)),
+                                     "Mean |attribution| on the template T1w"))
+        sections.append((f"{run}: prediction attribution", "".join(inner)))
+    for stat, value, title in (("ig", "mean_abs", "regions by mean |IG|"),
+                               ("fidelity", "embedding_shift",
+                                "regions by embedding shift when hidden")):
+        for ents, path in find_outputs(output_dir, stat=stat, suffix="bold",
+                                       subjects=[label]):
+            table = pd.read_csv(path, sep="\t", na_values="n/a", keep_default_na=False)
+            table = table.sort_values(value, ascending=False, ignore_index=True)
+            run = path.name.split("_space-")[0]
+            sections.append((f"{run}: {title}",
+                             _ranking_section(table, value, title, error=None)))
+    if not sections:
+        sections.append(("No outputs", f"<p>No attribution outputs for sub-{label}.</p>"))
+    page = html_page(f"sub-{label}: region attribution", sections,
+                     subtitle="bids_roimae participant report")
+    path = Path(output_dir) / f"sub-{label}.html"
+    return _atomic_write(path, lambda f: f.write(page))
+
+
+def build_group_report(output_dir, participants: Optional[pd.DataFrame], atlas, template,
+                       *, label_column: Optional[str] = None,
+                       subjects: Optional[Iterable[str]] = None) -> dict:
+    """Group summary of attribution and fidelity outputs (``group --mode report``).
+
+    Reads the per-run region tables and maps written by ``participant --mode predict``;
+    writes to ``OUTPUT_DIR/group/``: mean and SD maps on the template grid, region and
+    system rankings, per-region group differences when ``label_column`` has groups, the
+    masking comparison tables ``models/*/compare*.tsv`` when present, and
+    ``group_report.html``.
+
+    Parameters
+    ----------
+    output_dir : path
+    participants : DataFrame or None
+        ``participants.tsv`` indexed by label without ``sub-``.
+    atlas : Atlas
+        For its name (the ``seg-`` entity).
+    template : Template
+        Grid of the group maps (``mask_img``) and background (``t1w_path``).
+    label_column : str, optional
+        Diagnostic group column of ``participants``.
+    subjects : iterable of str, optional
+        Restrict to these participants.
+
+    Returns
+    -------
+    dict
+        Paths written, keyed by what they hold; ``"html"`` is the report.
+    """
+    from .figures import brain_png, figure_html, html_page, html_table
+    from .outputs import _atomic_write, save_image
+
+    out, seg = {}, atlas.name
+    sections = []
+    res = getattr(template, "resolution", None)
+    groups = None
+    if participants is not None and label_column and label_column in participants:
+        groups = participants[label_column]
+        groups.index = groups.index.astype(str).str.removeprefix("sub-")
+    for stat, value, map_desc in (("ig", "mean_abs", "absmean"),
+                                  ("fidelity", "embedding_shift", "shift")):
+        tables = read_region_tables(output_dir, stat, subjects)
+        if tables.empty:
+            continue
+        n_sub = tables["subject"].nunique()
+        ranking = region_ranking(tables, value)
+        if stat == "fidelity":
+            err = region_ranking(tables, "error").set_index("index")
+            ranking["error_mean"] = ranking["index"].map(err["mean"])
+            ranking["error_sd"] = ranking["index"].map(err["sd"])
+        systems = system_ranking(tables, value)
+        for key, table in (("regions", ranking), ("systems", systems)):
+            path = _group_path(output_dir, "stats", ".tsv", seg=seg, stat=stat, desc=key)
+            out[f"{stat}_{key}"] = _write_tsv(table, path, {c: c for c in table.columns})
+        inner = [f"<p class='meta'>{n_sub} participants, {len(tables)} region rows.</p>"]
+        maps = {}
+        for ents, path in find_outputs(output_dir, stat=stat, suffix="boldmap",
+                                       desc=map_desc, extension=".nii.gz", subjects=subjects):
+            maps.setdefault(ents["sub"], []).append(path)
+        if maps:
+            mean_img, sd_img = mean_sd_maps(maps, template.mask_img)
+            for what, img in (("mean", mean_img), ("sd", sd_img)):
+                desc = what if stat == "ig" else f"{map_desc}{what}"
+                path = _group_path(output_dir, "boldmap", ".nii.gz", space=template.space,
+                                   res=res, seg=None if stat == "ig" else seg, stat=stat,
+                                   desc=desc)
+                out[f"{stat}_{what}_map"] = save_image(img, path, {
+                    "Description": f"Group {what} over participants of {stat} {map_desc} maps",
+                    "NumberOfParticipants": len(maps), "Atlas": seg,
+                    "Sources": sorted(str(p.relative_to(output_dir))
+                                      for ps in maps.values() for p in ps)})
+            bg = str(template.t1w_path) if template.t1w_path is not None else None
+            inner.append(figure_html(brain_png(mean_img, title=f"group mean {stat}"),
+                                     f"Group mean {stat} map (glass brain)"))
+            inner.append(figure_html(brain_png(mean_img, title=f"group mean {stat}",
+                                               kind="stat", bg_img=bg),
+                                     f"Group mean {stat} map on the template"))
+        sections.append((f"{stat}: regions", "".join(inner) + _ranking_section(
+            ranking, "mean", f"{stat}: regions by group mean {value}")))
+        sections.append((f"{stat}: systems", _ranking_section(
+            systems, "mean", f"{stat}: systems by group mean {value}", label="system")))
+        if groups is not None:
+            diff = group_difference(tables, value, groups)
+            if diff is not None:
+                path = _group_path(output_dir, "stats", ".tsv", seg=seg, stat=stat,
+                                   desc="groupdiff")
+                out[f"{stat}_groupdiff"] = _write_tsv(diff, path, {c: c for c in diff})
+                sections.append((f"{stat}: {label_column} group differences",
+                                 html_table(diff)))
+    for path in sorted(Path(output_dir).glob("models/*/compare*.tsv")):
+        table = pd.read_csv(path, sep="\t")
+        sections.append((f"Masking comparison: {path.parent.name}/{path.name}",
+                         html_table(table)))
+        out.setdefault("comparisons", []).append(path)
+    if not sections:
+        sections.append(("No outputs", "<p>No attribution outputs were found; run "
+                         "participant --mode predict first.</p>"))
+    page = html_page("bids_roimae group report", sections,
+                     subtitle=f"atlas {seg}, space {template.space}")
+    out["html"] = _atomic_write(Path(output_dir) / "group" / "group_report.html",
+                                lambda f: f.write(page))
+    return out
+
+
+__all__ = ["BIDSIGNORE", "build_group_report", "build_participant_report", "find_outputs", "group_difference", "mean_sd_maps",
+           "name_entities", "pybids_config", "read_region_tables", "region_ranking",
+           "system_ranking", "write_run_attribution", "write_run_fidelity"]

@@ -179,6 +179,10 @@ def visible_index(hidden: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Te
     return order, valid
 
 
+def _to_device(pair, device):
+    return tuple(None if t is None else t.to(device, non_blocking=True) for t in pair)
+
+
 class RoiMAE(nn.Module):
     """Masked autoencoder over brain tokens.
 
@@ -257,7 +261,9 @@ class RoiMAE(nn.Module):
     def _check_mask(self, mask: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         if mask.shape != tokens.shape[:3]:
             raise ValueError(f"mask {tuple(mask.shape)} != tokens {tuple(tokens.shape[:3])}")
-        mask = mask.to(device=tokens.device, dtype=torch.bool)
+        # The mask may stay on the host (the train loop passes pinned CPU masks): index
+        # bookkeeping then needs no GPU synchronisation; only results are copied over.
+        mask = mask.to(dtype=torch.bool)
         if self.attention == "divided" and not bool((mask == mask[:, :1]).all()):
             raise ValueError("divided attention needs tube masks (one spatial set for all "
                              "time steps); use attention='joint' for per-chunk masks")
@@ -276,7 +282,7 @@ class RoiMAE(nn.Module):
         if self.attention == "divided":
             index = valid = None
             if mask is not None and bool(mask.any()):
-                index, valid = visible_index(mask[:, 0])
+                index, valid = _to_device(visible_index(mask[:, 0]), tokens.device)
                 tokens = torch.gather(tokens, 2, index[:, None, :, None].expand(b, t, index.shape[1], f))
                 pos_space = pos_space[index][:, None]  # (B, 1, L, D)
             h = self.patch_embed(tokens) + pos_space + pos_time[:, None, :]
@@ -287,7 +293,7 @@ class RoiMAE(nn.Module):
         pos = (pos_time[:, None, :] + pos_space[None]).reshape(t * n, -1)
         index = valid = None
         if mask is not None and bool(mask.any()):
-            index, valid = visible_index(mask.reshape(b, t * n))
+            index, valid = _to_device(visible_index(mask.reshape(b, t * n)), tokens.device)
             flat = torch.gather(flat, 1, index[..., None].expand(b, index.shape[1], f))
             pos = pos[index]
         h = self.patch_embed(flat) + pos
@@ -358,7 +364,7 @@ class RoiMAE(nn.Module):
         latent, index, valid = self._encode(tokens, mask)
         pred = self._decode(latent, index, valid, b, t)
         err = self._squared_error(pred, self.targets(tokens))
-        weight = mask[..., None] & self.feature_mask
+        weight = mask.to(tokens.device, non_blocking=True)[..., None] & self.feature_mask
         loss = (err * weight).sum() / weight.sum().clamp(min=1)
         return loss, pred
 

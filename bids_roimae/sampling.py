@@ -187,8 +187,9 @@ class TokenFeed:
 class Prefetcher:
     """Prepares step ``k + 1``'s windows and masks on a thread while step ``k`` runs.
 
-    ``plan(step)`` returns ``(entry, start, masks)``; :meth:`get` returns the device
-    tensors ``(x (B, W, N, P) float32, mask (B, T', N) bool)``.
+    ``plan(step)`` returns ``(entry, start, masks)``; :meth:`get` returns
+    ``(x (B, W, N, P) float32 on the device, mask (B, T', N) bool on the host, pinned
+    for CUDA)``: the model reads mask indices on the host without a GPU sync.
     """
 
     def __init__(self, feed: TokenFeed, plan, first_step: int, last_step: int):
@@ -213,7 +214,6 @@ class Prefetcher:
         self._submit(step)
         entry, start, host, mask = self._pending.pop(step).result()
         x = self.feed.to_device(entry, start, host)
-        mask = mask.to(self.feed.device, non_blocking=True)
         self._submit(step + 1)
         return x, mask
 

@@ -246,7 +246,8 @@ def _train(entries, geometry, cfg, model_dir, dist: DistContext, resume, atlas_m
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, geometry).to(device)
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.train.weight_decay),
-                                  lr=cfg.train.lr, betas=(0.9, 0.95))
+                                  lr=cfg.train.lr, betas=(0.9, 0.95),
+                                  fused=True if device.type == "cuda" else None)
     model_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path, final_path = model_dir / "checkpoint.pt", model_dir / "model.pt"
     start, initial_val, elapsed_before = 0, None, 0.0
@@ -299,7 +300,7 @@ def _train(entries, geometry, cfg, model_dir, dist: DistContext, resume, atlas_m
             for i in range(0, len(val_plan[0]), batch):
                 e, s, m = (a[i:i + batch] for a in val_plan)
                 x = val_feed.to_device(e, s)
-                loss, _ = model(x, torch.from_numpy(m).to(device))
+                loss, _ = model(x, torch.from_numpy(m))
                 total += float(loss) * len(e)
                 count += len(e)
         model.train()

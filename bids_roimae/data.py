@@ -144,7 +144,8 @@ def prepare_run(run, geometry, template_img, prep_cfg: Optional[PrepConfig], out
         dtype, scale = np.int8, _int8_scale(brain)
         meta["scale"] = scale
     entry = write_entry(final, (brain.shape[0], geometry.n_tokens, geometry.patch_voxels),
-                        dtype, lambda arr: _fill_tokens(arr, brain, geometry, scale), meta)
+                        dtype, lambda arr: _fill_tokens(arr, brain, brain_voxels(geometry)[1], scale),
+                        meta)
     logger.info("%s: prepared %d frames x %d tokens in %.1f s -> %s", run.key,
                 brain.shape[0], geometry.n_tokens, time.perf_counter() - started, final.name)
     return entry
@@ -297,12 +298,13 @@ def model_grid_matrix(source: BoldSource, geometry, mask_img, space: str
                       ) -> tuple[np.ndarray, dict]:
     """The source's template-brain voxels on the model grid, float32 (T, V).
 
-    Column order is ``geometry.voxel_index[geometry.voxel_mask]``. A source on the model
+    Columns are the template-brain token voxels in ascending grid order
+    (:func:`brain_voxels`), so each frame is gathered front to back. A source on the model
     grid is gathered frame by frame; a source on another grid of the same space (another
     resolution) is resampled with nilearn (continuous) a few frames at a time. A grid whose
     field of view misses over 10% of the template brain is refused.
     """
-    brain_flat = geometry.voxel_index[geometry.voxel_mask]
+    brain_flat, _ = brain_voxels(geometry)
     n_frames = source.n_frames
     out = np.empty((n_frames, brain_flat.size), np.float32)
     zooms = np.sqrt((source.affine[:3, :3] ** 2).sum(axis=0))
@@ -329,6 +331,25 @@ def model_grid_matrix(source: BoldSource, geometry, mask_img, space: str
         data = np.asarray(res.dataobj, dtype=np.float32).reshape(-1, k, order="F")
         out[t0:t0 + k] = data[brain_flat].T
     return out, dict(info, resampled=True, brain_coverage=round(float(coverage), 4))
+
+
+def brain_voxels(geometry) -> tuple[np.ndarray, np.ndarray]:
+    """Where the template-brain token voxels are on the grid and in the token array.
+
+    Returns
+    -------
+    grid_index : ndarray, shape (V,)
+        Fortran-order flat grid index of each brain token voxel, ascending.
+    token_source : ndarray, shape (N * P,)
+        For every slot of a flattened (N, P) token frame, the column of ``grid_index``
+        it holds, or ``V`` for slots outside the brain.
+    """
+    slots = np.flatnonzero(geometry.voxel_mask.reshape(-1))
+    flat = geometry.voxel_index.reshape(-1)[slots]
+    order = np.argsort(flat, kind="stable")
+    token_source = np.full(geometry.voxel_mask.size, flat.size, np.int64)
+    token_source[slots[order]] = np.arange(flat.size)
+    return flat[order], token_source
 
 
 def _brain_coverage(source: BoldSource, geometry, brain_flat: np.ndarray) -> float:
@@ -399,7 +420,7 @@ def _outside_run_mask(run, source: BoldSource, geometry, mask_img) -> Optional[n
                                     copy_header=True)
         data = np.asanyarray(resampled.dataobj)
     flat = data.reshape(-1, order="F")
-    return flat[geometry.voxel_index[geometry.voxel_mask]] <= 0.5
+    return flat[brain_voxels(geometry)[0]] <= 0.5
 
 
 def _require_confounds(run, strategy: str) -> None:
@@ -464,19 +485,22 @@ def _int8_scale(brain: np.ndarray) -> float:
     return peak / 127.0 if peak > 0 else 1.0
 
 
-def _fill_tokens(arr: np.ndarray, brain: np.ndarray, geometry, scale: Optional[float]) -> None:
-    """Place brain voxel values (T, V) into the token array (T, N, P), frame by frame.
+def _fill_tokens(arr: np.ndarray, brain: np.ndarray, token_source: np.ndarray,
+                 scale: Optional[float]) -> None:
+    """Write brain voxel values (T, V) into the token array (T, N, P), frame by frame.
 
-    Column ``v`` of ``brain`` is the ``v``-th True entry of ``geometry.voxel_mask`` in C
-    order, which is where ``geometry.extract`` puts that voxel.
+    Each token slot gathers its column (``token_source``; column V is a constant 0 for
+    slots outside the brain), which reads a small frame and writes the output in order.
     """
-    positions = np.flatnonzero(geometry.voxel_mask.reshape(-1))
-    for t in range(brain.shape[0]):
-        row = arr[t].reshape(-1)
+    n_frames, n_vox = brain.shape
+    padded = np.zeros(n_vox + 1, arr.dtype)
+    rows = arr.reshape(n_frames, -1)
+    for t in range(n_frames):
         if scale is None:
-            row[positions] = brain[t]
+            padded[:n_vox] = brain[t]
         else:
-            row[positions] = np.clip(np.rint(brain[t] / scale), -127, 127)
+            padded[:n_vox] = np.clip(np.rint(brain[t] * np.float32(1.0 / scale)), -127, 127)
+        np.take(padded, token_source, out=rows[t])
 
 
 def _as_app_error(run, exc: BaseException) -> AppError:

@@ -1,4 +1,4 @@
-"""Figures and self-contained HTML for the attribution reports.
+"""Figures and self-contained HTML for the attribution reports (and the participant page).
 
 Every figure is rendered with matplotlib's Agg backend (no display needed) into PNG bytes
 and embedded in the HTML page as a base64 ``data:`` URI, so a report opens offline with
@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+from pathlib import Path
 from string import Template
 from typing import Optional, Sequence
 
@@ -147,4 +148,56 @@ def html_page(title: str, sections: Sequence[tuple[str, str]], subtitle: str = "
                             body=body)
 
 
-__all__ = ["bar_png", "brain_png", "data_uri", "figure_html", "html_page", "html_table"]
+# -- pages -----------------------------------------------------------------------------
+def ranking_section(table: pd.DataFrame, value: str, title: str, label: str = "name",
+                    error: Optional[str] = "sd") -> str:
+    """A bar chart of ``value`` and the table itself."""
+    png = bar_png(table, value=value, label=label, error=error, title=title)
+    return figure_html(png, title) + html_table(table)
+
+
+def build_participant_report(output_dir, subject: str, *, template=None) -> Path:
+    """``OUTPUT_DIR/sub-<label>.html``: every run's maps, region rankings and fidelity."""
+    import json
+
+    import nibabel as nib
+
+    from .outputs import _atomic_write
+    from .report import find_outputs
+
+    label = str(subject).removeprefix("sub-")
+    sections = []
+    for ents, path in find_outputs(output_dir, stat="ig", suffix="boldmap", desc="absmean",
+                                   extension=".nii.gz", subjects=[label]):
+        run = path.name.split("_space-")[0]
+        meta = json.loads(path.with_name(path.name.replace(".nii.gz", ".json")).read_text())
+        img = nib.load(str(path))
+        inner = [f"<p class='meta'>steps {meta.get('Steps')}, baseline "
+                 f"{meta.get('Baseline')}, windows {meta.get('NumberOfWindows')}, "
+                 f"completeness error {meta.get('CompletenessMaxRelativeError', 0):.2%}</p>",
+                 figure_html(brain_png(img, title="mean |IG|"), "Mean |attribution|")]
+        if template is not None and template.t1w_path is not None:
+            inner.append(figure_html(brain_png(img, title="mean |IG|", kind="stat",
+                                               bg_img=str(template.t1w_path)),
+                                     "Mean |attribution| on the template T1w"))
+        sections.append((f"{run}: prediction attribution", "".join(inner)))
+    for stat, value, title in (("ig", "mean_abs", "regions by mean |IG|"),
+                               ("fidelity", "embedding_shift",
+                                "regions by embedding shift when hidden")):
+        for ents, path in find_outputs(output_dir, stat=stat, suffix="bold",
+                                       subjects=[label]):
+            table = pd.read_csv(path, sep="\t", na_values="n/a", keep_default_na=False)
+            table = table.sort_values(value, ascending=False, ignore_index=True)
+            run = path.name.split("_space-")[0]
+            sections.append((f"{run}: {title}",
+                             ranking_section(table, value, title, error=None)))
+    if not sections:
+        sections.append(("No outputs", f"<p>No attribution outputs for sub-{label}.</p>"))
+    page = html_page(f"sub-{label}: region attribution", sections,
+                     subtitle="bids_roimae participant report")
+    path = Path(output_dir) / f"sub-{label}.html"
+    return _atomic_write(path, lambda f: f.write(page))
+
+
+__all__ = ["bar_png", "brain_png", "build_participant_report", "data_uri", "figure_html",
+           "html_page", "html_table", "ranking_section"]

@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from .attribution import IGResult, region_table, region_values, to_source_grid, token_map
+from .figures import build_participant_report  # the per-participant page, re-exported
 from .geometry import TokenGeometry
 
 #: Patterns the dataset's ``.bidsignore`` needs for what this module writes.
@@ -354,57 +355,6 @@ def _group_path(output_dir, suffix: str, extension: str, **entities) -> Path:
                                          + extension)
 
 
-def _ranking_section(table: pd.DataFrame, value: str, title: str, label: str = "name",
-                     error: Optional[str] = "sd") -> str:
-    from .figures import bar_png, figure_html, html_table
-
-    png = bar_png(table, value=value, label=label, error=error, title=title)
-    return figure_html(png, title) + html_table(table)
-
-
-def build_participant_report(output_dir, subject: str, *, template=None) -> Path:
-    """``OUTPUT_DIR/sub-<label>.html``: every run's maps, region rankings and fidelity."""
-    import json
-
-    import nibabel as nib
-
-    from .figures import brain_png, figure_html, html_page, html_table
-    from .outputs import _atomic_write
-
-    label = str(subject).removeprefix("sub-")
-    sections = []
-    for ents, path in find_outputs(output_dir, stat="ig", suffix="boldmap", desc="absmean",
-                                   extension=".nii.gz", subjects=[label]):
-        run = path.name.split("_space-")[0]
-        meta = json.loads(path.with_name(path.name.replace(".nii.gz", ".json")).read_text())
-        img = nib.load(str(path))
-        inner = [f"<p class='meta'>steps {meta.get('Steps')}, baseline "
-                 f"{meta.get('Baseline')}, windows {meta.get('NumberOfWindows')}, "
-                 f"completeness error {meta.get('CompletenessMaxRelativeError', 0):.2%}</p>",
-                 figure_html(brain_png(img, title="mean |IG|"), "Mean |attribution|")]
-        if template is not None and template.t1w_path is not None:
-            inner.append(figure_html(brain_png(img, title="mean |IG|", kind="stat",
-                                               bg_img=str(template.t1w_path)),
-                                     "Mean |attribution| on the template T1w"))
-        sections.append((f"{run}: prediction attribution", "".join(inner)))
-    for stat, value, title in (("ig", "mean_abs", "regions by mean |IG|"),
-                               ("fidelity", "embedding_shift",
-                                "regions by embedding shift when hidden")):
-        for ents, path in find_outputs(output_dir, stat=stat, suffix="bold",
-                                       subjects=[label]):
-            table = pd.read_csv(path, sep="\t", na_values="n/a", keep_default_na=False)
-            table = table.sort_values(value, ascending=False, ignore_index=True)
-            run = path.name.split("_space-")[0]
-            sections.append((f"{run}: {title}",
-                             _ranking_section(table, value, title, error=None)))
-    if not sections:
-        sections.append(("No outputs", f"<p>No attribution outputs for sub-{label}.</p>"))
-    page = html_page(f"sub-{label}: region attribution", sections,
-                     subtitle="bids_roimae participant report")
-    path = Path(output_dir) / f"sub-{label}.html"
-    return _atomic_write(path, lambda f: f.write(page))
-
-
 def build_group_report(output_dir, participants: Optional[pd.DataFrame], atlas, template,
                        *, label_column: Optional[str] = None,
                        subjects: Optional[Iterable[str]] = None) -> dict:
@@ -435,7 +385,7 @@ def build_group_report(output_dir, participants: Optional[pd.DataFrame], atlas, 
     dict
         Paths written, keyed by what they hold; ``"html"`` is the report.
     """
-    from .figures import brain_png, figure_html, html_page, html_table
+    from .figures import brain_png, figure_html, html_page, html_table, ranking_section
     from .outputs import _atomic_write, save_image
 
     out, seg = {}, atlas.name
@@ -483,9 +433,9 @@ def build_group_report(output_dir, participants: Optional[pd.DataFrame], atlas, 
             inner.append(figure_html(brain_png(mean_img, title=f"group mean {stat}",
                                                kind="stat", bg_img=bg),
                                      f"Group mean {stat} map on the template"))
-        sections.append((f"{stat}: regions", "".join(inner) + _ranking_section(
+        sections.append((f"{stat}: regions", "".join(inner) + ranking_section(
             ranking, "mean", f"{stat}: regions by group mean {value}")))
-        sections.append((f"{stat}: systems", _ranking_section(
+        sections.append((f"{stat}: systems", ranking_section(
             systems, "mean", f"{stat}: systems by group mean {value}", label="system")))
         if groups is not None:
             diff = group_difference(tables, value, groups)

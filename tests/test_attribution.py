@@ -274,3 +274,38 @@ def test_region_fidelity_bigger_region_moves_embedding_more():
     assert corr > 0
     with pytest.raises(ValueError, match="own no patch"):
         region_fidelity(mae, make_windows(geometry, 1), geometry, regions=[9])
+
+
+# -- the real model ---------------------------------------------------------------------
+def small_roimae(geometry, attention="divided"):
+    from bids_roimae.model import RoiMAE
+
+    torch.manual_seed(0)
+    return RoiMAE(geometry.centres_mm, geometry.voxel_mask, TEMPORAL_PATCH,
+                  WINDOW // TEMPORAL_PATCH, embed_dim=16, depth=1, num_heads=2,
+                  decoder_dim=8, decoder_depth=1, decoder_heads=2, attention=attention)
+
+
+def test_ig_and_fidelity_with_roimae_and_classifier():
+    from bids_roimae.classifier import Classifier
+
+    geometry = make_geometry()
+    mae = small_roimae(geometry)
+    torch.manual_seed(1)
+    classifier = Classifier(mae, nn.Linear(16, 1), 16)
+    windows = make_windows(geometry, 2)
+    result = integrated_gradients(classifier, windows, steps=32, batch_size=8)
+    assert result.max_relative_error < COMPLETENESS_TOLERANCE
+    assert result.abs_mean[~geometry.voxel_mask].max() == 0  # background never attributed
+    assert result.abs_mean[geometry.voxel_mask].mean() > 0
+    table = region_fidelity(mae, windows, geometry, batch_size=4)
+    assert len(table) == len(geometry.region_patches())
+    assert (table["error"] > 0).all() and (table["embedding_shift"] > 0).all()
+    # Hiding nothing would leave the embedding where it is: the pooled reference equals
+    # the model's own embed() with every token visible.
+    from bids_roimae.attribution import _pooled_visible
+
+    none = torch.zeros(2, WINDOW // TEMPORAL_PATCH, geometry.n_tokens, dtype=torch.bool)
+    with torch.no_grad():
+        np.testing.assert_allclose(_pooled_visible(mae, windows, none), mae.embed(windows),
+                                   rtol=1e-5, atol=1e-6)

@@ -353,7 +353,7 @@ def write_entry(npy_path, shape: tuple, dtype, fill: Callable[[np.ndarray], None
         del arr
         _fsync_file(tmp_npy)
         _atomic_write_bytes(meta_path(npy_path),
-                            json.dumps(meta, indent=1, sort_keys=True, default=_json_default)
+                            json.dumps(meta, indent=1, sort_keys=True, default=str)
                             .encode())
         os.replace(tmp_npy, npy_path)
         _fsync_dir(npy_path.parent)
@@ -361,6 +361,61 @@ def write_entry(npy_path, shape: tuple, dtype, fill: Callable[[np.ndarray], None
         if tmp_npy.exists():
             tmp_npy.unlink()
     return CacheEntry(npy_path, meta)
+
+
+def brain_voxels(geometry) -> tuple[np.ndarray, np.ndarray]:
+    """Where the template-brain token voxels are on the grid and in a token frame.
+
+    Returns
+    -------
+    grid_index : ndarray, shape (V,)
+        Fortran-order flat grid index of each brain token voxel, ascending (the column
+        order of the (T, V) matrices that preparation works on).
+    token_source : ndarray, shape (N * P,)
+        For every slot of a flattened (N, P) token frame, the column of ``grid_index``
+        it holds, or ``V`` for slots outside the brain.
+    """
+    slots = np.flatnonzero(geometry.voxel_mask.reshape(-1))
+    flat = geometry.voxel_index.reshape(-1)[slots]
+    order = np.argsort(flat, kind="stable")
+    token_source = np.full(geometry.voxel_mask.size, flat.size, np.int64)
+    token_source[slots[order]] = np.arange(flat.size)
+    return flat[order], token_source
+
+
+def write_tokens(npy_path, brain: np.ndarray, geometry, dtype: str, meta: dict) -> CacheEntry:
+    """Store brain voxel values as a token entry, atomically.
+
+    Parameters
+    ----------
+    brain : ndarray, shape (T, V)
+        Values of the template-brain voxels, columns in :func:`brain_voxels` order.
+    dtype : {"float16", "int8"}
+        Storage type; int8 stores ``round(value / scale)`` with ``scale = max|value| / 127``
+        recorded in the meta.
+    """
+    n_frames, n_vox = brain.shape
+    _, token_source = brain_voxels(geometry)
+    scale = None
+    if dtype == "int8":
+        peak = float(np.abs(brain).max()) if brain.size else 0.0
+        scale = peak / 127.0 if peak > 0 else 1.0
+        meta = dict(meta, scale=scale)
+
+    def fill(arr: np.ndarray) -> None:
+        # Each token slot gathers its column (column V is a constant 0 outside the brain):
+        # reads one small frame, writes the output in order.
+        padded = np.zeros(n_vox + 1, arr.dtype)
+        rows = arr.reshape(n_frames, -1)
+        for t in range(n_frames):
+            if scale is None:
+                padded[:n_vox] = brain[t]
+            else:
+                padded[:n_vox] = np.clip(np.rint(brain[t] * np.float32(1 / scale)), -127, 127)
+            np.take(padded, token_source, out=rows[t])
+
+    shape = (n_frames, geometry.n_tokens, geometry.patch_voxels)
+    return write_entry(npy_path, shape, np.dtype(dtype), fill, meta)
 
 
 def remove_stale_temps(folder, max_age_s: float = 86400.0) -> int:
@@ -432,14 +487,3 @@ def _header_matches(entry: CacheEntry) -> bool:
     except (OSError, ValueError):
         return False
     return list(shape) == entry.meta.get("shape") and dtype.name == entry.meta.get("dtype")
-
-
-def _json_default(value):
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating,)):
-        return float(value)
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return str(value)
-

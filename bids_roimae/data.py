@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import re
 import time
 import zlib
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -24,9 +25,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .cache import (HASH_INDEX_DIRNAME, CacheEntry, ScaledTokens, cache_key,  # noqa: F401
-                    cache_root, entry_path, load_entries, lookup, prep_settings, read_entry,
-                    remove_stale_temps, write_entry)
+from .cache import (HASH_INDEX_DIRNAME, CacheEntry, ScaledTokens, brain_voxels,  # noqa: F401
+                    cache_key, cache_root, entry_path, load_entries, lookup, prep_settings,
+                    read_entry, remove_stale_temps, write_tokens)
 from .config import PrepConfig
 from .errors import AppError, BadDataError
 
@@ -64,7 +65,8 @@ def prepare_run(run, geometry, template_img, prep_cfg: Optional[PrepConfig], out
     overwrite : bool
         Rebuild even when a matching entry exists.
     space : str, optional
-        Template space name (default: ``template_img.space`` or MNI152NLin2009cAsym).
+        Template space name; default ``template_img.space``, else the ``tpl-<space>`` of
+        the template file name, else MNI152NLin2009cAsym.
 
     Returns
     -------
@@ -78,7 +80,7 @@ def prepare_run(run, geometry, template_img, prep_cfg: Optional[PrepConfig], out
         missing confounds; the message starts with the file name.
     """
     prep = prep_cfg if prep_cfg is not None else PrepConfig()
-    space = space or getattr(template_img, "space", None) or DEFAULT_SPACE
+    space = _template_space(template_img, space)
     mask_img = getattr(template_img, "mask_img", template_img)
     _check_template(geometry, mask_img)
     name = Path(run.path).name
@@ -139,13 +141,7 @@ def prepare_run(run, geometry, template_img, prep_cfg: Optional[PrepConfig], out
         "n_outside_run_mask": 0 if outside is None else int(outside.sum()),
         **grid_info, **confound_info,
     }
-    dtype, scale = np.float16, None
-    if prep.dtype == "int8":
-        dtype, scale = np.int8, _int8_scale(brain)
-        meta["scale"] = scale
-    entry = write_entry(final, (brain.shape[0], geometry.n_tokens, geometry.patch_voxels),
-                        dtype, lambda arr: _fill_tokens(arr, brain, brain_voxels(geometry)[1], scale),
-                        meta)
+    entry = write_tokens(final, brain, geometry, prep.dtype, meta)
     logger.info("%s: prepared %d frames x %d tokens in %.1f s -> %s", run.key,
                 brain.shape[0], geometry.n_tokens, time.perf_counter() - started, final.name)
     return entry
@@ -333,25 +329,6 @@ def model_grid_matrix(source: BoldSource, geometry, mask_img, space: str
     return out, dict(info, resampled=True, brain_coverage=round(float(coverage), 4))
 
 
-def brain_voxels(geometry) -> tuple[np.ndarray, np.ndarray]:
-    """Where the template-brain token voxels are on the grid and in the token array.
-
-    Returns
-    -------
-    grid_index : ndarray, shape (V,)
-        Fortran-order flat grid index of each brain token voxel, ascending.
-    token_source : ndarray, shape (N * P,)
-        For every slot of a flattened (N, P) token frame, the column of ``grid_index``
-        it holds, or ``V`` for slots outside the brain.
-    """
-    slots = np.flatnonzero(geometry.voxel_mask.reshape(-1))
-    flat = geometry.voxel_index.reshape(-1)[slots]
-    order = np.argsort(flat, kind="stable")
-    token_source = np.full(geometry.voxel_mask.size, flat.size, np.int64)
-    token_source[slots[order]] = np.arange(flat.size)
-    return flat[order], token_source
-
-
 def _brain_coverage(source: BoldSource, geometry, brain_flat: np.ndarray) -> float:
     """Share of template-brain voxel centres inside the source image's field of view."""
     ijk = np.column_stack(np.unravel_index(brain_flat, geometry.grid_shape, order="F"))
@@ -360,6 +337,17 @@ def _brain_coverage(source: BoldSource, geometry, brain_flat: np.ndarray) -> flo
     src = world @ inv[:3, :3].T + inv[:3, 3]
     inside = np.all((src > -0.5) & (src < np.asarray(source.shape[:3]) - 0.5), axis=1)
     return float(inside.mean())
+
+
+def _template_space(template_img, space: Optional[str]) -> str:
+    if space:
+        return space
+    if getattr(template_img, "space", None):
+        return str(template_img.space)
+    get_filename = getattr(template_img, "get_filename", None)
+    found = re.match(r"tpl-([A-Za-z0-9]+)", Path(get_filename() or "").name) \
+        if get_filename else None
+    return found.group(1) if found else DEFAULT_SPACE
 
 
 # -- steps ---------------------------------------------------------------------------------
@@ -384,7 +372,7 @@ def _input_tr(run, source: BoldSource, needed: bool) -> tuple[Optional[float], s
         return float(run.tr), run.tr_source
     header_tr = source.header_tr
     if header_tr:
-        return header_tr, "nifti_header"
+        return header_tr, "header"
     if needed:
         raise BadDataError(f"{Path(run.path).name}: no repetition time (no RepetitionTime "
                            f"in the sidecar and pixdim[4] is 0)")
@@ -480,29 +468,6 @@ def _resample_time(brain: np.ndarray, tr_in: float, tr_out: float) -> np.ndarray
     return np.ascontiguousarray(out, dtype=np.float32)
 
 
-def _int8_scale(brain: np.ndarray) -> float:
-    peak = float(np.abs(brain).max()) if brain.size else 0.0
-    return peak / 127.0 if peak > 0 else 1.0
-
-
-def _fill_tokens(arr: np.ndarray, brain: np.ndarray, token_source: np.ndarray,
-                 scale: Optional[float]) -> None:
-    """Write brain voxel values (T, V) into the token array (T, N, P), frame by frame.
-
-    Each token slot gathers its column (``token_source``; column V is a constant 0 for
-    slots outside the brain), which reads a small frame and writes the output in order.
-    """
-    n_frames, n_vox = brain.shape
-    padded = np.zeros(n_vox + 1, arr.dtype)
-    rows = arr.reshape(n_frames, -1)
-    for t in range(n_frames):
-        if scale is None:
-            padded[:n_vox] = brain[t]
-        else:
-            padded[:n_vox] = np.clip(np.rint(brain[t] * np.float32(1.0 / scale)), -127, 127)
-        np.take(padded, token_source, out=rows[t])
-
-
 def _as_app_error(run, exc: BaseException) -> AppError:
     if isinstance(exc, AppError):
         return exc
@@ -514,11 +479,8 @@ def _as_app_error(run, exc: BaseException) -> AppError:
 
 
 def _version_at_least(version: str, wanted: tuple) -> bool:
-    numbers = []
-    for part in version.split(".")[:2]:
-        digits = "".join(ch for ch in part if ch.isdigit())
-        numbers.append(int(digits or 0))
-    return tuple(numbers) >= wanted
+    parts = ("".join(c for c in p if c.isdigit()) or "0" for p in version.split(".")[:2])
+    return tuple(int(p) for p in parts) >= wanted
 
 
 def _fmt_zooms(affine) -> str:

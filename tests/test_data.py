@@ -208,7 +208,7 @@ def test_header_tr_used_when_sidecar_has_none(tmp_path, grid):
                   tr_source="none")
     entry = prepare_run(run, geometry, template, PrepConfig(target_tr=1.5), tmp_path / "out",
                         window=WINDOW)
-    assert entry.meta["tr_source"] == "nifti_header" and entry.n_frames == 40
+    assert entry.meta["tr_source"] == "header" and entry.n_frames == 40
 
 
 def _confounds(n, seed=0, fd_spike=None):
@@ -247,6 +247,27 @@ def test_scrubbing_drops_high_motion_frames(tmp_path, grid):
     entry = prepare_run(run, geometry, template, PrepConfig(confounds="scrubbing"),
                         tmp_path / "out", window=WINDOW)
     assert entry.n_frames == 39 and entry.meta["n_frames_scrubbed"] == 1
+
+
+def test_real_bold_run_and_template_space_from_file_name(tmp_path, grid):
+    from bids_roimae.bids import BoldRun as RealBoldRun
+
+    mask, geometry, _ = grid
+    tpl_path = tmp_path / "tpl" / f"tpl-{SPACE}_res-02_desc-brain_mask.nii.gz"
+    tpl_path.parent.mkdir()
+    nib.save(nib.Nifti1Image(mask.astype(np.uint8), AFFINE), tpl_path)
+    template = nib.load(tpl_path)  # as the workflow passes it: the space is in its name
+    stand_in = write_bold(tmp_path / "bids", random_bold(20))
+    entities = {"subject": "01", "task": "rest", "run": "1", "space": SPACE}
+    run = RealBoldRun(subject="01", session=None, task="rest", run="1", entities=entities,
+                      path=stand_in.path, mask_path=None, confounds_path=None, tr=2.0,
+                      tr_source="sidecar", space=SPACE)
+    entry = prepare_run(run, geometry, template, None, tmp_path / "out", window=WINDOW)
+    assert entry.path.name.startswith("sub-01_task-rest_run-1_") and entry.run == "1"
+    other = nib.Nifti1Image(mask.astype(np.uint8), AFFINE)
+    with pytest.raises(BadDataError, match="MNI152NLin6Asym"):
+        prepare_run(run, geometry, other, None, tmp_path / "out", window=WINDOW,
+                    space="MNI152NLin6Asym")
 
 
 # -- bad inputs: exit code 65 and one line naming the file ------------------------------

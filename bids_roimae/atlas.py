@@ -1,0 +1,486 @@
+"""Template and atlas resources: the model grid (TemplateFlow) and the region labels.
+
+Sources, looked up at call time (environment variables are read on every call):
+
+* **Template** (defines the model grid): TemplateFlow's
+  ``tpl-<space>_res-02_desc-brain_mask.nii.gz`` and ``..._res-02_T1w.nii.gz`` under
+  ``$TEMPLATEFLOW_HOME/tpl-<space>/`` (default ``~/.cache/templateflow``). A non-empty
+  file already there is used as is; otherwise it is downloaded from TemplateFlow's store
+  into that cache, if TemplateFlow's file list has it.
+* **AAL3** (default atlas): ``nilearn.datasets.fetch_atlas_aal(version="3v2")``, cached
+  as ``$NILEARN_DATA/aal_3v2/AAL3/AAL3v1.nii`` + ``AAL3v1.xml``. Region names come from the
+  XML; region systems from the package table ``data/aal3_systems.tsv``. AAL3 is defined
+  in SPM's MNI space and used as is on MNI152NLin2009cAsym (common practice).
+* **Any discrete TemplateFlow atlas** by name (``Schaefer2018`` + desc
+  ``400Parcels7Networks``): ``tpl-<space>_res-02_atlas-<name>_desc-<desc>_dseg.nii.gz``
+  (res-01 when res-02 does not exist; :func:`resample_labels` brings it to the model grid)
+  with ``tpl-<space>_atlas-<name>_desc-<desc>_dseg.tsv`` (columns index, name).
+* **A user file** ``--atlas-file X.nii.gz`` with ``--atlas-labels X.tsv`` (index, name and
+  optionally system); without labels, a same-stem ``X.tsv`` beside it, else regions are
+  named ``region-<index>``.
+
+When a resource is neither cached nor downloadable, :class:`MissingInputError` (exit 66)
+says in one line what is missing and how to get it.
+
+AAL3 systems (the rule that built ``data/aal3_systems.tsv``, by name prefix):
+frontal = Precentral, Frontal_*, Rolandic_Oper, Supp_Motor_Area, Rectus, OFC*,
+Paracentral_Lobule; parietal = Postcentral, Parietal_*, SupraMarginal, Angular, Precuneus;
+temporal = Heschl, Temporal_* (poles included), Fusiform; occipital = Calcarine, Cuneus,
+Lingual, Occipital_*; limbic = Cingulate_*, ACC_*, Hippocampus, ParaHippocampal, Amygdala,
+Olfactory (paleocortex); insula = Insula; thalamus = Thalamus and every Thal_* nucleus;
+subcortical = Caudate, Putamen, Pallidum, N_Acc and the brainstem nuclei VTA, SN_pc/pr,
+Red_N, LC, Raphe; cerebellum = Cerebellum_*; vermis = Vermis_*.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import warnings
+from dataclasses import dataclass
+from importlib import resources as importlib_resources
+from pathlib import Path
+from typing import Optional, Sequence
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+
+from .errors import BadDataError, MissingInputError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SPACE = "MNI152NLin2009cAsym"
+#: Seconds a TemplateFlow download waits on the network, so an offline call fails quickly.
+TEMPLATEFLOW_TIMEOUT = 10
+TEMPLATEFLOW_S3 = "https://templateflow.s3.amazonaws.com"  # TemplateFlow's file store
+FETCH_HINT = ("run bids_roimae-fetch on a machine with internet, or set "
+              "TEMPLATEFLOW_HOME / NILEARN_DATA to a populated cache")
+AAL3_FILES = ("AAL3v1.nii", "AAL3v1.xml")  # inside <nilearn data>/aal_3v2/AAL3/
+
+
+@dataclass
+class Template:
+    """The model grid: a template brain mask (its shape and affine define the grid)."""
+
+    space: str
+    resolution: int
+    mask_img: nib.Nifti1Image
+    mask_path: Path
+    t1w_path: Optional[Path]
+
+
+@dataclass
+class Atlas:
+    """A discrete atlas on its own grid with its label table.
+
+    ``table`` has columns ``index`` (int), ``name`` (str) and ``system`` (str, ``""`` when
+    unknown), one row per label (labels listed but absent from the image are kept).
+    """
+
+    name: str
+    desc: Optional[str]
+    img: nib.Nifti1Image
+    table: pd.DataFrame
+    source: str
+
+    def names(self) -> dict[int, str]:
+        """Map label index -> region name."""
+        return dict(zip(self.table["index"].astype(int), self.table["name"].astype(str)))
+
+
+# -- TemplateFlow ---------------------------------------------------------------------
+
+def templateflow_home() -> Path:
+    """The TemplateFlow cache folder: ``$TEMPLATEFLOW_HOME`` or TemplateFlow's default."""
+    env = os.environ.get("TEMPLATEFLOW_HOME")
+    if env:
+        return Path(env).expanduser().absolute()
+    return Path.home() / ".cache" / "templateflow"
+
+
+def _templateflow_listing() -> Optional[set]:
+    """File names TemplateFlow serves, from the skeleton zip shipped with its client.
+
+    Found without importing ``templateflow`` (importing it populates a cache folder).
+    """
+    import importlib.util
+    import zipfile
+
+    spec = importlib.util.find_spec("templateflow")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    skeleton = Path(list(spec.submodule_search_locations)[0]) / "conf" / "templateflow-skel.zip"
+    try:
+        with zipfile.ZipFile(skeleton) as archive:
+            return set(archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return None
+
+
+def _download(url: str, target: Path) -> None:
+    """Stream ``url`` into ``target`` atomically (a partial file never looks complete)."""
+    import requests
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".part")
+    with requests.get(url, stream=True, timeout=TEMPLATEFLOW_TIMEOUT) as response:
+        if response.status_code != 200:
+            raise OSError(f"HTTP {response.status_code}")
+        with open(partial, "wb") as handle:
+            for chunk in response.iter_content(1 << 20):
+                handle.write(chunk)
+    if partial.stat().st_size == 0:
+        raise OSError("empty download")
+    os.replace(partial, target)
+
+
+def _templateflow_file(space: str, filename: str, what: str) -> Path:
+    """Return ``tpl-<space>/<filename>`` from the TemplateFlow cache, downloading it if needed.
+
+    A non-empty cached file is used as is (TemplateFlow leaves 0-byte placeholders for
+    files it has not downloaded). Otherwise the file is fetched from TemplateFlow's S3
+    store, which TemplateFlow's own client would do after indexing the whole cache with
+    pybids (tens of seconds; too slow to fail fast offline).
+    """
+    root = templateflow_home()
+    cached = root / f"tpl-{space}" / filename
+    if cached.is_file() and cached.stat().st_size > 0:
+        return cached
+    listing = _templateflow_listing()
+    relative = f"tpl-{space}/{filename}"
+    if listing is not None and relative not in listing:
+        raise MissingInputError(
+            f"{what} ({filename}) is not in the TemplateFlow cache {root} and TemplateFlow "
+            f"does not provide it: check the name, or {FETCH_HINT}")
+    try:
+        _download(f"{TEMPLATEFLOW_S3}/{relative}", cached)
+    except Exception as exc:  # requests/urllib/OSError: offline, proxy, HTTP error
+        raise MissingInputError(
+            f"{what} ({filename}) is not in the TemplateFlow cache {root} and could not be "
+            f"downloaded ({type(exc).__name__}): {FETCH_HINT}") from exc
+    return cached
+
+
+def _load_nifti(path: Path, what: str) -> nib.Nifti1Image:
+    try:
+        img = nib.load(str(path))
+        img.header.get_data_shape()
+        return img
+    except Exception as exc:
+        raise BadDataError(f"{what} {path} cannot be read as NIfTI ({exc})") from exc
+
+
+def load_template(space: str = DEFAULT_SPACE, resolution: int = 2) -> Template:
+    """Load the template brain mask that defines the model grid.
+
+    Parameters
+    ----------
+    space : str
+        TemplateFlow template identifier (``MNI152NLin2009cAsym``).
+    resolution : int
+        TemplateFlow resolution index (2 = 2 mm, grid 97 x 115 x 97 for the default).
+
+    Returns
+    -------
+    Template
+        ``mask_img`` is 3D ``(X, Y, Z)``; ``t1w_path`` is ``None`` when no T1w is
+        available (it only serves figures).
+
+    Raises
+    ------
+    MissingInputError
+        The mask is neither cached nor downloadable.
+    """
+    res = f"res-{int(resolution):02d}"
+    mask_path = _templateflow_file(space, f"tpl-{space}_{res}_desc-brain_mask.nii.gz",
+                                   f"template brain mask of {space}")
+    mask_img = _load_nifti(mask_path, "template brain mask")
+    if len(mask_img.shape) != 3:
+        raise BadDataError(f"template brain mask {mask_path} is not 3D ({mask_img.shape})")
+    try:
+        t1w_path: Optional[Path] = _templateflow_file(
+            space, f"tpl-{space}_{res}_T1w.nii.gz", f"template T1w of {space}")
+    except MissingInputError as exc:  # only figures need it
+        log.warning("%s", exc)
+        t1w_path = None
+    return Template(space=space, resolution=int(resolution), mask_img=mask_img,
+                    mask_path=mask_path, t1w_path=t1w_path)
+
+
+# -- atlases --------------------------------------------------------------------------
+
+def aal3_systems() -> pd.DataFrame:
+    """The packaged AAL3v1 table: columns index, name, system (170 rows)."""
+    ref = importlib_resources.files("bids_roimae") / "data" / "aal3_systems.tsv"
+    with importlib_resources.as_file(ref) as path:
+        table = pd.read_csv(path, sep="\t", dtype={"name": str, "system": str})
+    table["index"] = table["index"].astype(int)
+    return table
+
+
+def _nilearn_data_dir() -> Optional[str]:
+    return os.environ.get("NILEARN_DATA") or None
+
+
+def _load_aal3() -> Atlas:
+    data_dir = _nilearn_data_dir()
+    try:
+        from nilearn.datasets import fetch_atlas_aal
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            bunch = fetch_atlas_aal(version="3v2", data_dir=data_dir, verbose=0)
+    except Exception as exc:  # requests/urllib/OSError/ValueError (read-only cache)
+        where = data_dir or "nilearn's default data folder"
+        raise MissingInputError(
+            f"AAL3 atlas (aal_3v2/AAL3/{AAL3_FILES[0]} + {AAL3_FILES[1]}) is not in the "
+            f"nilearn cache {where} and could not be downloaded ({type(exc).__name__}): "
+            f"{FETCH_HINT}") from exc
+    img = _load_nifti(Path(bunch["maps"]), "AAL3 atlas")
+    rows = [(int(i), str(n)) for i, n in zip(bunch["indices"], bunch["labels"]) if int(i) != 0]
+    table = pd.DataFrame(rows, columns=["index", "name"])
+    systems = dict(zip(aal3_systems()["name"], aal3_systems()["system"]))
+    table["system"] = [systems.get(n, "") for n in table["name"]]
+    return Atlas("AAL3", None, img, table, "nilearn:aal_3v2")
+
+
+_SCHAEFER_NETWORK = re.compile(r"^\d+Networks_[LR]H_([A-Za-z]+)_")
+
+
+def _read_label_table(path: Path) -> pd.DataFrame:
+    """Read a label TSV (index, name[, system|network]) into the atlas table form."""
+    try:
+        raw = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    except Exception as exc:
+        raise BadDataError(f"atlas labels {path} cannot be read as TSV ({exc})") from exc
+    if not {"index", "name"} <= set(raw.columns):
+        raise BadDataError(f"atlas labels {path} need columns index and name "
+                           f"(found {', '.join(raw.columns)})")
+    try:
+        index = raw["index"].astype(int)
+    except ValueError as exc:
+        raise BadDataError(f"atlas labels {path}: column index must hold integers") from exc
+    if "system" in raw.columns:
+        system = raw["system"]
+    elif "network" in raw.columns:
+        system = raw["network"]
+    else:  # Schaefer names carry their network: 7Networks_LH_Vis_1 -> Vis
+        system = raw["name"].map(lambda n: (m.group(1) if (m := _SCHAEFER_NETWORK.match(n))
+                                            else ""))
+    table = pd.DataFrame({"index": index, "name": raw["name"].astype(str),
+                          "system": system.astype(str)})
+    return table[table["index"] != 0].reset_index(drop=True)
+
+
+def _complete_table(table: pd.DataFrame, img: nib.Nifti1Image) -> pd.DataFrame:
+    """Add ``region-<index>`` rows for labels in the image that the table lacks."""
+    present = np.unique(np.asarray(img.dataobj)).astype(np.int64)
+    missing = sorted(set(present[present != 0].tolist()) - set(table["index"].tolist()))
+    if missing:
+        log.info("atlas labels %s have no name; naming them region-<index>", missing)
+        extra = pd.DataFrame({"index": missing, "name": [f"region-{i}" for i in missing],
+                              "system": ""})
+        table = pd.concat([table, extra], ignore_index=True)
+    return table.sort_values("index").reset_index(drop=True)
+
+
+def _file_stem(path: Path) -> str:
+    name = path.name
+    for ext in (".nii.gz", ".nii"):
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return path.stem
+
+
+def _load_atlas_file(atlas_file: Path, labels_file: Optional[Path]) -> Atlas:
+    atlas_file = Path(atlas_file)
+    if not atlas_file.is_file():
+        raise MissingInputError(f"--atlas-file {atlas_file}: file not found")
+    img = _load_nifti(atlas_file, "atlas file")
+    stem = _file_stem(atlas_file)
+    if labels_file is not None:
+        labels_file = Path(labels_file)
+        if not labels_file.is_file():
+            raise MissingInputError(f"--atlas-labels {labels_file}: file not found")
+    elif (atlas_file.parent / f"{stem}.tsv").is_file():
+        labels_file = atlas_file.parent / f"{stem}.tsv"
+    table = (_read_label_table(labels_file) if labels_file is not None
+             else pd.DataFrame({"index": pd.Series(dtype=int), "name": pd.Series(dtype=str),
+                                "system": pd.Series(dtype=str)}))
+    return Atlas(stem, None, img, _complete_table(table, img), str(atlas_file))
+
+
+def _load_templateflow_atlas(name: str, desc: Optional[str], space: str) -> Atlas:
+    desc_part = f"_desc-{desc}" if desc else ""
+    what = f"atlas {name}{f' ({desc})' if desc else ''} in {space}"
+    errors = []
+    for res in (2, 1):  # 2 mm is the model grid; 1 mm is resampled later
+        filename = f"tpl-{space}_res-{res:02d}_atlas-{name}{desc_part}_dseg.nii.gz"
+        try:
+            img_path = _templateflow_file(space, filename, what)
+            break
+        except MissingInputError as exc:
+            errors.append(exc)
+    else:  # prefer the error about a file TemplateFlow has (a failed download)
+        raise next((e for e in errors if "does not provide" not in str(e)), errors[0])
+    img = _load_nifti(img_path, f"TemplateFlow {what}")
+    table = None
+    for tsv in (f"tpl-{space}_atlas-{name}{desc_part}_dseg.tsv",
+                f"tpl-{space}_res-{res:02d}_atlas-{name}{desc_part}_dseg.tsv"):
+        try:
+            tsv_path = _templateflow_file(space, tsv, what)
+        except MissingInputError:
+            continue
+        table = _read_label_table(tsv_path)
+        break
+    if table is None:
+        log.warning("no label table for %s; regions are named region-<index>", what)
+        table = pd.DataFrame({"index": pd.Series(dtype=int), "name": pd.Series(dtype=str),
+                              "system": pd.Series(dtype=str)})
+    return Atlas(name, desc, img, _complete_table(table, img),
+                 f"templateflow:{img_path.name}")
+
+
+def load_atlas(name: str = "AAL3", *, desc: Optional[str] = None,
+               atlas_file: Optional[Path] = None, labels_file: Optional[Path] = None,
+               space: str = DEFAULT_SPACE) -> Atlas:
+    """Load a discrete atlas and its label table (see the module docstring for sources).
+
+    Parameters
+    ----------
+    name : str
+        ``"AAL3"`` (nilearn) or a TemplateFlow atlas name such as ``"Schaefer2018"``.
+        Ignored when ``atlas_file`` is given (the file's stem names the atlas).
+    desc : str, optional
+        TemplateFlow ``desc`` entity (``"400Parcels7Networks"``).
+    atlas_file, labels_file : path, optional
+        A user label image (3D integers) and its TSV (index, name[, system]).
+    space : str
+        Template space of TemplateFlow atlases.
+
+    Returns
+    -------
+    Atlas
+        Labels on the atlas's own grid; use :func:`resample_labels` for the model grid.
+
+    Raises
+    ------
+    MissingInputError
+        The atlas is neither cached nor downloadable, or a given file does not exist.
+    BadDataError
+        A file exists but cannot be read.
+    """
+    if atlas_file is not None:
+        return _load_atlas_file(Path(atlas_file), labels_file)
+    if name.upper() == "AAL3" and not desc:
+        return _load_aal3()
+    return _load_templateflow_atlas(name, desc, space)
+
+
+def resample_labels(atlas: Atlas, target_img) -> tuple[np.ndarray, list[int]]:
+    """Put the atlas labels on the target grid by nearest neighbour.
+
+    Parameters
+    ----------
+    atlas : Atlas
+        Labels on their own grid.
+    target_img : nibabel image
+        Defines the target grid (shape ``(X, Y, Z)`` and affine); its data are unused.
+
+    Returns
+    -------
+    labels : ndarray of int32, shape (X, Y, Z)
+        Atlas label of every target voxel (0 = none).
+    vanished : list of int
+        Labels present in the atlas image that no target voxel carries (regions smaller
+        than the target voxel spacing). A warning names them.
+    """
+    source = atlas.img
+    if len(source.shape) > 3:  # (X, Y, Z, 1) label images exist in the wild
+        source = nib.Nifti1Image(np.asarray(source.dataobj).reshape(source.shape[:3]),
+                                 source.affine, source.header)
+    target_shape = tuple(target_img.shape[:3])
+    source_labels = np.rint(np.asarray(source.dataobj)).astype(np.int32)
+    if source.shape[:3] == target_shape and np.allclose(source.affine, target_img.affine,
+                                                        atol=1e-4):
+        labels = source_labels
+    else:
+        from nilearn.image import resample_to_img
+
+        source = nib.Nifti1Image(source_labels, source.affine)
+        target = nib.Nifti1Image(np.zeros(target_shape, dtype=np.int8), target_img.affine)
+        resampled = resample_to_img(source, target, interpolation="nearest",
+                                    force_resample=True, copy_header=True)
+        labels = np.rint(np.asarray(resampled.dataobj)).astype(np.int32)
+    before = set(np.unique(source_labels).tolist()) - {0}
+    after = set(np.unique(labels).tolist()) - {0}
+    vanished = sorted(before - after)
+    if vanished:
+        names = atlas.names()
+        message = (f"atlas {atlas.name}: {len(vanished)} region(s) vanish on the model grid "
+                   f"(smaller than its voxels): "
+                   + ", ".join(f"{names.get(i, f'region-{i}')} ({i})" for i in vanished))
+        warnings.warn(message, stacklevel=2)
+        log.warning("%s", message)
+    return labels, vanished
+
+
+# -- pre-fetching ---------------------------------------------------------------------
+
+def _parse_atlas_spec(spec: str) -> tuple[str, Optional[str]]:
+    name, _, desc = spec.partition(":")
+    return name, (desc or None)
+
+
+def fetch_resources(space: str = DEFAULT_SPACE, atlases: Sequence[str] = ("AAL3",),
+                    resolution: int = 2) -> list[Path]:
+    """Download (or find in the caches) everything a run needs.
+
+    Parameters
+    ----------
+    space : str
+        Template space.
+    atlases : sequence of str
+        ``"AAL3"`` or ``"<TemplateFlow atlas>[:<desc>]"``, e.g.
+        ``"Schaefer2018:400Parcels7Networks"``.
+    resolution : int
+        TemplateFlow resolution index of the template.
+
+    Returns
+    -------
+    list of Path
+        The cached files (template mask and T1w, then each atlas image).
+    """
+    template = load_template(space, resolution)
+    paths = [template.mask_path] + ([template.t1w_path] if template.t1w_path else [])
+    for spec in atlases:
+        atlas_name, desc = _parse_atlas_spec(spec)
+        atlas = load_atlas(atlas_name, desc=desc, space=space)
+        paths.append(Path(atlas.img.get_filename()))
+    return paths
+
+
+def fetch_main(argv: Optional[Sequence[str]] = None) -> None:
+    """Console script ``bids_roimae-fetch``: fill the TemplateFlow and nilearn caches."""
+    import click
+
+    @click.command(name="bids_roimae-fetch",
+                   help="Download the template and atlases into the TemplateFlow "
+                        "($TEMPLATEFLOW_HOME) and nilearn ($NILEARN_DATA) caches, so runs "
+                        "without internet find them.")
+    @click.option("--space", default=DEFAULT_SPACE, show_default=True)
+    @click.option("--atlas", "atlases", multiple=True, default=("AAL3",), show_default=True,
+                  help="AAL3 or <TemplateFlow atlas>[:<desc>], repeatable.")
+    @click.option("--resolution", default=2, show_default=True, type=int)
+    def command(space: str, atlases: tuple, resolution: int) -> None:
+        try:
+            paths = fetch_resources(space, atlases, resolution)
+        except (MissingInputError, BadDataError) as exc:
+            click.echo(f"bids_roimae-fetch: {exc}", err=True)
+            raise SystemExit(exc.exit_code)
+        for path in paths:
+            click.echo(str(path))
+
+    command.main(args=list(argv) if argv is not None else None, standalone_mode=True)

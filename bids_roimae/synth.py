@@ -1,0 +1,617 @@
+"""The built-in example: a small BIDS dataset with fMRIPrep derivatives and a planted effect.
+
+``bids_roimae-synth OUT --n-subjects 12`` writes a raw BIDS root (tiny raw BOLD stubs,
+``participants.tsv`` with ADHD-200 diagnosis codes) and ``derivatives/fmriprep`` named as
+fMRIPrep names its outputs (preprocessed BOLD and brain mask in
+``space-MNI152NLin2009cAsym_res-2``, ``desc-confounds_timeseries.tsv`` + ``.json``).
+
+Signal model (per run, ``T`` frames at ``TR``):
+
+* 10 latent network time courses: AR(1) noise convolved with a canonical double-gamma HRF
+  sampled at the TR, z-scored. Each atlas system (frontal, limbic, cerebellum, ...) has a
+  home network; the last network is global.
+* Region ``r``: ``s_r = a_r (c n_home + g n_global + sqrt(1 - c^2 - g^2) u_r)`` with
+  coupling ``c = 0.7``, ``g = 0.3``, ``u_r`` region-own HRF-smoothed noise, ``a_r = 1``.
+* Voxel: ``baseline + site_scale * (10 w_v s_r + spatially smooth noise + white noise)``
+  + a slow drift and motion spikes; baseline ~ 1000 x a T1-like tissue contrast plus a
+  site offset, so z-scoring matters. Values are rounded to int16 (as scanners write).
+* **Planted group difference**: in ADHD subjects (dx 1, 2, 3) every planted region
+  (default ``Hippocampus_L`` and ``Cerebellum_Crus1_R``) has amplitude ``a_r = 1 +
+  2 effect_size`` and coupling to its home network ``c (1 - effect_size)`` (default
+  ``effect_size`` 0.5: 2x amplitude, coupling 0.7 -> 0.35; the region's total variance
+  stays ``a_r^2``). Nothing else differs between groups; sites are balanced across
+  groups. In a 6-subject, 40-frame example the log amplitude of a planted region's mean
+  signal differs by ~0.6 between groups, other regions by < 0.35.
+
+Grid and atlas come from :func:`bids_roimae.atlas.load_template` / ``load_atlas`` (the
+app's own fetch code): real MNI152NLin2009cAsym + AAL3 when cached, otherwise
+:func:`write_synthetic_resources` lays out a synthetic template and AAL3-like atlas in
+``OUT/sourcedata/`` and the dataset uses those (export the printed variables to run the
+app on it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Optional, Sequence
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+
+from .atlas import aal3_systems, load_atlas, load_template, resample_labels
+from .errors import MissingInputError
+
+log = logging.getLogger(__name__)
+
+REAL_GRID = (97, 115, 97)
+REAL_ORIGIN = (-96.5, -132.5, -78.5)
+RESOLUTION = {"2": "TemplateFlow resolution 2 (2 mm isotropic)"}
+DEFAULT_PLANTED = ("Hippocampus_L", "Cerebellum_Crus1_R")
+DX_LEVELS = {"0": "Typically developing control", "1": "ADHD-Combined",
+             "2": "ADHD-Hyperactive/Impulsive", "3": "ADHD-Inattentive"}
+SYSTEM_NETWORK = {"frontal": 0, "parietal": 1, "temporal": 2, "occipital": 3, "limbic": 4,
+                  "insula": 5, "thalamus": 6, "subcortical": 7, "cerebellum": 8, "vermis": 8}
+N_NETWORKS, GLOBAL_NETWORK = 10, 9
+COUPLING, GLOBAL_WEIGHT = 0.7, 0.3
+# Seeds of the synthetic parcellation in ellipsoid coordinates (x: right, y: anterior,
+# z: superior; each in [-1, 1]); bilateral unless x == 0. Brain voxels go to the nearest.
+_SEEDS = [("Frontal_Sup_2", .25, .70, .50), ("Frontal_Mid_2", .60, .55, .30),
+          ("Precentral", .55, .10, .65), ("Parietal_Sup", .35, -.50, .65),
+          ("Occipital_Mid", .45, -.85, .15), ("Temporal_Mid", .85, -.15, -.30),
+          ("Insula", .55, .15, .00), ("Cingulate_Mid", .10, .00, .45),
+          ("Hippocampus", .45, -.30, -.35), ("Amygdala", .40, .15, -.60),
+          ("Thal_VL", .12, -.15, .05), ("Putamen", .30, .25, .00),
+          ("Cerebellum_Crus1", .50, -.55, -.55), ("Cerebellum_6", .20, -.60, -.35),
+          ("Vermis_6", .0, -.75, -.40)]
+
+
+# -- synthetic template and atlas -----------------------------------------------------
+
+def _ellipsoid_coords(shape):
+    """Normalised coordinates (X, Y, Z, 3) of every voxel in the grid's inscribed ellipsoid."""
+    shape = np.asarray(shape, dtype=float)
+    centre, radii = (shape - 1) / 2, 0.42 * shape
+    grids = np.meshgrid(*[np.arange(n) for n in shape.astype(int)], indexing="ij")
+    return np.stack([(g - c) / r for g, c, r in zip(grids, centre, radii)], axis=-1)
+
+
+def _synthetic_parcellation(coords, brain):
+    """Label brain voxels with the nearest seed; returns (labels (X, Y, Z), table)."""
+    aal = aal3_systems().set_index("name")
+    seeds, rows = [], []
+    for base, x, y, z in _SEEDS:
+        for side, sx in (("L", -x), ("R", x)) if x else (("", 0.0),):
+            name = f"{base}_{side}" if side else base
+            seeds.append((sx, y, z))
+            rows.append((int(aal.loc[name, "index"]), name, aal.loc[name, "system"]))
+    dist = ((coords[brain][:, None, :] - np.asarray(seeds)[None]) ** 2).sum(-1)
+    labels = np.zeros(brain.shape, dtype=np.int16)
+    labels[brain] = np.asarray([r[0] for r in rows])[dist.argmin(1)]
+    return labels, pd.DataFrame(rows, columns=["index", "name", "system"])
+
+
+def write_synthetic_resources(templateflow_home: Path, nilearn_data: Path, *,
+                              shape: Sequence[int] = (13, 17, 11),
+                              space: str = "MNI152NLin2009cAsym") -> None:
+    """Write a synthetic template and AAL3-like atlas where TemplateFlow and nilearn look.
+
+    The template (``tpl-<space>_res-02_desc-brain_mask`` ellipsoid and ``_res-02_T1w``)
+    has grid ``shape`` at 2 mm; for the real shape ``(97, 115, 97)`` its origin is
+    MNI152NLin2009cAsym's ``(-96.5, -132.5, -78.5)``, otherwise a non-centred one. The atlas
+    (``aal_3v2/AAL3/AAL3v1.nii`` + ``AAL3v1.xml``) parcellates the ellipsoid into 29 regions
+    carrying real AAL3 indices and names (limbic and cerebellar ones included); like AAL3
+    it has its own grid: x flipped (LAS) and cropped by 1 voxel per side (3 on the real
+    grid), aligned with the template so nearest-neighbour resampling is exact.
+    """
+    shape = tuple(int(n) for n in shape)
+    origin = (np.asarray(REAL_ORIGIN) if shape == REAL_GRID
+              else -np.asarray(shape, dtype=float) + np.array([0.5, -3.0, 1.5]))
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    affine[:3, 3] = origin
+    coords = _ellipsoid_coords(shape)
+    radius = np.sqrt((coords ** 2).sum(-1))
+    brain = radius <= 1.0
+    tpl_dir = Path(templateflow_home) / f"tpl-{space}"
+    tpl_dir.mkdir(parents=True, exist_ok=True)
+    mask = nib.Nifti1Image(brain.astype(np.uint8), affine)
+    mask.set_qform(affine, 1)
+    nib.save(mask, tpl_dir / f"tpl-{space}_res-02_desc-brain_mask.nii.gz")
+    # T1-like contrast: bright "white matter" core, darker "grey matter" shell.
+    t1w = np.where(brain, np.where(radius < 0.65, 1000, 600), 0).astype(np.int16)
+    nib.save(nib.Nifti1Image(t1w, affine), tpl_dir / f"tpl-{space}_res-02_T1w.nii.gz")
+    (tpl_dir / "template_description.json").write_text(json.dumps(
+        {"Identifier": space, "Name": f"Synthetic stand-in for {space} (bids_roimae-synth)"},
+        indent=2))
+
+    labels, table = _synthetic_parcellation(coords, brain)
+    crop = 3 if shape == REAL_GRID else 1
+    atlas_data = labels[crop:shape[0] - crop, crop:shape[1] - crop, crop:shape[2] - crop][::-1]
+    atlas_affine = np.diag([-2.0, 2.0, 2.0, 1.0])
+    atlas_affine[:3, 3] = origin + 2.0 * np.array([shape[0] - 1 - crop, crop, crop])
+    aal_dir = Path(nilearn_data) / "aal_3v2" / "AAL3"
+    aal_dir.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(atlas_data), atlas_affine),
+             aal_dir / "AAL3v1.nii")
+    entries = "\n".join(f"    <label><index>{i}</index><name>{n}</name></label>"
+                        for i, n in zip(table["index"], table["name"]))
+    (aal_dir / "AAL3v1.xml").write_text(
+        '<?xml version="1.0" encoding="ISO-8859-1"?>\n<atlas version="2.0">\n'
+        "  <header>\n    <name>AAL3v1 (synthetic)</name>\n  </header>\n"
+        f"  <data>\n{entries}\n  </data>\n</atlas>\n")
+
+
+@contextlib.contextmanager
+def _environment(**values):
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update({k: str(v) for k, v in values.items()})
+    try:
+        yield
+    finally:
+        for key, value in old.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+# -- signal model ---------------------------------------------------------------------
+
+def _hrf(tr: float, duration: float = 32.0) -> np.ndarray:
+    """Canonical double-gamma HRF (peak 5 s, undershoot 15 s, ratio 1/6) every ``tr`` s."""
+    t = np.arange(0.0, duration, tr)
+    gamma_pdf = lambda shape: t ** (shape - 1) * np.exp(-t) / math.gamma(shape)
+    h = gamma_pdf(6) - gamma_pdf(16) / 6.0
+    return h / h.sum()
+
+
+def _slow_series(rng, n_series: int, n_frames: int, tr: float) -> np.ndarray:
+    """HRF-convolved AR(1) noise, z-scored per row; shape (n_series, n_frames)."""
+    from scipy.signal import lfilter
+
+    h = _hrf(tr)
+    noise = rng.standard_normal((n_series, n_frames + len(h)))
+    series = lfilter(h, [1.0], lfilter([1.0], [1.0, -0.3], noise, axis=1), axis=1)
+    series = series[:, len(h):]
+    series -= series.mean(1, keepdims=True)
+    return series / (series.std(1, keepdims=True) + 1e-12)
+
+
+class _Grid:
+    """Everything about the model grid that all runs share (brain voxels in F order)."""
+
+    def __init__(self, template, labels, table, planted, rng):
+        from scipy.ndimage import gaussian_filter
+
+        self.shape = tuple(template.mask_img.shape)
+        self.affine = template.mask_img.affine
+        brain = np.asarray(template.mask_img.dataobj) > 0
+        self.brain = brain
+        self.flat = np.flatnonzero(brain.ravel(order="F"))  # F order, as NIfTI stores
+        voxel_labels = labels.ravel(order="F")[self.flat]
+        self.region_ids = np.unique(voxel_labels[voxel_labels > 0])
+        # Region row of every brain voxel; unlabelled voxels point past the regions.
+        lookup = {int(r): i for i, r in enumerate(self.region_ids)}
+        self.region_row = np.array([lookup.get(int(v), len(self.region_ids))
+                                    for v in voxel_labels])
+        systems = dict(zip(table["index"].astype(int), table["system"].astype(str)))
+        self.home = np.array([SYSTEM_NETWORK.get(systems.get(int(r), ""), GLOBAL_NETWORK - 1)
+                              for r in self.region_ids])
+        self.planted_rows = np.array([lookup[int(p)] for p in planted], dtype=int)
+        n_vox = self.flat.size
+        self.loading = rng.uniform(0.6, 1.0, n_vox).astype(np.float32)
+        if template.t1w_path is not None:
+            t1 = np.asarray(nib.load(str(template.t1w_path)).dataobj, dtype=np.float32)
+            t1 = t1.ravel(order="F")[self.flat]
+            t1 = np.clip(t1 / (np.percentile(t1, 99) + 1e-6), 0, 1.2)
+        else:
+            t1 = np.ones(n_vox, dtype=np.float32)
+        self.tissue = t1.astype(np.float32)
+        self.baseline = (700.0 + 500.0 * self.tissue).astype(np.float32)
+        order = np.argsort(self.tissue, kind="stable")
+        self.csf_rows = order[: max(n_vox // 10, 1)]       # darkest tenth
+        self.wm_rows = order[-max(3 * n_vox // 10, 1):]    # brightest 30 %
+        # Spatially smooth noise patterns (sigma 1.5 voxels), unit variance in the brain.
+        maps = []
+        for _ in range(12):
+            field = gaussian_filter(rng.standard_normal(self.shape).astype(np.float32), 1.5)
+            values = field.ravel(order="F")[self.flat]
+            maps.append(values / (values.std() + 1e-6))
+        self.noise_maps = np.stack(maps, axis=1)  # (V, 12)
+
+
+def _simulate_run(grid: _Grid, rng, n_frames: int, tr: float, adhd: bool,
+                  effect_size: float, site_scale: float, site_offset: float):
+    """One run's brain-voxel time series (V, T) float32 and its motion (T, 6)."""
+    n_regions = grid.region_ids.size
+    networks = _slow_series(rng, N_NETWORKS, n_frames, tr)
+    own = _slow_series(rng, n_regions, n_frames, tr)
+    amplitude = np.ones(n_regions)
+    coupling = np.full(n_regions, COUPLING)
+    if adhd:
+        amplitude[grid.planted_rows] = 1.0 + 2.0 * effect_size
+        coupling[grid.planted_rows] *= 1.0 - effect_size
+    unique = np.sqrt(1.0 - coupling ** 2 - GLOBAL_WEIGHT ** 2)
+    region_signal = amplitude[:, None] * (coupling[:, None] * networks[grid.home]
+                                          + GLOBAL_WEIGHT * networks[GLOBAL_NETWORK]
+                                          + unique[:, None] * own)
+    region_signal = np.vstack([region_signal, GLOBAL_WEIGHT * networks[GLOBAL_NETWORK]])
+    n_vox = grid.flat.size
+    data = (10.0 * grid.loading[:, None]) * region_signal.astype(np.float32)[grid.region_row]
+    # 12 patterns of unit variance: per-voxel smooth-noise std 6.
+    data += grid.noise_maps @ (6.0 / np.sqrt(12) * _slow_series(rng, 12, n_frames, tr)).astype(np.float32)
+    data += rng.standard_normal((n_vox, n_frames), dtype=np.float32) * 5.0
+    data *= site_scale
+    # Head motion: random walks with one jump; large framewise displacement leaves a
+    # global intensity spike (what scrubbing removes).
+    trans = np.cumsum(rng.normal(0, 0.03, (n_frames, 3)), axis=0)
+    rot = np.cumsum(rng.normal(0, 0.0005, (n_frames, 3)), axis=0)
+    jump = rng.integers(n_frames // 3, max(n_frames // 3 + 1, n_frames - 1))
+    trans[jump:] += rng.normal(0, 0.4, 3)
+    motion = np.hstack([trans, rot])
+    fd = np.r_[0.0, np.abs(np.diff(trans, axis=0)).sum(1) + 50 * np.abs(np.diff(rot, axis=0)).sum(1)]
+    drift = np.linspace(-0.5, 0.5, n_frames, dtype=np.float32) * rng.normal(0, 5.0)
+    spikes = np.where(fd > 0.5, 10.0 * fd, 0.0).astype(np.float32)
+    base = grid.baseline + site_offset
+    data += base[:, None] * (1.0 + 0.001 * (drift + spikes))[None, :]
+    return data, motion
+
+
+def _derived(name: str, series: np.ndarray) -> dict:
+    """fMRIPrep's expansions of a confound: derivative1, power2 and both."""
+    deriv = np.r_[np.nan, np.diff(series)]
+    return {name: series, f"{name}_derivative1": deriv, f"{name}_power2": series ** 2,
+            f"{name}_derivative1_power2": deriv ** 2}
+
+
+def _compcor(series: np.ndarray, n: int, prefix: str, mask: str, start: int = 0):
+    """Principal components of detrended rows of ``series`` (rows, T)."""
+    t = np.linspace(-1, 1, series.shape[1])
+    design = np.stack([np.ones_like(t), t], 1)
+    resid = series.T - design @ np.linalg.lstsq(design, series.T, rcond=None)[0]
+    u, s, _ = np.linalg.svd(resid, full_matrices=False)
+    var = s ** 2 / (s ** 2).sum()
+    cols, meta = {}, {}
+    for k in range(min(n, u.shape[1])):
+        name = f"{prefix}_{start + k:02d}"
+        cols[name] = u[:, k]
+        meta[name] = {"Method": prefix.split("_")[0] + "CompCor", "Mask": mask, "Retained": True,
+                      "SingularValue": float(s[k]), "VarianceExplained": float(var[k]),
+                      "CumulativeVarianceExplained": float(var[: k + 1].sum())}
+    return cols, meta
+
+
+def _confounds(grid: _Grid, data: np.ndarray, motion: np.ndarray, tr: float, rng):
+    """A confounds table in fMRIPrep's columns and its JSON metadata."""
+    n_frames = data.shape[1]
+    cols: dict = {}
+    cols.update(_derived("global_signal", data.mean(0)))
+    cols.update(_derived("csf", data[grid.csf_rows].mean(0)))
+    cols.update(_derived("white_matter", data[grid.wm_rows].mean(0)))
+    diff = np.diff(data, axis=1)
+    dvars = np.r_[np.nan, np.sqrt((diff ** 2).mean(0))]
+    cols.update({"dvars": dvars, "std_dvars": dvars / np.nanmedian(dvars)})
+    trans, rot = motion[:, :3], motion[:, 3:]
+    fd = np.r_[np.nan, np.abs(np.diff(trans, axis=0)).sum(1)
+               + 50 * np.abs(np.diff(rot, axis=0)).sum(1)]
+    cols["framewise_displacement"] = fd
+    cols["rmsd"] = np.r_[np.nan, np.sqrt((np.diff(trans, axis=0) ** 2).sum(1))]
+    meta: dict = {}
+    pick = lambda rows: rows[rng.choice(rows.size, min(rows.size, 2000), replace=False)]
+    for prefix, rows, mask, n in (("a_comp_cor", np.r_[grid.csf_rows, grid.wm_rows], "combined", 5),
+                                  ("c_comp_cor", grid.csf_rows, "CSF", 3),
+                                  ("w_comp_cor", grid.wm_rows, "WM", 3),
+                                  ("t_comp_cor", np.argsort(data.var(1))[-2000:], "", 3)):
+        new_cols, new_meta = _compcor(data[pick(rows)].astype(np.float64), n, prefix, mask)
+        cols.update(new_cols)
+        meta.update(new_meta)
+    # Discrete cosine basis of a 128 s high-pass filter, as fMRIPrep writes it.
+    n_cos = max(1, int(np.floor(2 * n_frames * tr / 128.0)))
+    frame = np.arange(n_frames)
+    for k in range(1, n_cos + 1):
+        cols[f"cosine{k - 1:02d}"] = np.sqrt(2.0 / n_frames) * np.cos(
+            np.pi * (frame + 0.5) * k / n_frames)
+    for i, name in enumerate(("trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z")):
+        cols.update(_derived(name, motion[:, i]))
+    outliers = np.flatnonzero((np.nan_to_num(fd) > 0.5) | (np.nan_to_num(cols["std_dvars"]) > 1.5))
+    for k, frame_index in enumerate(outliers):
+        cols[f"motion_outlier{k:02d}"] = (frame == frame_index).astype(float)
+    return pd.DataFrame(cols), meta
+
+
+# -- writing --------------------------------------------------------------------------
+
+def _save_nifti(data: np.ndarray, affine: np.ndarray, path: Path, tr: Optional[float] = None):
+    img = nib.Nifti1Image(data, affine)
+    img.set_sform(affine, 4)  # 4 = MNI152 space
+    img.set_qform(affine, 4)
+    img.header.set_xyzt_units("mm", "sec")
+    if tr is not None:
+        img.header.set_zooms(tuple(img.header.get_zooms()[:3]) + (float(tr),))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(img, path)
+
+
+def _write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n")
+
+
+def _to_volume(grid: _Grid, values: np.ndarray) -> np.ndarray:
+    """Scatter brain-voxel rows (V, T) into an int16 (X, Y, Z, T) volume, zero outside."""
+    vol = np.zeros(grid.shape + (values.shape[1],), dtype=np.int16, order="F")
+    vol.reshape(-1, values.shape[1], order="F")[grid.flat] = np.rint(values)  # a view
+    return vol
+
+
+def _resources(out: Path, space: str):
+    """Template + atlas through the app's fetch code, or synthetic ones written in ``out``."""
+    try:
+        return load_template(space), load_atlas("AAL3", space=space), {"synthetic": False}
+    except MissingInputError as exc:
+        tf_home, nl_data = out / "sourcedata" / "templateflow", out / "sourcedata" / "nilearn_data"
+        log.warning("%s; using a synthetic template and atlas written to %s", exc,
+                    out / "sourcedata")
+        write_synthetic_resources(tf_home, nl_data, shape=REAL_GRID, space=space)
+        with _environment(TEMPLATEFLOW_HOME=tf_home, NILEARN_DATA=nl_data,
+                          TEMPLATEFLOW_AUTOUPDATE="0"):
+            template, atlas = load_template(space), load_atlas("AAL3", space=space)
+        return template, atlas, {"synthetic": True, "templateflow_home": str(tf_home),
+                                 "nilearn_data": str(nl_data)}
+
+
+def _planted_ids(planted, table: pd.DataFrame, present: np.ndarray) -> list[int]:
+    by_name = dict(zip(table["name"], table["index"].astype(int)))
+    if planted is None:
+        planted = [n for n in DEFAULT_PLANTED if by_name.get(n) in set(present.tolist())]
+        if len(planted) < len(DEFAULT_PLANTED):  # another atlas: first limbic + cerebellar
+            rows = table[table["index"].isin(present)]
+            planted = [int(rows[rows["system"] == s]["index"].iloc[0])
+                       for s in ("limbic", "cerebellum") if (rows["system"] == s).any()]
+    ids = [int(p) if str(p).isdigit() else by_name.get(str(p), -1) for p in planted]
+    bad = [p for p, i in zip(planted, ids) if i not in set(present.tolist())]
+    if bad or not ids:
+        raise ValueError(f"planted regions {bad or planted} are not regions of the atlas in "
+                         f"the brain mask")
+    return ids
+
+
+def _assign_participants(n_subjects: int, n_sites: int, rng) -> pd.DataFrame:
+    """Half ADHD (subtypes 1, 2, 3 in turn), sites balanced within each group."""
+    n_adhd = n_subjects // 2
+    is_adhd = rng.permutation(np.arange(n_subjects) < n_adhd)
+    dx, site = [], []
+    counts = {True: 0, False: 0}
+    for flag in is_adhd:
+        k = counts[bool(flag)]
+        counts[bool(flag)] += 1
+        dx.append(str(1 + k % 3) if flag else "0")
+        site.append(f"site{chr(ord('A') + k % n_sites)}")
+    width = max(2, len(str(n_subjects)))
+    return pd.DataFrame({
+        "participant_id": [f"sub-{i + 1:0{width}d}" for i in range(n_subjects)],
+        "dx": dx, "site": site, "age": np.round(rng.uniform(7, 21, n_subjects), 2),
+        "sex": rng.choice(["M", "F"], n_subjects, p=[0.7, 0.3])})
+
+
+def make_dataset(out: Path, *, n_subjects: int = 12, n_frames: int = 60, tr: float = 2.0,
+                 seed: int = 0, sessions: int = 1, runs: int = 1,
+                 tasks: Sequence[str] = ("rest",), planted_regions=None,
+                 effect_size: float = 0.5, space: str = "MNI152NLin2009cAsym",
+                 n_sites: int = 2, n_jobs: int = 1) -> dict:
+    """Write the example dataset (raw BIDS root + ``derivatives/fmriprep``).
+
+    Parameters
+    ----------
+    out : path
+        BIDS root to create.
+    n_subjects, n_frames, tr, sessions, runs, tasks
+        Size of the dataset; every subject has ``sessions x tasks x runs`` BOLD runs of
+        ``n_frames`` frames on the template grid ``(X, Y, Z)``.
+    seed : int
+        Everything is reproducible from it (also with ``n_jobs > 1``).
+    planted_regions : sequence of str or int, optional
+        Atlas region names or indices whose dynamics differ in ADHD subjects (default
+        Hippocampus_L and Cerebellum_Crus1_R, else the first limbic and cerebellar ones).
+    effect_size : float in [0, 1)
+        ADHD amplitude factor ``1 + 2 effect_size``, coupling factor ``1 - effect_size``.
+    space : str
+        Template space of the derivatives.
+    n_sites : int
+        Acquisition sites (own intensity offset and scale), balanced across groups.
+    n_jobs : int
+        Runs written in parallel threads (numpy and gzip release the GIL).
+
+    Returns
+    -------
+    dict
+        Manifest: paths, grid, planted regions (index, name, system), effect, ADHD and
+        control subjects, resources used (also written to ``code/synth_manifest.json``).
+    """
+    if not 0.0 <= effect_size < 1.0:
+        raise ValueError("effect_size must be in [0, 1)")
+    from threadpoolctl import threadpool_limits
+
+    from . import __version__
+
+    # Small BLAS calls run faster on one thread than contending for busy cores.
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _make_dataset(Path(out), n_subjects, n_frames, tr, seed, sessions, runs,
+                             tuple(tasks), planted_regions, effect_size, space, n_sites,
+                             max(1, int(n_jobs)), __version__)
+
+
+def _write_run(job: dict, grid: _Grid, out: Path, fmriprep: Path, space: str) -> str:
+    """Simulate one run and write its raw stub and fMRIPrep-named derivatives."""
+    ents, rel, tr, task, rng = job["ents"], job["rel"], job["tr"], job["task"], job["rng"]
+    data, motion = _simulate_run(grid, rng, job["n_frames"], tr, job["adhd"],
+                                 job["effect_size"], job["site_scale"], job["site_offset"])
+    stub = rng.integers(0, 1000, (6, 7, 5, job["n_frames"])).astype(np.int16)
+    _save_nifti(stub, np.diag([3.0, 3.0, 3.0, 1.0]), out / rel / f"{ents}_bold.nii.gz", tr)
+    _write_json(out / rel / f"{ents}_bold.json", {"RepetitionTime": tr, "TaskName": task})
+    prefix = f"{fmriprep / rel / ents}_space-{space}_res-2"
+    bold = Path(f"{prefix}_desc-preproc_bold.nii.gz")
+    _save_nifti(_to_volume(grid, data), grid.affine, bold, tr)
+    _write_json(Path(f"{prefix}_desc-preproc_bold.json"), {
+        "RepetitionTime": tr, "SkullStripped": True, "TaskName": task,
+        "Resolution": RESOLUTION, "Sources": [f"bids::{rel.as_posix()}/{ents}_bold.nii.gz"]})
+    _save_nifti(grid.brain.astype(np.uint8), grid.affine, Path(f"{prefix}_desc-brain_mask.nii.gz"))
+    _write_json(Path(f"{prefix}_desc-brain_mask.json"), {"Type": "Brain", "Resolution": RESOLUTION,
+                                                         "RawSources": [bold.name]})
+    _save_nifti(_to_volume(grid, data.mean(1, keepdims=True))[..., 0], grid.affine,
+                Path(f"{prefix}_boldref.nii.gz"))
+    table, meta = _confounds(grid, data, motion, tr, rng)
+    conf = fmriprep / rel / f"{ents}_desc-confounds_timeseries.tsv"
+    table.to_csv(conf, sep="\t", index=False, na_rep="n/a", float_format="%.8g")
+    _write_json(conf.with_suffix(".json"), meta)
+    return str(bold)
+
+
+def _make_dataset(out, n_subjects, n_frames, tr, seed, sessions, runs, tasks,
+                  planted_regions, effect_size, space, n_sites, n_jobs, version) -> dict:
+    from concurrent.futures import ThreadPoolExecutor
+
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    template, atlas, used = _resources(out, space)
+    labels, _ = resample_labels(atlas, template.mask_img)
+    brain = np.asarray(template.mask_img.dataobj) > 0
+    planted = _planted_ids(planted_regions, atlas.table, np.unique(labels[brain & (labels > 0)]))
+    grid = _Grid(template, labels, atlas.table, planted, rng)
+    participants = _assign_participants(n_subjects, n_sites, rng)
+    site_names = sorted(participants["site"].unique())
+    fmriprep = out / "derivatives" / "fmriprep"
+    jobs = []
+    for s_idx, row in participants.iterrows():
+        site_i = site_names.index(row["site"])
+        for ses in (range(1, sessions + 1) if sessions > 1 else [None]):
+            for t_idx, task in enumerate(tasks):
+                for run in (range(1, runs + 1) if runs > 1 else [None]):
+                    sub = row["participant_id"]
+                    ents = "_".join([sub] + ([f"ses-{ses}"] if ses else []) + [f"task-{task}"]
+                                    + ([f"run-{run}"] if run else []))
+                    jobs.append(dict(
+                        ents=ents, rel=Path(sub, *([f"ses-{ses}"] if ses else []), "func"),
+                        tr=tr, task=task, n_frames=n_frames, adhd=row["dx"] != "0",
+                        effect_size=effect_size, site_scale=1.0 + 0.3 * site_i,
+                        site_offset=150.0 * site_i,
+                        rng=np.random.default_rng([seed, s_idx, ses or 0, t_idx, run or 0])))
+    with ThreadPoolExecutor(max_workers=n_jobs) as pool:
+        written = list(pool.map(lambda job: _write_run(job, grid, out, fmriprep, space), jobs))
+
+    names = atlas.names()
+    systems = dict(zip(atlas.table["index"].astype(int), atlas.table["system"]))
+    effect = {
+        "effect_size": effect_size, "amplitude_factor": 1.0 + 2.0 * effect_size,
+        "coupling_control": COUPLING, "coupling_adhd": COUPLING * (1.0 - effect_size),
+        "description": (f"In ADHD subjects (dx 1-3) the planted regions' signal amplitude is "
+                        f"x{1 + 2 * effect_size:g} and their coupling to their home network "
+                        f"drops from {COUPLING:g} to {COUPLING * (1 - effect_size):g}; "
+                        f"nothing else differs between groups.")}
+    manifest = {
+        "bids_dir": str(out), "fmriprep_dir": str(fmriprep), "space": space,
+        "grid_shape": list(grid.shape), "tr": tr, "n_frames": n_frames,
+        "atlas": {"name": atlas.name, "source": atlas.source}, "resources": used,
+        "planted_regions": [{"index": i, "name": names[i], "system": systems[i]}
+                            for i in planted],
+        "effect": effect,
+        "adhd_subjects": participants.loc[participants["dx"] != "0", "participant_id"].tolist(),
+        "control_subjects": participants.loc[participants["dx"] == "0",
+                                             "participant_id"].tolist(),
+        "sites": site_names, "bold_files": written, "seed": seed}
+    _write_metadata(out, fmriprep, participants, manifest, version)
+    return manifest
+
+
+def _write_metadata(out: Path, fmriprep: Path, participants: pd.DataFrame, manifest: dict,
+                    version: str) -> None:
+    """Dataset descriptions, participants table + sidecar, README and the manifest."""
+    generator = {"Name": "bids_roimae-synth", "Version": version}
+    _write_json(out / "dataset_description.json", {
+        "Name": "bids_roimae synthetic example", "BIDSVersion": "1.9.0", "DatasetType": "raw",
+        "License": "CC0", "Authors": ["bids_roimae-synth"], "GeneratedBy": [generator]})
+    _write_json(fmriprep / "dataset_description.json", {
+        "Name": "fMRIPrep - fMRI PREProcessing workflow", "BIDSVersion": "1.9.0",
+        "DatasetType": "derivative",
+        "GeneratedBy": [{"Name": "fMRIPrep", "Version": "24.1.1",
+                         "CodeURL": "https://github.com/nipreps/fmriprep"},
+                        dict(generator, Description="synthetic stand-in for fMRIPrep outputs")],
+        "SourceDatasets": [{"URL": "bids::"}]})
+    # As in real fMRIPrep outputs, confounds and boldrefs are outside the BIDS schema.
+    (fmriprep / ".bidsignore").write_text("*_desc-confounds_timeseries.*\n*_boldref.nii.gz\n")
+    participants.to_csv(out / "participants.tsv", sep="\t", index=False)
+    _write_json(out / "participants.json", {
+        "participant_id": {"Description": "Participant label"},
+        "dx": {"Description": "Diagnosis, ADHD-200 coding", "Levels": DX_LEVELS},
+        "site": {"Description": "Acquisition site (own intensity offset and scale)"},
+        "age": {"Description": "Age at scan", "Units": "year"},
+        "sex": {"Description": "Sex", "Levels": {"M": "male", "F": "female"}}})
+    planted = ", ".join(f"{r['name']} ({r['index']}, {r['system']})"
+                        for r in manifest["planted_regions"])
+    (out / "README").write_text(
+        "Synthetic resting-state dataset written by bids_roimae-synth (not real data).\n\n"
+        f"{len(participants)} participants, sites {', '.join(manifest['sites'])}, "
+        f"{manifest['n_frames']} frames at TR {manifest['tr']} s, fMRIPrep-like derivatives "
+        f"in derivatives/fmriprep on the {manifest['space']} grid "
+        f"{'x'.join(map(str, manifest['grid_shape']))} (atlas {manifest['atlas']['source']}"
+        f"{', synthetic template and atlas in sourcedata/' if manifest['resources']['synthetic'] else ''}).\n\n"
+        "BOLD = 10 latent network time courses (AR(1) noise convolved with a canonical HRF); "
+        "each atlas region mixes its system's network, a global network and its own noise; "
+        "voxels add spatially smooth and white noise, drift, motion spikes and a site "
+        "offset and scale.\n\n"
+        f"Planted group difference (ADHD = dx 1, 2, 3 vs controls dx 0) in {planted}: "
+        f"{manifest['effect']['description']}\n\nThe full manifest is code/synth_manifest.json.\n")
+    _write_json(out / "code" / "synth_manifest.json", manifest)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Console script ``bids_roimae-synth OUT``: write the example dataset."""
+    import click
+
+    @click.command(name="bids_roimae-synth",
+                   help="Write a synthetic BIDS dataset with fMRIPrep-like derivatives and a "
+                        "planted ADHD group difference into OUT.")
+    @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+    @click.option("--n-subjects", default=12, show_default=True, type=click.IntRange(2))
+    @click.option("--n-frames", default=60, show_default=True, type=click.IntRange(8))
+    @click.option("--tr", default=2.0, show_default=True, type=click.FloatRange(0.1))
+    @click.option("--seed", default=0, show_default=True, type=int)
+    @click.option("--sessions", default=1, show_default=True, type=click.IntRange(1))
+    @click.option("--runs", default=1, show_default=True, type=click.IntRange(1))
+    @click.option("--task", "tasks", multiple=True, default=("rest",), show_default=True)
+    @click.option("--planted", multiple=True, help="Region name or index (repeatable).")
+    @click.option("--effect-size", default=0.5, show_default=True,
+                  type=click.FloatRange(0.0, 1.0, max_open=True))
+    @click.option("--n-sites", default=2, show_default=True, type=click.IntRange(1))
+    @click.option("--space", default="MNI152NLin2009cAsym", show_default=True)
+    @click.option("--n-jobs", default=2, show_default=True, type=click.IntRange(1),
+                  help="Runs written in parallel.")
+    def command(out, n_subjects, n_frames, tr, seed, sessions, runs, tasks, planted,
+                effect_size, n_sites, space, n_jobs):
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+        try:
+            manifest = make_dataset(out, n_subjects=n_subjects, n_frames=n_frames, tr=tr,
+                                    seed=seed, sessions=sessions, runs=runs, tasks=tasks,
+                                    planted_regions=list(planted) or None,
+                                    effect_size=effect_size, space=space, n_sites=n_sites,
+                                    n_jobs=n_jobs)
+        except ValueError as exc:
+            raise click.UsageError(str(exc))
+        except MissingInputError as exc:
+            click.echo(f"bids_roimae-synth: {exc}", err=True)
+            raise SystemExit(exc.exit_code)
+        regions = ", ".join(r["name"] for r in manifest["planted_regions"])
+        click.echo(f"wrote {len(manifest['bold_files'])} BOLD runs of {n_subjects} subjects "
+                   f"to {out} (planted: {regions}; ADHD: {len(manifest['adhd_subjects'])})")
+        if manifest["resources"]["synthetic"]:
+            click.echo("synthetic template and atlas; before running the app:\n"
+                       f"  export TEMPLATEFLOW_HOME={manifest['resources']['templateflow_home']}"
+                       f"\n  export NILEARN_DATA={manifest['resources']['nilearn_data']}"
+                       "\n  export TEMPLATEFLOW_AUTOUPDATE=0")
+
+    command.main(args=list(argv) if argv is not None else None, standalone_mode=True)

@@ -4,7 +4,7 @@ Real geometry size by default: 1,486 tokens x 216 voxels (MNI152NLin2009cAsym 2 
 patch 6), window 20, temporal patch 4, the ``tiny`` preset, 8 windows, 32 steps.
 
     python benchmarks/bench_attribution.py [--windows 8] [--steps 32] [--batch-size 16]
-        [--threads 2] [--fidelity-regions 0]
+        [--min-steps 8] [--threads 2] [--fidelity-regions 0]
 
 Prints a table and writes ``benchmarks/results/bench_attribution.json``.
 """
@@ -47,6 +47,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--min-steps", type=int, default=None,
+                    help="adaptive integration: start with this many points")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--fidelity-regions", type=int, default=0,
                     help="also time region fidelity over this many synthetic regions")
@@ -63,16 +65,18 @@ def main(argv=None) -> dict:
     windows = torch.randn(args.windows, args.window, args.tokens, args.patch_voxels)
     t0 = time.perf_counter()
     result = integrated_gradients(classifier, windows, steps=args.steps,
-                                  batch_size=args.batch_size)
+                                  batch_size=args.batch_size, min_steps=args.min_steps)
     ig_s = time.perf_counter() - t0
-    rows = [("integrated_gradients", ig_s, args.windows * args.steps / ig_s,
-             f"max rel. completeness error {result.max_relative_error:.2e}")]
+    rows = [("integrated_gradients", ig_s, args.windows * result.steps / ig_s,
+             f"{result.steps} steps used, max rel. completeness error "
+             f"{result.max_relative_error:.2e}")]
     record = {
         "machine": platform.processor() or platform.machine(), "threads": args.threads,
         "torch": torch.__version__, "tokens": args.tokens, "patch_voxels": args.patch_voxels,
         "window": args.window, "temporal_patch": args.temporal_patch, "preset": args.preset,
-        "windows": args.windows, "steps": args.steps, "batch_size": args.batch_size,
-        "ig_seconds": ig_s, "ig_window_steps_per_s": args.windows * args.steps / ig_s,
+        "windows": args.windows, "steps": args.steps, "min_steps": args.min_steps,
+        "steps_used": result.steps, "batch_size": args.batch_size,
+        "ig_seconds": ig_s, "ig_window_steps_per_s": args.windows * result.steps / ig_s,
         "ig_max_relative_error": result.max_relative_error,
     }
     if args.fidelity_regions:

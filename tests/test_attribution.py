@@ -309,3 +309,23 @@ def test_ig_and_fidelity_with_roimae_and_classifier():
     with torch.no_grad():
         np.testing.assert_allclose(_pooled_visible(mae, windows, none), mae.embed(windows),
                                    rtol=1e-5, atol=1e-6)
+
+
+def test_adaptive_steps_and_captum_delta_agree():
+    from captum.attr import IntegratedGradients
+
+    geometry = make_geometry()
+    model = TinyClassifier(geometry.n_tokens, geometry.patch_voxels)
+    windows = make_windows(geometry, 2) * 3  # saturating: few points are not enough
+    adaptive = integrated_gradients(model, windows, steps=64, min_steps=2,
+                                    method="riemann_trapezoid")
+    assert adaptive.within_tolerance
+    assert 2 < adaptive.steps <= 64
+    fixed = integrated_gradients(model, windows, steps=adaptive.steps,
+                                 method="riemann_trapezoid")
+    np.testing.assert_allclose(adaptive.abs_mean, fixed.abs_mean, rtol=1e-4, atol=1e-8)
+    # The completeness gap is captum's own convergence delta.
+    _, delta = IntegratedGradients(lambda x: model(x)[:, 0]).attribute(
+        windows, n_steps=adaptive.steps, method="riemann_trapezoid",
+        return_convergence_delta=True)
+    np.testing.assert_allclose(fixed.delta, delta.double().numpy(), rtol=1e-3, atol=1e-5)

@@ -13,7 +13,7 @@ temporary folder (tokens with a planted region effect, two tiny models pretraine
 ``--demo-steps`` steps with each masking) and runs the same comparison on it.
 
 Prints the side-by-side fold table and the paired tests; writes the TSV/JSON/PNG files
-of :func:`bids_roimae.evaluation.compare_masking` under ``--out`` (default
+of :func:`bids_roimae.comparison.compare_masking` under ``--out`` (default
 ``benchmarks/results/compare_masking/``) and a summary to
 ``benchmarks/results/compare_masking.json``.
 """
@@ -121,7 +121,7 @@ def main(argv=None) -> int:
 
     from bids_roimae.cache import load_entries
     from bids_roimae.config import AppConfig
-    from bids_roimae.evaluation import compare_masking
+    from bids_roimae.comparison import compare_masking
     from bids_roimae.finetune import load_pretrained
     from bids_roimae.labels import parse_groups, parse_labels
 

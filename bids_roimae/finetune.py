@@ -17,7 +17,6 @@ Outputs of a fine-tuning run::
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 import re
@@ -26,14 +25,14 @@ from typing import Optional, Sequence
 
 import numpy as np
 import pandas as pd
-import torch
 
 from .classifier import (Classifier, build_head, embed_windows, fit_linear_probe,
                          n_outputs, probe_classifier, subject_output, subject_windows,
                          train_classifier, window_logits)
 from .errors import BadDataError, MissingInputError, OutputError
-from .evaluation import compute_metrics, fold_assignment, make_folds, mean_sd, \
-    summarise_folds
+from .evaluation import (PREDICTION_COLUMNS, compute_metrics, decode_output,
+                         fold_assignment, make_folds, mean_sd, prediction_rows,
+                         summarise_folds)
 from .labels import align_labels, label_attrs, parse_labels
 
 log = logging.getLogger(__name__)
@@ -267,42 +266,6 @@ def run_finetune(entries: Sequence, labels: pd.Series, pretrained, cfg, output_d
             "n_folds": len(folds), "excluded": counts["counts"], "predictions": rows}
 
 
-def prediction_rows(predictions: pd.DataFrame, info: dict, model: str) -> pd.DataFrame:
-    """Readable out-of-fold table: true and predicted labels, probabilities."""
-    rows = []
-    for subject, r in predictions.iterrows():
-        row = {"participant_id": f"sub-{subject}", "model": model,
-               "target": info.get("target"), "fold": int(r["fold"]),
-               "n_windows": int(r["n_windows"])}
-        row.update(decode_output(r["output"], info, true=r["y_true"]))
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def decode_output(output, info: dict, true=None) -> dict:
-    """Turn a subject output into labelled columns (true label added when given)."""
-    task, classes = info["task_type"], list(info.get("classes", []))
-    out = {}
-    if task == "regression":
-        if true is not None:
-            out["true_value"] = float(true)
-        out["predicted_value"] = float(output)
-        return out
-    if task == "binary":
-        prob = float(output)
-        probs = [1.0 - prob, prob]
-    else:
-        probs = [float(p) for p in np.asarray(output)]
-    pred = int(np.argmax(probs)) if task == "multiclass" else int(prob >= 0.5)
-    if true is not None:
-        out["true_label"] = str(classes[int(true)])
-    out["predicted_label"] = str(classes[pred])
-    out["probability"] = prob if task == "binary" else probs[pred]
-    if task == "multiclass":
-        out.update({f"probability_{c}": p for c, p in zip(classes, probs)})
-    return out
-
-
 # -- files ------------------------------------------------------------------------------
 def _atomic_write(path: Path, text: str) -> None:
     try:
@@ -326,18 +289,6 @@ def _write_json(path: Path, data) -> None:
 def _write_tsv(path: Path, table: pd.DataFrame) -> None:
     _atomic_write(path, table.to_csv(sep="\t", index=False, na_rep="n/a",
                                      float_format="%.6g"))
-
-
-PREDICTION_COLUMNS = {
-    "participant_id": "Participant label", "model": "Fine-tuned model (models/<name>)",
-    "target": "participants.tsv column predicted",
-    "fold": "Cross-validation fold in which the participant was tested (0-based)",
-    "n_windows": "Windows averaged into the participant's prediction",
-    "true_label": "Observed class", "predicted_label": "Out-of-fold predicted class",
-    "probability": "Out-of-fold probability of the positive class (binary) or of the "
-                   "predicted class (multi-class)",
-    "true_value": "Observed value", "predicted_value": "Out-of-fold predicted value",
-}
 
 
 def _write_subject_predictions(output_dir: Path, subject_id: str, rows: pd.DataFrame

@@ -35,7 +35,6 @@ import re
 from collections import Counter
 from typing import Iterable, Optional, Sequence
 
-import numpy as np
 import pandas as pd
 
 from .errors import BadDataError, MissingInputError, UsageError

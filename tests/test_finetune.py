@@ -17,7 +17,8 @@ from bids_roimae.classifier import (embed_windows, fit_linear_probe, load_window
                                     probe_classifier, subject_windows, window_starts)
 from bids_roimae.config import AppConfig
 from bids_roimae.errors import BadDataError
-from bids_roimae.evaluation import compare_masking, make_folds
+from bids_roimae.comparison import compare_masking
+from bids_roimae.evaluation import make_folds
 from bids_roimae.finetune import (cross_validate, frozen_embeddings, load_finetuned,
                                   load_pretrained, predict_subject, run_finetune)
 from bids_roimae.geometry import build_geometry

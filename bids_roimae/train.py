@@ -310,7 +310,7 @@ def _train(entries, geometry, cfg, model_dir, dist: DistContext, resume, atlas_m
         return step_plan(train_index, step, cfg.seed, batch, rank, world, cfg.masking,
                          groups, n_time)
 
-    tsv = _Log(model_dir / "log.tsv", start if resume else None, rank == 0)
+    tsv = _Log(model_dir / "log.tsv", start if start > 0 else None, rank == 0)
     if start == 0:
         initial_val = validate()
         tsv.add(step=0, val_loss=initial_val, lr=lr_at(0, steps, cfg.train))

@@ -54,15 +54,22 @@ RUN set -eu; \
     pip install $find_links $index_args "$TORCH_SPEC"; \
     python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 
-# Only what the package build needs; tests, docs and data stay out of the image.
+# Dependencies before the sources, so that a code change rebuilds only the last layers.
+# Only what the package build needs enters the image; tests, docs and data stay out.
 COPY pyproject.toml README.md /src/
-COPY bids_roimae /src/bids_roimae
 RUN set -eu; \
     if [ -f /etc/ssl/certs/ca-certificates.crt ]; then \
         export PIP_CERT=/etc/ssl/certs/ca-certificates.crt; fi; \
     find_links=""; \
     if [ -d /tmp/offline/wheels ]; then find_links="--find-links /tmp/offline/wheels"; fi; \
-    pip install $find_links /src bids-validator-deno; \
+    python -c "import tomllib; print('\\n'.join(tomllib.load(open('/src/pyproject.toml', \
+        'rb'))['project']['dependencies']))" > /tmp/requirements.txt; \
+    pip install $find_links -r /tmp/requirements.txt bids-validator-deno
+COPY bids_roimae /src/bids_roimae
+RUN set -eu; \
+    if [ -f /etc/ssl/certs/ca-certificates.crt ]; then \
+        export PIP_CERT=/etc/ssl/certs/ca-certificates.crt; fi; \
+    pip install --no-deps /src; \
     pip check
 
 # Template and atlas inside the image, so compute nodes need no internet. With copied

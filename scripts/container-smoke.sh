@@ -17,7 +17,7 @@
 #                    when it exists the image is built with RESOURCES=copy from it,
 #                    otherwise with RESOURCES=fetch (needs internet)
 #   SMOKE_DIR        where the example dataset and outputs go (a new temporary folder)
-#   N_SUBJECTS       size of the example dataset (4)
+#   N_SUBJECTS       size of the example dataset (4; finetune uses 2 folds)
 #   RUN_UID          UID:GID the container runs as (12345:12345)
 set -euo pipefail
 
@@ -143,6 +143,10 @@ run_app "${mounts[@]}" -- /data /out participant --mode prepare
 
 step "group (pretrain, tiny preset)"
 run_app "${mounts[@]}" -- /data /out group --model-preset tiny --steps 4 --batch-size 2
+
+step "participant --mode finetune (dx: ADHD 1-3 vs control 0)"
+run_app "${mounts[@]}" -- /data /out participant --mode finetune --target dx \
+    --positive 1 2 3 --folds 2
 
 step "participant --mode predict"
 run_app "${mounts[@]}" -- /data /out participant --mode predict --ig-steps 4

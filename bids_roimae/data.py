@@ -297,8 +297,8 @@ def model_grid_matrix(source: BoldSource, geometry, mask_img, space: str
     Columns are the template-brain token voxels in ascending grid order
     (:func:`brain_voxels`), so each frame is gathered front to back. A source on the model
     grid is gathered frame by frame; a source on another grid of the same space (another
-    resolution) is resampled with nilearn (continuous) a few frames at a time. A grid whose
-    field of view misses over 10% of the template brain is refused.
+    resolution) is resampled frame by frame (cubic spline at the brain voxels). A grid
+    whose field of view misses over 10% of the template brain is refused.
     """
     brain_flat, _ = brain_voxels(geometry)
     n_frames = source.n_frames
@@ -315,17 +315,33 @@ def model_grid_matrix(source: BoldSource, geometry, mask_img, space: str
             f"{source.name}: grid {source.shape[:3]} {_fmt_zooms(source.affine)} covers "
             f"{coverage:.0%} of the {space} template brain; its affine is not in the "
             f"{space} field of view")
-    import nibabel as nib
-    from nilearn.image import resample_to_img
+    from scipy import ndimage
 
-    x, y, z = source.shape[:3]
-    for t0, block in source.iter_frames(8):
-        k = block.shape[0]
-        chunk = nib.Nifti1Image(block.T.reshape((x, y, z, k), order="F"), source.affine)
-        res = resample_to_img(chunk, mask_img, interpolation="continuous",
-                              force_resample=True, copy_header=True)
-        data = np.asarray(res.dataobj, dtype=np.float32).reshape(-1, k, order="F")
-        out[t0:t0 + k] = data[brain_flat].T
+    # Cubic-spline interpolation (nilearn's "continuous") evaluated only at the template
+    # brain voxels rather than over the whole model grid: the same values as
+    # nilearn.image.resample_to_img there, several times faster per frame.
+    to_source = np.linalg.inv(source.affine) @ geometry.affine
+    ijk = np.vstack(np.unravel_index(brain_flat, geometry.grid_shape, order="F"))
+    coords = to_source[:3, :3] @ ijk + to_source[:3, 3:4]  # (3, V) source voxel coords
+    # Source voxels whose centre lies in the template brain: where NaN/inf is bad data
+    # (elsewhere it is zeroed so it cannot spread through the spline filter).
+    to_model = np.linalg.inv(to_source)
+    footprint = ndimage.affine_transform(
+        mask_img.get_fdata(dtype=np.float32) > 0, to_model[:3, :3], to_model[:3, 3],
+        output_shape=source.shape[:3], order=0).reshape(-1, order="F")
+    bad_voxels = np.zeros(footprint.shape, bool)
+    frame_shape = source.shape[:3]
+    for t0, block in source.iter_frames(1):
+        frame = block[0]
+        bad = ~np.isfinite(frame)
+        if bad.any():
+            bad_voxels |= bad & footprint
+            frame = np.where(bad, np.float32(0), frame)
+        ndimage.map_coordinates(frame.reshape(frame_shape, order="F"), coords, out[t0],
+                                order=3, mode="constant", cval=0.0, prefilter=True)
+    if bad_voxels.any():
+        raise BadDataError(f"{source.name}: non-finite values (NaN/inf) in "
+                           f"{int(bad_voxels.sum())} voxels inside the template brain")
     return out, dict(info, resampled=True, brain_coverage=round(float(coverage), 4))
 
 

@@ -100,7 +100,8 @@ def random_bold(n_frames=24, seed=0, shape=GRID) -> np.ndarray:
 
 def zscore_ref(series: np.ndarray) -> np.ndarray:
     series = series.astype(np.float64)
-    return (series - series.mean(-1, keepdims=True)) / series.std(-1, keepdims=True)
+    with np.errstate(invalid="ignore"):  # background series are flat: NaN, masked later
+        return (series - series.mean(-1, keepdims=True)) / series.std(-1, keepdims=True)
 
 
 # -- values and layout --------------------------------------------------------------------
@@ -188,6 +189,28 @@ def test_resampling_from_a_1mm_grid(tmp_path, grid):
     interior[[0, 1, -2, -1], :, :] = interior[:, [0, 1, -2, -1], :] = False
     interior[:, :, [0, 1, -2, -1]] = False
     np.testing.assert_allclose(got[interior], expected[..., 7][interior], atol=0.05)
+
+
+def test_resampling_matches_nilearn_and_refuses_nan_in_brain(tmp_path, grid):
+    from nilearn.image import resample_to_img
+
+    mask, geometry, template = grid
+    coarse = np.diag([3.0, 3.0, 3.0, 1.0])  # a 3 mm grid over the same field of view
+    coarse[:3, 3] = AFFINE[:3, 3] - 0.5
+    rng = np.random.default_rng(8)
+    data = rng.normal(100, 5, size=(9, 12, 8, 12)).astype(np.float32)
+    run = write_bold(tmp_path / "bids", data, affine=coarse)
+    entry = prepare_run(run, geometry, template, None, tmp_path / "out", window=WINDOW)
+    ref = resample_to_img(nib.Nifti1Image(data, coarse), template,
+                          interpolation="continuous", force_resample=True, copy_header=True)
+    expected = zscore_ref(np.asarray(ref.dataobj))
+    np.testing.assert_allclose(entry.tokens().astype(np.float32),
+                               geometry.extract(np.where(mask[..., None], expected, 0)),
+                               atol=2e-2)
+    data[4, 6, 4, 2] = np.inf  # a source voxel in the middle of the brain
+    bad = write_bold(tmp_path / "bids2", data, affine=coarse)
+    with pytest.raises(BadDataError, match=r"non-finite values \(NaN/inf\) in 1 voxels"):
+        prepare_run(bad, geometry, template, None, tmp_path / "out", window=WINDOW)
 
 
 def test_target_tr_resampling_changes_frame_count(tmp_path, grid):

@@ -29,7 +29,7 @@ from .cache import (HASH_INDEX_DIRNAME, CacheEntry, ScaledTokens, brain_voxels, 
                     cache_key, cache_root, entry_path, load_entries, lookup, prep_settings,
                     read_entry, remove_stale_temps, write_tokens)
 from .config import PrepConfig
-from .errors import AppError, BadDataError
+from .errors import AppError, BadDataError, OutputError
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +141,11 @@ def prepare_run(run, geometry, template_img, prep_cfg: Optional[PrepConfig], out
         "n_outside_run_mask": 0 if outside is None else int(outside.sum()),
         **grid_info, **confound_info,
     }
-    entry = write_tokens(final, brain, geometry, prep.dtype, meta)
+    try:
+        entry = write_tokens(final, brain, geometry, prep.dtype, meta)
+    except OSError as exc:
+        raise OutputError(f"{name}: cannot write its cache entry in {final.parent} "
+                          f"({_one_line(exc)})") from exc
     logger.info("%s: prepared %d frames x %d tokens in %.1f s -> %s", run.key,
                 brain.shape[0], geometry.n_tokens, time.perf_counter() - started, final.name)
     return entry
@@ -226,7 +230,7 @@ class BoldSource:
         try:
             img = nib.load(self.path)
         except Exception as exc:  # noqa: BLE001 - nibabel raises many kinds
-            raise BadDataError(f"{self.name}: {self._damage()} ({exc})") from exc
+            raise BadDataError(f"{self.name}: {self._damage()} ({_one_line(exc)})") from exc
         if len(img.shape) != 4:
             raise BadDataError(f"{self.name}: is {len(img.shape)}D, expected 4D BOLD")
         if not nib.is_proxy(img.dataobj) or getattr(img.dataobj, "order", "F") != "F":
@@ -287,7 +291,7 @@ class BoldSource:
                 while fobj.read(1 << 20):  # reach the gzip trailer so its CRC is checked
                     pass
         except (EOFError, OSError, zlib.error, ValueError) as exc:
-            raise BadDataError(f"{self.name}: {self._damage()} ({exc})") from exc
+            raise BadDataError(f"{self.name}: {self._damage()} ({_one_line(exc)})") from exc
 
 
 def model_grid_matrix(source: BoldSource, geometry, mask_img, space: str
@@ -406,7 +410,8 @@ def _outside_run_mask(run, source: BoldSource, geometry, mask_img) -> Optional[n
         run_mask = nib.load(run.mask_path)
         data = np.asanyarray(run_mask.dataobj)
     except Exception as exc:  # noqa: BLE001 - any reader failure is bad data
-        raise BadDataError(f"{mask_name}: brain mask cannot be read ({exc})") from exc
+        raise BadDataError(f"{mask_name}: brain mask cannot be read "
+                           f"({_one_line(exc)})") from exc
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.shape[:3] != source.shape[:3] or data.ndim != 3 or \
@@ -448,7 +453,7 @@ def _regress_confounds(run, brain: np.ndarray, strategy: str, tr: Optional[float
         confounds, sample_mask = load_confounds(str(run.path), strategy=parts,
                                                 motion="basic", wm_csf="basic")
     except Exception as exc:  # noqa: BLE001 - nilearn raises ValueError/KeyError/...
-        raise BadDataError(f"{name}: confounds cannot be used ({exc})") from exc
+        raise BadDataError(f"{name}: confounds cannot be used ({_one_line(exc)})") from exc
     if len(confounds) != brain.shape[0]:
         raise BadDataError(f"{name}: confounds file has {len(confounds)} rows for "
                            f"{brain.shape[0]} frames")
@@ -489,9 +494,14 @@ def _as_app_error(run, exc: BaseException) -> AppError:
         return exc
     logger.debug("unexpected failure preparing %s", run.path, exc_info=exc)
     err = AppError(f"{Path(run.path).name}: preparation failed "
-                   f"({type(exc).__name__}: {exc})")
+                   f"({type(exc).__name__}: {_one_line(exc)})")
     err.__cause__ = exc
     return err
+
+
+def _one_line(exc) -> str:
+    """An exception's text on one line (library messages may span several)."""
+    return " ".join(str(exc).split())
 
 
 def _version_at_least(version: str, wanted: tuple) -> bool:

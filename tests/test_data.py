@@ -15,7 +15,7 @@ import pytest
 
 from bids_roimae.config import PrepConfig
 from bids_roimae.data import prepare_run, prepare_runs, zscore_inplace
-from bids_roimae.errors import EXIT_BAD_DATA, AppError, BadDataError
+from bids_roimae.errors import EXIT_BAD_DATA, AppError, BadDataError, OutputError
 from bids_roimae.geometry import build_geometry
 
 GRID = (13, 17, 11)
@@ -374,6 +374,22 @@ def test_missing_confounds_when_asked(tmp_path, grid):
     run = write_bold(tmp_path, random_bold(20))
     _assert_bad(_bad(tmp_path, grid, run, prep=PrepConfig(confounds="simple")),
                 run.path.name, "no confounds file")
+
+
+def test_no_repetition_time_when_resampling_in_time(tmp_path, grid):
+    run = replace(write_bold(tmp_path, random_bold(20), tr=0.0), tr=None, tr_source="missing")
+    _assert_bad(_bad(tmp_path, grid, run, prep=PrepConfig(target_tr=1.0)), run.path.name,
+                "no repetition time")
+
+
+def test_unwritable_cache_is_an_output_error(tmp_path, grid):
+    mask, geometry, template = grid
+    run = write_bold(tmp_path / "bids", random_bold(20))
+    (tmp_path / "out" / "cache").mkdir(parents=True)
+    (tmp_path / "out" / "cache" / "sub-01").write_text("not a folder")
+    with pytest.raises(OutputError) as excinfo:
+        prepare_run(run, geometry, template, None, tmp_path / "out", window=WINDOW)
+    assert excinfo.value.exit_code == 73 and run.path.name in str(excinfo.value)
 
 
 def test_prepare_runs_keeps_going_past_a_bad_run(tmp_path, grid, caplog):

@@ -104,6 +104,14 @@ def probe_run(study):
     return result
 
 
+@pytest.fixture(scope="module")
+def frozen(study):
+    """Pretrained encoder, windows per subject and their frozen embeddings."""
+    encoder, _, _, _ = load_pretrained(study["pretrained"])
+    refs = subject_windows(study["entries"], 8, 2)
+    return encoder, refs, frozen_embeddings(encoder, refs, make_cfg(), "cpu")
+
+
 def test_window_starts_are_evenly_spaced_inside_the_run():
     assert list(window_starts(20, 8, 3)) == [0, 6, 12]
     assert list(window_starts(8, 8, 4)) == [0]
@@ -151,12 +159,10 @@ def test_out_of_fold_predictions_are_per_participant_and_subject_disjoint(probe_
     assert path.with_suffix(".json").is_file()
 
 
-def test_shuffled_labels_stay_at_chance(study):
+def test_shuffled_labels_stay_at_chance(study, frozen):
     cfg = make_cfg()
-    encoder, _, _, _ = load_pretrained(study["pretrained"])
+    encoder, refs, emb = frozen
     labels, info = parse_labels(study["table"].drop(index="99"), "dx", positive=["1"])
-    refs = subject_windows(study["entries"], 8, 2)
-    emb = frozen_embeddings(encoder, refs, cfg, "cpu")
     accuracies = []
     for seed in range(3):
         shuffled = pd.Series(np.random.default_rng(seed).permutation(labels.to_numpy()),
@@ -247,10 +253,8 @@ def test_leave_site_out(study):
     assert all(len(set(sites[rows["fold"].to_numpy() == k])) == 1 for k in range(3))
 
 
-def test_regression_and_multiclass_probes(study):
-    encoder, _, _, _ = load_pretrained(study["pretrained"])
-    refs = subject_windows(study["entries"], 8, 2)
-    emb = frozen_embeddings(encoder, refs, make_cfg(), "cpu")
+def test_regression_and_multiclass_probes(study, frozen):
+    encoder, refs, emb = frozen
     table = study["table"].drop(index="99")
     score, info = parse_labels(table, "score", task_type="regression")
     _, reg = cross_validate(encoder, score, refs, make_cfg(), info,
@@ -289,3 +293,15 @@ def test_cache_made_with_another_geometry_is_refused(study, tmp_path):
     labels, _ = parse_labels(study["table"], "dx", positive=["1"])
     with pytest.raises(BadDataError, match="geometry"):
         run_finetune(entries, labels, study["pretrained"], make_cfg(), tmp_path)
+
+
+@pytest.mark.parametrize("head", ["linear", "mlp"])
+def test_trained_head_finds_the_planted_difference(study, frozen, head):
+    cfg = make_cfg("head")
+    cfg.finetune.head, cfg.finetune.epochs = head, 20
+    encoder, refs, emb = frozen
+    labels, info = parse_labels(study["table"].drop(index="99"), "dx", positive=["1"])
+    predictions, table = cross_validate(encoder, labels, refs, cfg, info,
+                                        make_folds(labels.to_numpy(), 3, seed=0), "cpu", emb)
+    assert table.loc["mean", "balanced_accuracy"] > 0.85
+    assert predictions["n_windows"].loc["00"] == 4

@@ -90,9 +90,14 @@ def _synthetic_parcellation(coords, brain):
             name = f"{base}_{side}" if side else base
             seeds.append((sx, y, z))
             rows.append((int(aal.loc[name, "index"]), name, aal.loc[name, "system"]))
-    dist = ((coords[brain][:, None, :] - np.asarray(seeds)[None]) ** 2).sum(-1)
+    points = coords[brain]
+    nearest, best = np.zeros(len(points), dtype=int), np.full(len(points), np.inf)
+    for k, seed in enumerate(seeds):  # one seed at a time: no (V, seeds, 3) temporary
+        dist = ((points - np.asarray(seed)) ** 2).sum(1)
+        closer = dist < best
+        nearest[closer], best[closer] = k, dist[closer]
     labels = np.zeros(brain.shape, dtype=np.int16)
-    labels[brain] = np.asarray([r[0] for r in rows])[dist.argmin(1)]
+    labels[brain] = np.asarray([r[0] for r in rows])[nearest]
     return labels, pd.DataFrame(rows, columns=["index", "name", "system"])
 
 
@@ -196,13 +201,17 @@ class _Grid:
         voxel_labels = labels.ravel(order="F")[self.flat]
         self.region_ids = np.unique(voxel_labels[voxel_labels > 0])
         # Region row of every brain voxel; unlabelled voxels point past the regions.
-        lookup = {int(r): i for i, r in enumerate(self.region_ids)}
-        self.region_row = np.array([lookup.get(int(v), len(self.region_ids))
-                                    for v in voxel_labels])
+        self.region_row = np.where(voxel_labels > 0,
+                                   np.searchsorted(self.region_ids, voxel_labels),
+                                   self.region_ids.size)
+        self.planted_rows = np.searchsorted(self.region_ids, np.asarray(planted, dtype=int))
+        # Home network by system; systems of other atlases (e.g. Schaefer's "Vis") take
+        # the non-global networks in turn.
         systems = dict(zip(table["index"].astype(int), table["system"].astype(str)))
-        self.home = np.array([SYSTEM_NETWORK.get(systems.get(int(r), ""), GLOBAL_NETWORK - 1)
-                              for r in self.region_ids])
-        self.planted_rows = np.array([lookup[int(p)] for p in planted], dtype=int)
+        region_systems = [systems.get(int(r), "") for r in self.region_ids]
+        others = sorted(set(region_systems) - set(SYSTEM_NETWORK))
+        self.home = np.array([SYSTEM_NETWORK[s] if s in SYSTEM_NETWORK
+                              else others.index(s) % GLOBAL_NETWORK for s in region_systems])
         n_vox = self.flat.size
         self.loading = rng.uniform(0.6, 1.0, n_vox).astype(np.float32)
         if template.t1w_path is not None:
@@ -244,7 +253,8 @@ def _simulate_run(grid: _Grid, rng, n_frames: int, tr: float, adhd: bool,
     n_vox = grid.flat.size
     data = (10.0 * grid.loading[:, None]) * region_signal.astype(np.float32)[grid.region_row]
     # 12 patterns of unit variance: per-voxel smooth-noise std 6.
-    data += grid.noise_maps @ (6.0 / np.sqrt(12) * _slow_series(rng, 12, n_frames, tr)).astype(np.float32)
+    smooth = 6.0 / np.sqrt(12) * _slow_series(rng, 12, n_frames, tr)
+    data += grid.noise_maps @ smooth.astype(np.float32)
     data += rng.standard_normal((n_vox, n_frames), dtype=np.float32) * 5.0
     data *= site_scale
     # Head motion: random walks with one jump; large framewise displacement leaves a
@@ -254,12 +264,18 @@ def _simulate_run(grid: _Grid, rng, n_frames: int, tr: float, adhd: bool,
     jump = rng.integers(n_frames // 3, max(n_frames // 3 + 1, n_frames - 1))
     trans[jump:] += rng.normal(0, 0.4, 3)
     motion = np.hstack([trans, rot])
-    fd = np.r_[0.0, np.abs(np.diff(trans, axis=0)).sum(1) + 50 * np.abs(np.diff(rot, axis=0)).sum(1)]
+    fd = np.nan_to_num(_framewise_displacement(motion))
     drift = np.linspace(-0.5, 0.5, n_frames, dtype=np.float32) * rng.normal(0, 5.0)
     spikes = np.where(fd > 0.5, 10.0 * fd, 0.0).astype(np.float32)
     base = grid.baseline + site_offset
     data += base[:, None] * (1.0 + 0.001 * (drift + spikes))[None, :]
     return data, motion
+
+
+def _framewise_displacement(motion: np.ndarray) -> np.ndarray:
+    """Power's FD of (T, 6) motion (mm, rad on a 50 mm sphere); NaN for the first frame."""
+    step = np.abs(np.diff(motion, axis=0))
+    return np.r_[np.nan, step[:, :3].sum(1) + 50.0 * step[:, 3:].sum(1)]
 
 
 def _derived(name: str, series: np.ndarray) -> dict:
@@ -269,7 +285,7 @@ def _derived(name: str, series: np.ndarray) -> dict:
             f"{name}_derivative1_power2": deriv ** 2}
 
 
-def _compcor(series: np.ndarray, n: int, prefix: str, mask: str, start: int = 0):
+def _compcor(series: np.ndarray, n: int, prefix: str, mask: str):
     """Principal components of detrended rows of ``series`` (rows, T)."""
     t = np.linspace(-1, 1, series.shape[1])
     design = np.stack([np.ones_like(t), t], 1)
@@ -278,9 +294,9 @@ def _compcor(series: np.ndarray, n: int, prefix: str, mask: str, start: int = 0)
     var = s ** 2 / (s ** 2).sum()
     cols, meta = {}, {}
     for k in range(min(n, u.shape[1])):
-        name = f"{prefix}_{start + k:02d}"
+        name = f"{prefix}_{k:02d}"
         cols[name] = u[:, k]
-        meta[name] = {"Method": prefix.split("_")[0] + "CompCor", "Mask": mask, "Retained": True,
+        meta[name] = {"Method": prefix[0] + "CompCor", "Mask": mask, "Retained": True,
                       "SingularValue": float(s[k]), "VarianceExplained": float(var[k]),
                       "CumulativeVarianceExplained": float(var[: k + 1].sum())}
     return cols, meta
@@ -296,17 +312,16 @@ def _confounds(grid: _Grid, data: np.ndarray, motion: np.ndarray, tr: float, rng
     diff = np.diff(data, axis=1)
     dvars = np.r_[np.nan, np.sqrt((diff ** 2).mean(0))]
     cols.update({"dvars": dvars, "std_dvars": dvars / np.nanmedian(dvars)})
-    trans, rot = motion[:, :3], motion[:, 3:]
-    fd = np.r_[np.nan, np.abs(np.diff(trans, axis=0)).sum(1)
-               + 50 * np.abs(np.diff(rot, axis=0)).sum(1)]
+    fd = _framewise_displacement(motion)
     cols["framewise_displacement"] = fd
-    cols["rmsd"] = np.r_[np.nan, np.sqrt((np.diff(trans, axis=0) ** 2).sum(1))]
+    cols["rmsd"] = np.r_[np.nan, np.sqrt((np.diff(motion[:, :3], axis=0) ** 2).sum(1))]
     meta: dict = {}
     pick = lambda rows: rows[rng.choice(rows.size, min(rows.size, 2000), replace=False)]
-    for prefix, rows, mask, n in (("a_comp_cor", np.r_[grid.csf_rows, grid.wm_rows], "combined", 5),
-                                  ("c_comp_cor", grid.csf_rows, "CSF", 3),
-                                  ("w_comp_cor", grid.wm_rows, "WM", 3),
-                                  ("t_comp_cor", np.argsort(data.var(1))[-2000:], "", 3)):
+    high_variance = np.argsort(data.var(1))[-2000:]
+    for prefix, rows, mask, n in (
+            ("a_comp_cor", np.r_[grid.csf_rows, grid.wm_rows], "combined", 5),
+            ("c_comp_cor", grid.csf_rows, "CSF", 3), ("w_comp_cor", grid.wm_rows, "WM", 3),
+            ("t_comp_cor", high_variance, "t", 3)):
         new_cols, new_meta = _compcor(data[pick(rows)].astype(np.float64), n, prefix, mask)
         cols.update(new_cols)
         meta.update(new_meta)
@@ -318,7 +333,8 @@ def _confounds(grid: _Grid, data: np.ndarray, motion: np.ndarray, tr: float, rng
             np.pi * (frame + 0.5) * k / n_frames)
     for i, name in enumerate(("trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z")):
         cols.update(_derived(name, motion[:, i]))
-    outliers = np.flatnonzero((np.nan_to_num(fd) > 0.5) | (np.nan_to_num(cols["std_dvars"]) > 1.5))
+    outliers = np.flatnonzero((np.nan_to_num(fd) > 0.5)
+                              | (np.nan_to_num(cols["std_dvars"]) > 1.5))
     for k, frame_index in enumerate(outliers):
         cols[f"motion_outlier{k:02d}"] = (frame == frame_index).astype(float)
     return pd.DataFrame(cols), meta
@@ -553,13 +569,14 @@ def _write_metadata(out: Path, fmriprep: Path, participants: pd.DataFrame, manif
         "sex": {"Description": "Sex", "Levels": {"M": "male", "F": "female"}}})
     planted = ", ".join(f"{r['name']} ({r['index']}, {r['system']})"
                         for r in manifest["planted_regions"])
+    synthetic = manifest["resources"]["synthetic"]
     (out / "README").write_text(
         "Synthetic resting-state dataset written by bids_roimae-synth (not real data).\n\n"
         f"{len(participants)} participants, sites {', '.join(manifest['sites'])}, "
         f"{manifest['n_frames']} frames at TR {manifest['tr']} s, fMRIPrep-like derivatives "
         f"in derivatives/fmriprep on the {manifest['space']} grid "
         f"{'x'.join(map(str, manifest['grid_shape']))} (atlas {manifest['atlas']['source']}"
-        f"{', synthetic template and atlas in sourcedata/' if manifest['resources']['synthetic'] else ''}).\n\n"
+        f"{', synthetic template and atlas in sourcedata/' if synthetic else ''}).\n\n"
         "BOLD = 10 latent network time courses (AR(1) noise convolved with a canonical HRF); "
         "each atlas region mixes its system's network, a global network and its own noise; "
         "voxels add spatially smooth and white noise, drift, motion spikes and a site "

@@ -112,8 +112,8 @@ def test_templateflow_atlas_by_name_and_desc(resources, tmp_path, monkeypatch):
     home = tmp_path / "tf"
     grid = np.zeros((13, 17, 11), dtype=np.int16)
     grid[2:6, 3:9, 2:6], grid[7:11, 3:9, 2:6] = 1, 2
-    _write_labels(home / f"tpl-{SPACE}" / f"tpl-{SPACE}_res-02_atlas-Toy_desc-2Parcels_dseg.nii.gz",
-                  grid, resources.affine)
+    name = f"tpl-{SPACE}_res-02_atlas-Toy_desc-2Parcels_dseg.nii.gz"
+    _write_labels(home / f"tpl-{SPACE}" / name, grid, resources.affine)
     (home / f"tpl-{SPACE}" / f"tpl-{SPACE}_atlas-Toy_desc-2Parcels_dseg.tsv").write_text(
         "index\tname\tcolor\n1\t7Networks_LH_Vis_1\t#781180\n2\t7Networks_RH_Default_1\t#cd3e4e\n")
     monkeypatch.setenv("TEMPLATEFLOW_HOME", str(home))

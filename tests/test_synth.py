@@ -30,7 +30,7 @@ NEEDED = ("_space-MNI152NLin2009cAsym_res-2_desc-preproc_bold.nii.gz",
 
 
 def _bold_files(dataset) -> list[Path]:
-    return sorted(Path(dataset).glob(f"derivatives/fmriprep/sub-*/func/*_desc-preproc_bold.nii.gz"))
+    return sorted(Path(dataset).glob("derivatives/fmriprep/sub-*/func/*_desc-preproc_bold.nii.gz"))
 
 
 def test_fmriprep_naming_and_descriptions(small_dataset):

@@ -6,7 +6,7 @@ Per run (``participant --mode predict``), named from the source BOLD's entities 
     sub-01/func/sub-01_task-rest_run-1_space-<S>[_res-<R>]_stat-ig_desc-absmean_boldmap.nii.gz
     sub-01/func/sub-01_task-rest_run-1_space-<S>[_res-<R>]_stat-ig_desc-signedmean_boldmap.nii.gz
     sub-01/func/sub-01_task-rest_run-1_space-<S>_seg-<Atlas>_stat-ig_bold.tsv
-    sub-01/func/sub-01_task-rest_run-1_space-<S>[_res-<R>]_seg-<Atlas>_stat-fidelity_desc-{error,shift}_boldmap.nii.gz
+    sub-01/func/sub-01_task-rest_run-1_space-<S>_seg-<Atlas>[_res-<R>]_stat-fidelity_desc-{error,shift}_boldmap.nii.gz
     sub-01/func/sub-01_task-rest_run-1_space-<S>_seg-<Atlas>_stat-fidelity_bold.tsv
 
 each with a JSON sidecar. ``stat-`` and ``_boldmap`` are not in the BIDS schema, so these

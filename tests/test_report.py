@@ -30,7 +30,7 @@ VALIDATOR = Path(sys.executable).parent / "bids-validator-deno"
 
 def start_dataset(out: Path) -> None:
     write_dataset_description(out, source_datasets=["/data/fmriprep"])
-    write_bidsignore(out, BIDSIGNORE)
+    write_bidsignore(out, BIDSIGNORE + ["models"])  # models/: the fine-tuning stage
 
 
 def source_bold(tmp_path, name, shape=GRID, affine=AFFINE):
@@ -165,6 +165,8 @@ def group_tree(tmp_path_factory):
     start_dataset(out)
     geometry = make_geometry()
     ref = source_bold(tmp, "bold.nii.gz")
+    mae = TinyMAE(geometry.n_tokens, geometry.patch_voxels)
+    fidelity = region_fidelity(mae, make_windows(geometry, 1), geometry, table=atlas_table())
     dx = {}
     for i in range(6):
         label = f"{i + 1:02d}"
@@ -174,6 +176,8 @@ def group_tree(tmp_path_factory):
         ents = {"subject": label, "task": "rest", "run": "1"}
         write_run_attribution(out, ents, ig, geometry, ref, "AAL3", atlas_table(),
                               space=SPACE, res="2")
+        shifted = fidelity.assign(embedding_shift=fidelity["embedding_shift"] * (1 + i))
+        write_run_fidelity(out, ents, shifted, geometry, ref, "AAL3", space=SPACE, res="2")
     (out / "models" / "cmp").mkdir(parents=True)
     pd.DataFrame({"masking": ["roi", "random"], "accuracy": [0.7, 0.65]}).to_csv(
         out / "models" / "cmp" / "compare_masking.tsv", sep="\t", index=False)
@@ -215,6 +219,17 @@ def test_group_maps_and_html(group_tree):
     page = written["html"].read_text()
     assert "data:image/png;base64," in page and "compare_masking.tsv" in page
     assert not re.search(r"""(src|href)=["'](https?:|//)""", page)
+    fid = pd.read_csv(written["fidelity_regions"], sep="\t")
+    assert {"mean", "sd", "error_mean", "error_sd", "rank"} <= set(fid.columns)
+    # Shifts scale with the participant number 1..6: the group mean is 3.5x the first.
+    first = read_region_tables(out, "fidelity").query("subject == '01'").set_index("index")
+    row = fid.set_index("index").iloc[0]
+    assert np.isclose(row["mean"], 3.5 * first.loc[row.name, "embedding_shift"], rtol=1e-4)
+    assert written["fidelity_mean_map"].name == (
+        f"space-{SPACE}_seg-AAL3_res-2_stat-fidelity_desc-shiftmean_boldmap.nii.gz")
+    proc = subprocess.run([str(VALIDATOR), str(out), "--ignoreWarnings"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:]
 
 
 def test_group_difference_needs_two_groups():

@@ -123,11 +123,11 @@ def _download(url: str, target: Path) -> None:
     """Stream ``url`` into ``target`` atomically (a partial file never looks complete)."""
     import requests
 
-    target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(target.name + ".part")
     with requests.get(url, stream=True, timeout=TEMPLATEFLOW_TIMEOUT) as response:
         if response.status_code != 200:
             raise OSError(f"HTTP {response.status_code}")
+        target.parent.mkdir(parents=True, exist_ok=True)
         with open(partial, "wb") as handle:
             for chunk in response.iter_content(1 << 20):
                 handle.write(chunk)

@@ -457,8 +457,8 @@ def make_dataset(out: Path, *, n_subjects: int = 12, n_frames: int = 60, tr: flo
 
     # Small BLAS calls run faster on one thread than contending for busy cores.
     with threadpool_limits(limits=1, user_api="blas"):
-        return _make_dataset(Path(out), n_subjects, n_frames, tr, seed, sessions, runs,
-                             tuple(tasks), planted_regions, effect_size, space, n_sites,
+        return _make_dataset(Path(out).absolute(), n_subjects, n_frames, tr, seed, sessions,
+                             runs, tuple(tasks), planted_regions, effect_size, space, n_sites,
                              max(1, int(n_jobs)), __version__)
 
 

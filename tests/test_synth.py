@@ -189,6 +189,8 @@ def test_falls_back_to_synthetic_resources_on_the_real_grid(tmp_path, monkeypatc
     manifest = make_dataset(out, n_subjects=2, n_frames=8)
     assert manifest["resources"]["synthetic"] is True
     assert manifest["grid_shape"] == [97, 115, 97]
+    assert Path(manifest["resources"]["templateflow_home"]) == out / "sourcedata" / "templateflow"
+    assert not (tmp_path / "tf_empty").exists() or not any((tmp_path / "tf_empty").rglob("*"))
     img = nib.load(manifest["bold_files"][0])
     assert img.shape == (97, 115, 97, 8)
     np.testing.assert_allclose(img.affine[:3, 3], (-96.5, -132.5, -78.5))

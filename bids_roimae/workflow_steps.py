@@ -61,7 +61,8 @@ def _prepare(ctx: RunContext, runs, geometry, template, cfg):
 
     entries, failures = prepare_runs(runs, geometry, template.mask_img, cfg.prep,
                                      ctx.output_dir, window=cfg.geometry.window,
-                                     nprocs=ctx.nprocs, work_dir=ctx.work_dir)
+                                     nprocs=ctx.nprocs, work_dir=ctx.work_dir,
+                                     space=ctx.space)
     if failures:
         log.warning("%d of %d runs were skipped (see the errors above)", len(failures),
                     len(runs))
@@ -152,8 +153,71 @@ def pick_model(ctx: RunContext, explicit: Optional[Path], kind: str, flag: str) 
     return found[0]
 
 
-def run_finetune(ctx: RunContext) -> int:  # filled in with the fine-tuning stage
-    raise UsageError("--mode finetune is not available in this version")
+def _labelled_entries(ctx: RunContext, labels, geometry, prep_cfg):
+    """Prepared runs (preparing what is missing) of the selected, labelled subjects."""
+    from .atlas import load_template
+
+    runs = [r for r in ctx.discover() if r.subject in set(labels.index)]
+    if not runs:
+        raise MissingInputError("none of the labelled participants has a BOLD run in "
+                                f"{ctx.space} among the selected ones")
+    template = load_template(ctx.space, resolution=2)
+    return _prepare(ctx, runs, geometry, template, _with_prep(ctx.cfg, prep_cfg))
+
+
+def _with_prep(cfg, prep_cfg):
+    """``cfg`` with the preprocessing a model was trained with (the cache must match)."""
+    import copy
+
+    out = copy.deepcopy(cfg)
+    out.prep = copy.deepcopy(prep_cfg)
+    return out
+
+
+def run_finetune(ctx: RunContext) -> int:
+    """Fine-tune the pretrained encoder on a participants.tsv column, cross-validated."""
+    from .bids import read_participants
+    from .comparison import compare_masking
+    from .finetune import load_pretrained, run_finetune as finetune
+    from .labels import parse_groups, parse_labels
+
+    o = ctx.options
+    _start_output(ctx)
+    participants = read_participants(ctx.bids_dir)
+    if ctx.participant_labels:
+        participants = participants[participants.index.isin(ctx.participant_labels)]
+    labels, info = parse_labels(participants, o["target"], list(o.get("positive") or []),
+                                ctx.cfg.finetune.task_type)
+    groups = parse_groups(participants, o["cv_group"])[0] if o.get("cv_group") else None
+    if o.get("compare_masking"):
+        paths = find_models(ctx.output_dir, "pretrain")
+        if len(paths) < 2:
+            raise MissingInputError(
+                "--compare-masking needs two pretrained models in "
+                f"{ctx.output_dir / 'models'} (run 'group --masking roi' and "
+                "'group --masking random')")
+        models = {}
+        for path in paths:  # reference (random) first, so differences read roi - random
+            _, pre_cfg, _, _ = load_pretrained(path)
+            models[f"{pre_cfg.masking.strategy}:{path.parent.name}"] = path
+        models = dict(sorted(models.items(), key=lambda kv: not kv[0].startswith("random")))
+    else:
+        models = {"model": pick_model(ctx, o.get("pretrained"), "pretrain", "--pretrained")}
+    _, pre_cfg, geometry, _ = load_pretrained(next(iter(models.values())))
+    entries, failures = _labelled_entries(ctx, labels, geometry, pre_cfg.prep)
+    if o.get("compare_masking"):
+        out_dir = ctx.output_dir / "models" / "masking_comparison"
+        result = compare_masking(models, entries, labels, ctx.cfg, out_dir,
+                                 device=ctx.device, groups=groups, label_info=info)
+        log.info("masking comparison written to %s", out_dir)
+        log.info("\n%s", result["table"].to_string())
+    else:
+        result = finetune(entries, labels, models["model"], ctx.cfg, ctx.output_dir,
+                          device=ctx.device, groups=groups, label_info=info)
+        summary = ", ".join(f"{k} {v['mean']:.3f} ± {v['sd']:.3f}"
+                            for k, v in result["metrics"].items())
+        log.info("fine-tuned %s: %s", result["name"], summary)
+    return exit_code_for(failures)
 
 
 def run_predict(ctx: RunContext) -> int:  # filled in with the prediction stage

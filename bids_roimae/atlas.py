@@ -97,7 +97,12 @@ def templateflow_home() -> Path:
     env = os.environ.get("TEMPLATEFLOW_HOME")
     if env:
         return Path(env).expanduser().absolute()
-    return Path.home() / ".cache" / "templateflow"
+    try:  # TemplateFlow's own default (it depends on platformdirs)
+        from platformdirs import user_cache_dir
+
+        return Path(user_cache_dir("templateflow")).absolute()
+    except ImportError:  # pragma: no cover
+        return Path.home() / ".cache" / "templateflow"
 
 
 def _templateflow_listing() -> Optional[set]:
@@ -226,6 +231,15 @@ def _nilearn_data_dir() -> Optional[str]:
 
 def _load_aal3() -> Atlas:
     data_dir = _nilearn_data_dir()
+    # nilearn takes any existing file as cached; an empty one (interrupted download) would
+    # fail later as unreadable, so name it here.
+    for base in filter(None, (data_dir, os.environ.get("NILEARN_SHARED_DATA"),
+                              str(Path.home() / "nilearn_data"))):
+        for name in AAL3_FILES:
+            path = Path(base) / "aal_3v2" / "AAL3" / name
+            if path.is_file() and path.stat().st_size == 0:
+                raise MissingInputError(f"AAL3 file {path} in the nilearn cache is empty: "
+                                        f"delete it, then {FETCH_HINT}")
     try:
         from nilearn.datasets import fetch_atlas_aal
 
@@ -241,7 +255,8 @@ def _load_aal3() -> Atlas:
     img = _load_nifti(Path(bunch["maps"]), "AAL3 atlas")
     rows = [(int(i), str(n)) for i, n in zip(bunch["indices"], bunch["labels"]) if int(i) != 0]
     table = pd.DataFrame(rows, columns=["index", "name"])
-    systems = dict(zip(aal3_systems()["name"], aal3_systems()["system"]))
+    reference = aal3_systems()
+    systems = dict(zip(reference["name"], reference["system"]))
     table["system"] = [systems.get(n, "") for n in table["name"]]
     return Atlas("AAL3", None, img, table, "nilearn:aal_3v2")
 

@@ -190,6 +190,23 @@ def test_offline_empty_cache_is_one_line_missing_input(call, names, tmp_path, mo
     assert leftovers == []  # no empty or partial file that would later look cached
 
 
+def test_empty_cached_files_are_missing_not_used(resources, tmp_path, monkeypatch):
+    """0-byte files (TemplateFlow placeholders, interrupted downloads) are not inputs."""
+    _offline(monkeypatch, tmp_path)
+    tpl = tmp_path / "tf_empty" / f"tpl-{SPACE}"
+    tpl.mkdir(parents=True)
+    (tpl / f"tpl-{SPACE}_res-02_desc-brain_mask.nii.gz").touch()
+    with pytest.raises(MissingInputError, match="could not be downloaded"):
+        load_template()
+    aal = tmp_path / "nl_empty" / "aal_3v2" / "AAL3"
+    aal.mkdir(parents=True)
+    (aal / "AAL3v1.nii").touch()
+    (aal / "AAL3v1.xml").write_text(
+        (resources.nilearn_data / "aal_3v2" / "AAL3" / "AAL3v1.xml").read_text())
+    with pytest.raises(MissingInputError, match="is empty"):
+        load_atlas()
+
+
 def test_unknown_templateflow_atlas_is_named(tmp_path, monkeypatch):
     _offline(monkeypatch, tmp_path)
     with pytest.raises(MissingInputError, match="does not provide"):

@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-# Tiny linear algebra is slower on busy threads than on one; tests run 2 workers on 2 cores.
-for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+# Small BLAS calls (numpy/scipy) ran ~30x slower on 2 busy threads than on one here; tests
+# run 2 workers on 2 cores. torch threads are left to each test.
+for _var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 try:
     from threadpoolctl import threadpool_limits

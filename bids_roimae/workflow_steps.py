@@ -197,10 +197,14 @@ def run_finetune(ctx: RunContext) -> int:
                 f"{ctx.output_dir / 'models'} (run 'group --masking roi' and "
                 "'group --masking random')")
         models = {}
-        for path in paths:  # reference (random) first, so differences read roi - random
+        strategies = {}
+        for path in paths:
             _, pre_cfg, _, _ = load_pretrained(path)
-            models[f"{pre_cfg.masking.strategy}:{path.parent.name}"] = path
-        models = dict(sorted(models.items(), key=lambda kv: not kv[0].startswith("random")))
+            strategies[path] = pre_cfg.masking.strategy
+        unique = len(set(strategies.values())) == len(strategies)
+        for path, strategy in sorted(strategies.items(), key=lambda kv: kv[1] != "random"):
+            # the reference (random) first, so differences read roi - random
+            models[strategy if unique else path.parent.name] = path
     else:
         models = {"model": pick_model(ctx, o.get("pretrained"), "pretrain", "--pretrained")}
     _, pre_cfg, geometry, _ = load_pretrained(next(iter(models.values())))
@@ -209,8 +213,11 @@ def run_finetune(ctx: RunContext) -> int:
         out_dir = ctx.output_dir / "models" / "masking_comparison"
         result = compare_masking(models, entries, labels, ctx.cfg, out_dir,
                                  device=ctx.device, groups=groups, label_info=info)
-        log.info("masking comparison written to %s", out_dir)
-        log.info("\n%s", result["table"].to_string())
+        table = result["table"]
+        keep = [c for c in table.columns if c.split("_diff_")[0] in ("accuracy", "roc_auc")
+                or c.rsplit("_", 1)[0] in ("accuracy", "roc_auc")]
+        log.info("masking comparison (details in %s):\n%s", out_dir,
+                 table.loc[["mean", "sd"], keep].round(3).to_string())
     else:
         result = finetune(entries, labels, models["model"], ctx.cfg, ctx.output_dir,
                           device=ctx.device, groups=groups, label_info=info)
@@ -220,12 +227,153 @@ def run_finetune(ctx: RunContext) -> int:
     return exit_code_for(failures)
 
 
-def run_predict(ctx: RunContext) -> int:  # filled in with the prediction stage
-    raise UsageError("--mode predict is not available in this version")
+def _atlas_from_extra(extra: dict):
+    """The atlas a model was trained with (name and region table), from its checkpoint."""
+    import pandas as pd
+    from types import SimpleNamespace
+
+    index = list(extra.get("index") or [])
+    table = pd.DataFrame({"index": index,
+                          "name": list(extra.get("names") or [f"region-{i}" for i in index]),
+                          "system": list(extra.get("systems") or [""] * len(index))})
+    return SimpleNamespace(name=str(extra.get("name") or "atlas"), table=table)
 
 
-def run_report(ctx: RunContext) -> int:  # filled in with the report stage
-    raise UsageError("--mode report is not available in this version")
+def _pretrained_mae(ckpt_extra: dict, classifier, device):
+    """The masked autoencoder for region fidelity: the pretrained checkpoint when it is
+    still there, else the classifier's encoder when fine-tuning left it frozen."""
+    from .checkpoint import model_from_checkpoint
+
+    path = Path(str(ckpt_extra.get("pretrained", "")))
+    if path.is_dir():
+        path = path / "model.pt"
+    if path.is_file():
+        return model_from_checkpoint(path, device=device)[0]
+    if ckpt_extra.get("strategy") != "full":
+        return classifier.encoder
+    log.warning("region fidelity skipped: the pretrained model %s is gone and full "
+                "fine-tuning changed the encoder", path)
+    return None
+
+
+def _write_prediction(ctx: RunContext, subject: str, pred: dict, model_path: Path) -> None:
+    import pandas as pd
+
+    from .outputs import derivative_path, write_json
+
+    ents = {"subject": subject}
+    row = {"participant_id": f"sub-{subject}", "model": model_path.parent.name,
+           "predicted_label": pred["label"], "prediction": pred["prediction"],
+           "probability": pred["probability"], "n_windows": pred["n_windows"]}
+    row.update({f"probability_{k}": v for k, v in pred["probabilities"].items()})
+    tsv = derivative_path(ctx.output_dir, ents, suffix="predictions", extension=".tsv",
+                          desc="predict")
+    tsv.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame([row]).to_csv(tsv, sep="\t", index=False, na_rep="n/a")
+    write_json(tsv.with_suffix(".json"), {
+        "Description": "Prediction of the fine-tuned model (mean of window logits)",
+        "Model": str(model_path), "participant_id": "Participant",
+        "predicted_label": "Predicted class (or value for regression)"})
+    emb = derivative_path(ctx.output_dir, ents, suffix="embedding", extension=".tsv",
+                          desc="predict")
+    vec = pd.DataFrame([pred["embedding"]],
+                       columns=[f"dim{i:04d}" for i in range(len(pred["embedding"]))])
+    vec.to_csv(emb, sep="\t", index=False)
+    write_json(emb.with_suffix(".json"), {
+        "Description": "Subject embedding: the encoder's pooled output averaged over "
+                       "windows", "Model": str(model_path), "Dimensions": len(vec.columns)})
+
+
+def run_predict(ctx: RunContext) -> int:
+    """Per subject: prediction, embedding, attribution and fidelity maps, HTML page."""
+    import nibabel as nib
+
+    from .atlas import load_template
+    from .attribution import integrated_gradients, region_fidelity
+    from .classifier import load_windows, subject_windows
+    from .finetune import load_finetuned, predict_subject
+    from .report import build_participant_report, write_run_attribution, write_run_fidelity
+
+    o = ctx.options
+    model_path = pick_model(ctx, o.get("model_path"), "finetune", "--model")
+    if model_path.is_dir():
+        model_path = model_path / "model.pt"
+    classifier, cfg, geometry, ckpt = load_finetuned(model_path, ctx.device)
+    extra = ckpt.get("extra") or {}
+    atlas = _atlas_from_extra(extra)
+    _start_output(ctx)
+    runs = ctx.discover()
+    template = load_template(ctx.space, resolution=2)
+    entries, failures = _prepare(ctx, runs, geometry, template, _with_prep(ctx.cfg, cfg.prep))
+    mae = _pretrained_mae(extra, classifier, ctx.device) if o.get("fidelity", True) else None
+    by_subject: dict = {}
+    for entry in entries:
+        by_subject.setdefault(str(entry.subject), []).append(entry)
+    model_meta = {"Checkpoint": str(model_path), "Name": model_path.parent.name,
+                  "Preset": cfg.model.preset, "Strategy": extra.get("strategy"),
+                  "Target": (extra.get("label_info") or {}).get("target")}
+    window, per_run = cfg.geometry.window, cfg.finetune.windows_per_run
+    for subject, subj_entries in sorted(by_subject.items()):
+        pred = predict_subject(classifier, subj_entries, cfg, ctx.device)
+        _write_prediction(ctx, subject, pred, model_path)
+        log.info("sub-%s: predicted %s (p=%s) from %d windows", subject, pred["label"],
+                 None if pred["probability"] is None else f"{pred['probability']:.3f}",
+                 pred["n_windows"])
+        for entry in subj_entries:
+            refs = subject_windows([entry], window, per_run).get(subject)
+            if not refs:
+                continue
+            windows = load_windows(refs, window)
+            ents = dict(entry.meta.get("entities") or {})
+            reference = nib.load(str(entry.source))
+            sources = [f"bids:fmriprep:{Path(entry.source).name}", f"models/{model_path.parent.name}"]
+            ig = integrated_gradients(classifier, windows, steps=int(o.get("ig_steps") or 32),
+                                      min_steps=min(8, int(o.get("ig_steps") or 32)))
+            write_run_attribution(ctx.output_dir, ents, ig, geometry, reference, atlas.name,
+                                  atlas.table, space=ctx.space, res=ents.get("res"),
+                                  model_meta=model_meta, sources=sources)
+            if mae is not None:
+                fid = region_fidelity(mae, windows, geometry, table=atlas.table)
+                write_run_fidelity(ctx.output_dir, ents, fid, geometry, reference, atlas.name,
+                                   space=ctx.space, res=ents.get("res"),
+                                   model_meta=model_meta, sources=sources)
+        build_participant_report(ctx.output_dir, subject, template=template)
+    return exit_code_for(failures)
+
+
+def run_report(ctx: RunContext) -> int:
+    """Group summary of the attribution and fidelity outputs, with figures and HTML."""
+    from .atlas import load_template
+    from .bids import read_participants
+    from .checkpoint import load_checkpoint
+    from .report import build_group_report
+
+    _start_output(ctx)
+    models = find_models(ctx.output_dir, "finetune") or find_models(ctx.output_dir,
+                                                                    "pretrain")
+    if not models:
+        raise MissingInputError(f"nothing to report in {ctx.output_dir}: run pretraining, "
+                                "fine-tuning and 'participant --mode predict' first")
+    extra = load_checkpoint(models[0]).get("extra") or {}
+    target = ctx.options.get("target") or (extra.get("label_info") or {}).get("target")
+    try:
+        participants = read_participants(ctx.bids_dir)
+    except MissingInputError:
+        participants = None
+    label_column = None
+    if participants is not None and target:
+        from .labels import find_column
+
+        try:
+            label_column = find_column(participants.columns, target)
+        except Exception:  # the report still works without group differences
+            log.warning("participants.tsv has no column %r: no group differences", target)
+    template = load_template(ctx.space, resolution=2)
+    out = build_group_report(ctx.output_dir, participants, _atlas_from_extra(extra), template,
+                             label_column=label_column,
+                             subjects=ctx.participant_labels or None)
+    log.info("group report: %s", out["html"])
+    return EXIT_OK
 
 
 __all__ = ["run_prepare", "run_pretrain", "run_finetune", "run_predict", "run_report",

@@ -30,9 +30,10 @@ def _start_output(ctx: RunContext) -> None:
     write_dataset_description(ctx.output_dir, source_datasets=sources)
     # Non-schema outputs (3D statistical maps, region tables, figures, reports) are
     # listed so the dataset still passes the BIDS validator.
-    write_bidsignore(ctx.output_dir, ["cache/", "models/", "logs/", "figures/", "*.html",
-                                      "*_boldmap.*", "*_stat-*", "*.svg", "*.png",
-                                      "*_predictions.*"])
+    from .report import BIDSIGNORE
+
+    write_bidsignore(ctx.output_dir, ["cache/", "models/", "logs/", "*.svg", "*.png",
+                                      "*_predictions.*", "*_embedding.*"] + BIDSIGNORE)
 
 
 def _template_geometry(ctx: RunContext, cfg, with_atlas: bool):

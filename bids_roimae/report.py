@@ -363,7 +363,7 @@ def build_group_report(output_dir, participants: Optional[pd.DataFrame], atlas, 
     Reads the per-run region tables and maps written by ``participant --mode predict``;
     writes to ``OUTPUT_DIR/group/``: mean and SD maps on the template grid, region and
     system rankings, per-region group differences when ``label_column`` has groups, the
-    masking comparison tables ``models/*/compare*.tsv`` when present, and
+    masking comparison tables ``models/*/*comparison*.tsv`` when present, and
     ``group_report.html``.
 
     Parameters
@@ -445,7 +445,7 @@ def build_group_report(output_dir, participants: Optional[pd.DataFrame], atlas, 
                 out[f"{stat}_groupdiff"] = _write_tsv(diff, path, {c: c for c in diff})
                 sections.append((f"{stat}: {label_column} group differences",
                                  html_table(diff)))
-    for path in sorted(Path(output_dir).glob("models/*/compare*.tsv")):
+    for path in sorted(Path(output_dir).glob("models/*/*comparison*.tsv")):
         table = pd.read_csv(path, sep="\t")
         sections.append((f"Masking comparison: {path.parent.name}/{path.name}",
                          html_table(table)))

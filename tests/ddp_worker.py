@@ -55,6 +55,13 @@ class FakeEntry:
     def tokens(self) -> np.ndarray:
         return self._tokens
 
+    def window(self, start: int, length: int, out=None) -> np.ndarray:
+        block = self._tokens[start:start + length].astype(np.float32)
+        if out is None:
+            return block
+        out[...] = block
+        return out
+
 
 def make_entries(geometry, n_subjects: int = 4, runs: int = 1, n_frames: int = 40,
                  seed: int = 0) -> list:

@@ -178,9 +178,9 @@ def group_tree(tmp_path_factory):
                               space=SPACE, res="2")
         shifted = fidelity.assign(embedding_shift=fidelity["embedding_shift"] * (1 + i))
         write_run_fidelity(out, ents, shifted, geometry, ref, "AAL3", space=SPACE, res="2")
-    (out / "models" / "cmp").mkdir(parents=True)
+    (out / "models" / "masking_comparison").mkdir(parents=True)
     pd.DataFrame({"masking": ["roi", "random"], "accuracy": [0.7, 0.65]}).to_csv(
-        out / "models" / "cmp" / "compare_masking.tsv", sep="\t", index=False)
+        out / "models" / "masking_comparison" / "masking_comparison.tsv", sep="\t", index=False)
     mask, labels = make_mask_labels()
     mask_path, t1w_path = tmp / "mask.nii.gz", tmp / "t1w.nii.gz"
     nib.save(nib.Nifti1Image(mask.astype(np.uint8), AFFINE), mask_path)
@@ -217,7 +217,7 @@ def test_group_maps_and_html(group_tree):
     assert mean[labels == 2].mean() - mean[labels == 1].mean() > 0.2
     assert np.asarray(sd_img.dataobj).max() > 0
     page = written["html"].read_text()
-    assert "data:image/png;base64," in page and "compare_masking.tsv" in page
+    assert "data:image/png;base64," in page and "masking_comparison.tsv" in page
     assert not re.search(r"""(src|href)=["'](https?:|//)""", page)
     fid = pd.read_csv(written["fidelity_regions"], sep="\t")
     assert {"mean", "sd", "error_mean", "error_sd", "rank"} <= set(fid.columns)

@@ -184,8 +184,9 @@ RES = "Resources and run control"
 @_opt("--compare-masking", is_flag=True, section=FINETUNE,
       help="Fine-tune every pretrained model in OUTPUT_DIR/models on the same folds and "
            "compare them (roi vs random masking).")
-@_opt("--ig-steps", type=click.IntRange(2), default=32, section=ATTR,
-      help="Integrated Gradients steps.")
+@_opt("--ig-steps", type=click.IntRange(2), default=None, section=ATTR,
+      help="Most Integrated Gradients steps (fewer are used while the completeness check "
+           "passes). [default: 32]")
 @_opt("--fidelity/--no-fidelity", default=True, section=ATTR,
       help="Region reconstruction fidelity maps in predict.")
 @_opt("-w", "--work-dir", type=click.Path(path_type=Path), default=None, section=RES,

@@ -9,6 +9,8 @@ explicitly (no module globals). A TOML file mirrors the sections::
     preset = "small"
     [train]
     steps = 2000
+    [attribution]
+    windows = 4
 """
 
 from __future__ import annotations
@@ -168,6 +170,33 @@ class FinetuneConfig:
 
 
 @dataclass
+class AttributionConfig:
+    """Integrated Gradients and region fidelity in ``participant --mode predict``.
+
+    IG integrates with Gauss-Legendre points, starting at ``min_steps`` and doubling up to
+    ``steps`` until every window's completeness error is under 5%; each window-step is a
+    forward and backward pass, so ``windows`` (per run) bounds the cost. Fidelity costs
+    one forward pass per (window, region).
+    """
+
+    steps: int = 32
+    min_steps: int = 4
+    windows: int = 4
+    fidelity_windows: int = 2
+    baseline: Literal["zeros", "mean"] = "zeros"
+    batch_size: int = 8
+
+    def validate(self) -> None:
+        if self.steps < 2 or self.min_steps < 2:
+            raise ConfigError("attribution.steps and attribution.min_steps must be >= 2")
+        if self.windows < 1 or self.fidelity_windows < 1 or self.batch_size < 1:
+            raise ConfigError("attribution.windows, fidelity_windows and batch_size must "
+                              "be >= 1")
+        if self.baseline not in ("zeros", "mean"):
+            raise ConfigError("attribution.baseline must be zeros or mean")
+
+
+@dataclass
 class AppConfig:
     """Every stage's settings, as passed down from the CLI."""
 
@@ -177,11 +206,12 @@ class AppConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    attribution: AttributionConfig = field(default_factory=AttributionConfig)
     seed: int = 0
 
     def validate(self) -> "AppConfig":
         for section in (self.geometry, self.prep, self.masking, self.model, self.train,
-                        self.finetune):
+                        self.finetune, self.attribution):
             section.validate()
         return self
 

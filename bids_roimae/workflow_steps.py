@@ -313,7 +313,7 @@ def run_predict(ctx: RunContext) -> int:
     model_meta = {"Checkpoint": str(model_path), "Name": model_path.parent.name,
                   "Preset": cfg.model.preset, "Strategy": extra.get("strategy"),
                   "Target": (extra.get("label_info") or {}).get("target")}
-    window, per_run = cfg.geometry.window, cfg.finetune.windows_per_run
+    window, attr = cfg.geometry.window, ctx.cfg.attribution
     for subject, subj_entries in sorted(by_subject.items()):
         pred = predict_subject(classifier, subj_entries, cfg, ctx.device)
         _write_prediction(ctx, subject, pred, model_path)
@@ -321,20 +321,26 @@ def run_predict(ctx: RunContext) -> int:
                  None if pred["probability"] is None else f"{pred['probability']:.3f}",
                  pred["n_windows"])
         for entry in subj_entries:
-            refs = subject_windows([entry], window, per_run).get(subject)
+            refs = subject_windows([entry], window, attr.windows).get(subject)
             if not refs:
                 continue
             windows = load_windows(refs, window)
             ents = dict(entry.meta.get("entities") or {})
             reference = nib.load(str(entry.source))
-            sources = [f"bids:fmriprep:{Path(entry.source).name}", f"models/{model_path.parent.name}"]
-            ig = integrated_gradients(classifier, windows, steps=int(o.get("ig_steps") or 32),
-                                      min_steps=min(8, int(o.get("ig_steps") or 32)))
+            sources = [f"bids:fmriprep:{Path(entry.source).name}",
+                       f"models/{model_path.parent.name}"]
+            ig = integrated_gradients(classifier, windows, steps=attr.steps,
+                                      min_steps=min(attr.min_steps, attr.steps),
+                                      baseline=attr.baseline, batch_size=attr.batch_size)
             write_run_attribution(ctx.output_dir, ents, ig, geometry, reference, atlas.name,
                                   atlas.table, space=ctx.space, res=ents.get("res"),
                                   model_meta=model_meta, sources=sources)
             if mae is not None:
-                fid = region_fidelity(mae, windows, geometry, table=atlas.table)
+                some = windows[np.linspace(0, len(windows) - 1, min(len(windows),
+                                                                    attr.fidelity_windows)
+                                           ).round().astype(int)]
+                fid = region_fidelity(mae, some, geometry, table=atlas.table,
+                                      batch_size=attr.batch_size)
                 write_run_fidelity(ctx.output_dir, ents, fid, geometry, reference, atlas.name,
                                    space=ctx.space, res=ents.get("res"),
                                    model_meta=model_meta, sources=sources)

@@ -82,6 +82,7 @@ def _cli_overrides(o: dict) -> dict[str, Any]:
                   "compile": True if o.get("compile_model") else None},
         "finetune": {"strategy": o.get("finetune_strategy"), "task_type": o.get("task_type"),
                      "folds": o.get("folds")},
+        "attribution": {"steps": o.get("ig_steps")},
         "seed": o.get("seed"),
     }
 

@@ -5,23 +5,16 @@
 fMRIPrep names its outputs (preprocessed BOLD and brain mask in
 ``space-MNI152NLin2009cAsym_res-2``, ``desc-confounds_timeseries.tsv`` + ``.json``).
 
-Signal model (per run, ``T`` frames at ``TR``):
-
-* 10 latent network time courses: AR(1) noise convolved with a canonical double-gamma HRF
-  sampled at the TR, z-scored. Each atlas system (frontal, limbic, cerebellum, ...) has a
-  home network; the last network is global.
-* Region ``r``: ``s_r = a_r (c n_home + g n_global + sqrt(1 - c^2 - g^2) u_r)`` with
-  coupling ``c = 0.7``, ``g = 0.3``, ``u_r`` region-own HRF-smoothed noise, ``a_r = 1``.
-* Voxel: ``baseline + site_scale * (10 w_v s_r + spatially smooth noise + white noise)``
-  + a slow drift and motion spikes; baseline ~ 1000 x a T1-like tissue contrast plus a
-  site offset, so z-scoring matters. Values are rounded to int16 (as scanners write).
-* **Planted group difference**: in ADHD subjects (dx 1, 2, 3) every planted region
-  (default ``Hippocampus_L`` and ``Cerebellum_Crus1_R``) has amplitude ``a_r = 1 +
-  2 effect_size`` and coupling to its home network ``c (1 - effect_size)`` (default
-  ``effect_size`` 0.5: 2x amplitude, coupling 0.7 -> 0.35; the region's total variance
-  stays ``a_r^2``). Nothing else differs between groups; sites are balanced across
-  groups. In a 6-subject, 40-frame example the log amplitude of a planted region's mean
-  signal differs by ~0.6 between groups, other regions by < 0.35.
+The signal model (network time courses, region and voxel signals, site effects, the
+planted ADHD effect) and the confounds table live in :mod:`bids_roimae.synth_signal`.
+**Planted group difference**: in ADHD subjects (dx 1, 2, 3) every planted region
+(default ``Hippocampus_L`` and ``Cerebellum_Crus1_R``) has amplitude ``a_r = 1 +
+2 effect_size`` and coupling to its home network ``c (1 - effect_size)`` (default
+``effect_size`` 0.5: 2x amplitude, coupling 0.7 -> 0.35; the region's total variance
+stays ``a_r^2``). Nothing else differs between groups; sites are balanced across
+groups. In a 6-subject, 40-frame example the log amplitude of a planted region's mean
+signal differs by ~0.6 between groups, other regions by < 0.35. BOLD values are rounded
+to int16 (as scanners write).
 
 Grid and atlas come from :func:`bids_roimae.atlas.load_template` / ``load_atlas`` (the
 app's own fetch code): real MNI152NLin2009cAsym + AAL3 when cached, otherwise
@@ -35,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 from pathlib import Path
 from typing import Optional, Sequence
@@ -46,6 +38,7 @@ import pandas as pd
 
 from .atlas import aal3_systems, load_atlas, load_template, resample_labels
 from .errors import MissingInputError
+from .synth_signal import COUPLING, SignalGrid, confounds_table, simulate_run
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +48,6 @@ RESOLUTION = {"2": "TemplateFlow resolution 2 (2 mm isotropic)"}
 DEFAULT_PLANTED = ("Hippocampus_L", "Cerebellum_Crus1_R")
 DX_LEVELS = {"0": "Typically developing control", "1": "ADHD-Combined",
              "2": "ADHD-Hyperactive/Impulsive", "3": "ADHD-Inattentive"}
-SYSTEM_NETWORK = {"frontal": 0, "parietal": 1, "temporal": 2, "occipital": 3, "limbic": 4,
-                  "insula": 5, "thalamus": 6, "subcortical": 7, "cerebellum": 8, "vermis": 8}
-N_NETWORKS, GLOBAL_NETWORK = 10, 9
-COUPLING, GLOBAL_WEIGHT = 0.7, 0.3
 # Seeds of the synthetic parcellation in ellipsoid coordinates (x: right, y: anterior,
 # z: superior; each in [-1, 1]); bilateral unless x == 0. Brain voxels go to the nearest.
 _SEEDS = [("Frontal_Sup_2", .25, .70, .50), ("Frontal_Mid_2", .60, .55, .30),
@@ -165,181 +154,6 @@ def _environment(**values):
                 os.environ[key] = value
 
 
-# -- signal model ---------------------------------------------------------------------
-
-def _hrf(tr: float, duration: float = 32.0) -> np.ndarray:
-    """Canonical double-gamma HRF (peak 5 s, undershoot 15 s, ratio 1/6) every ``tr`` s."""
-    t = np.arange(0.0, duration, tr)
-    gamma_pdf = lambda shape: t ** (shape - 1) * np.exp(-t) / math.gamma(shape)
-    h = gamma_pdf(6) - gamma_pdf(16) / 6.0
-    return h / h.sum()
-
-
-def _slow_series(rng, n_series: int, n_frames: int, tr: float) -> np.ndarray:
-    """HRF-convolved AR(1) noise, z-scored per row; shape (n_series, n_frames)."""
-    from scipy.signal import lfilter
-
-    h = _hrf(tr)
-    noise = rng.standard_normal((n_series, n_frames + len(h)))
-    series = lfilter(h, [1.0], lfilter([1.0], [1.0, -0.3], noise, axis=1), axis=1)
-    series = series[:, len(h):]
-    series -= series.mean(1, keepdims=True)
-    return series / (series.std(1, keepdims=True) + 1e-12)
-
-
-class _Grid:
-    """Everything about the model grid that all runs share (brain voxels in F order)."""
-
-    def __init__(self, template, labels, table, planted, rng):
-        from scipy.ndimage import gaussian_filter
-
-        self.shape = tuple(template.mask_img.shape)
-        self.affine = template.mask_img.affine
-        brain = np.asarray(template.mask_img.dataobj) > 0
-        self.brain = brain
-        self.flat = np.flatnonzero(brain.ravel(order="F"))  # F order, as NIfTI stores
-        voxel_labels = labels.ravel(order="F")[self.flat]
-        self.region_ids = np.unique(voxel_labels[voxel_labels > 0])
-        # Region row of every brain voxel; unlabelled voxels point past the regions.
-        self.region_row = np.where(voxel_labels > 0,
-                                   np.searchsorted(self.region_ids, voxel_labels),
-                                   self.region_ids.size)
-        self.planted_rows = np.searchsorted(self.region_ids, np.asarray(planted, dtype=int))
-        # Home network by system; systems of other atlases (e.g. Schaefer's "Vis") take
-        # the non-global networks in turn.
-        systems = dict(zip(table["index"].astype(int), table["system"].astype(str)))
-        region_systems = [systems.get(int(r), "") for r in self.region_ids]
-        others = sorted(set(region_systems) - set(SYSTEM_NETWORK))
-        self.home = np.array([SYSTEM_NETWORK[s] if s in SYSTEM_NETWORK
-                              else others.index(s) % GLOBAL_NETWORK for s in region_systems])
-        n_vox = self.flat.size
-        self.loading = rng.uniform(0.6, 1.0, n_vox).astype(np.float32)
-        if template.t1w_path is not None:
-            t1 = np.asarray(nib.load(str(template.t1w_path)).dataobj, dtype=np.float32)
-            t1 = t1.ravel(order="F")[self.flat]
-            t1 = np.clip(t1 / (np.percentile(t1, 99) + 1e-6), 0, 1.2)
-        else:
-            t1 = np.ones(n_vox, dtype=np.float32)
-        self.tissue = t1.astype(np.float32)
-        self.baseline = (700.0 + 500.0 * self.tissue).astype(np.float32)
-        order = np.argsort(self.tissue, kind="stable")
-        self.csf_rows = order[: max(n_vox // 10, 1)]       # darkest tenth
-        self.wm_rows = order[-max(3 * n_vox // 10, 1):]    # brightest 30 %
-        # Spatially smooth noise patterns (sigma 1.5 voxels), unit variance in the brain.
-        maps = []
-        for _ in range(12):
-            field = gaussian_filter(rng.standard_normal(self.shape).astype(np.float32), 1.5)
-            values = field.ravel(order="F")[self.flat]
-            maps.append(values / (values.std() + 1e-6))
-        self.noise_maps = np.stack(maps, axis=1)  # (V, 12)
-
-
-def _simulate_run(grid: _Grid, rng, n_frames: int, tr: float, adhd: bool,
-                  effect_size: float, site_scale: float, site_offset: float):
-    """One run's brain-voxel time series (V, T) float32 and its motion (T, 6)."""
-    n_regions = grid.region_ids.size
-    networks = _slow_series(rng, N_NETWORKS, n_frames, tr)
-    own = _slow_series(rng, n_regions, n_frames, tr)
-    amplitude = np.ones(n_regions)
-    coupling = np.full(n_regions, COUPLING)
-    if adhd:
-        amplitude[grid.planted_rows] = 1.0 + 2.0 * effect_size
-        coupling[grid.planted_rows] *= 1.0 - effect_size
-    unique = np.sqrt(1.0 - coupling ** 2 - GLOBAL_WEIGHT ** 2)
-    region_signal = amplitude[:, None] * (coupling[:, None] * networks[grid.home]
-                                          + GLOBAL_WEIGHT * networks[GLOBAL_NETWORK]
-                                          + unique[:, None] * own)
-    region_signal = np.vstack([region_signal, GLOBAL_WEIGHT * networks[GLOBAL_NETWORK]])
-    n_vox = grid.flat.size
-    data = (10.0 * grid.loading[:, None]) * region_signal.astype(np.float32)[grid.region_row]
-    # 12 patterns of unit variance: per-voxel smooth-noise std 6.
-    smooth = 6.0 / np.sqrt(12) * _slow_series(rng, 12, n_frames, tr)
-    data += grid.noise_maps @ smooth.astype(np.float32)
-    data += rng.standard_normal((n_vox, n_frames), dtype=np.float32) * 5.0
-    data *= site_scale
-    # Head motion: random walks with one jump; large framewise displacement leaves a
-    # global intensity spike (what scrubbing removes).
-    trans = np.cumsum(rng.normal(0, 0.03, (n_frames, 3)), axis=0)
-    rot = np.cumsum(rng.normal(0, 0.0005, (n_frames, 3)), axis=0)
-    jump = rng.integers(n_frames // 3, max(n_frames // 3 + 1, n_frames - 1))
-    trans[jump:] += rng.normal(0, 0.4, 3)
-    motion = np.hstack([trans, rot])
-    fd = np.nan_to_num(_framewise_displacement(motion))
-    drift = np.linspace(-0.5, 0.5, n_frames, dtype=np.float32) * rng.normal(0, 5.0)
-    spikes = np.where(fd > 0.5, 10.0 * fd, 0.0).astype(np.float32)
-    base = grid.baseline + site_offset
-    data += base[:, None] * (1.0 + 0.001 * (drift + spikes))[None, :]
-    return data, motion
-
-
-def _framewise_displacement(motion: np.ndarray) -> np.ndarray:
-    """Power's FD of (T, 6) motion (mm, rad on a 50 mm sphere); NaN for the first frame."""
-    step = np.abs(np.diff(motion, axis=0))
-    return np.r_[np.nan, step[:, :3].sum(1) + 50.0 * step[:, 3:].sum(1)]
-
-
-def _derived(name: str, series: np.ndarray) -> dict:
-    """fMRIPrep's expansions of a confound: derivative1, power2 and both."""
-    deriv = np.r_[np.nan, np.diff(series)]
-    return {name: series, f"{name}_derivative1": deriv, f"{name}_power2": series ** 2,
-            f"{name}_derivative1_power2": deriv ** 2}
-
-
-def _compcor(series: np.ndarray, n: int, prefix: str, mask: str):
-    """Principal components of detrended rows of ``series`` (rows, T)."""
-    t = np.linspace(-1, 1, series.shape[1])
-    design = np.stack([np.ones_like(t), t], 1)
-    resid = series.T - design @ np.linalg.lstsq(design, series.T, rcond=None)[0]
-    u, s, _ = np.linalg.svd(resid, full_matrices=False)
-    var = s ** 2 / (s ** 2).sum()
-    cols, meta = {}, {}
-    for k in range(min(n, u.shape[1])):
-        name = f"{prefix}_{k:02d}"
-        cols[name] = u[:, k]
-        meta[name] = {"Method": prefix[0] + "CompCor", "Mask": mask, "Retained": True,
-                      "SingularValue": float(s[k]), "VarianceExplained": float(var[k]),
-                      "CumulativeVarianceExplained": float(var[: k + 1].sum())}
-    return cols, meta
-
-
-def _confounds(grid: _Grid, data: np.ndarray, motion: np.ndarray, tr: float, rng):
-    """A confounds table in fMRIPrep's columns and its JSON metadata."""
-    n_frames = data.shape[1]
-    cols: dict = {}
-    cols.update(_derived("global_signal", data.mean(0)))
-    cols.update(_derived("csf", data[grid.csf_rows].mean(0)))
-    cols.update(_derived("white_matter", data[grid.wm_rows].mean(0)))
-    diff = np.diff(data, axis=1)
-    dvars = np.r_[np.nan, np.sqrt((diff ** 2).mean(0))]
-    cols.update({"dvars": dvars, "std_dvars": dvars / np.nanmedian(dvars)})
-    fd = _framewise_displacement(motion)
-    cols["framewise_displacement"] = fd
-    cols["rmsd"] = np.r_[np.nan, np.sqrt((np.diff(motion[:, :3], axis=0) ** 2).sum(1))]
-    meta: dict = {}
-    pick = lambda rows: rows[rng.choice(rows.size, min(rows.size, 2000), replace=False)]
-    high_variance = np.argsort(data.var(1))[-2000:]
-    for prefix, rows, mask, n in (
-            ("a_comp_cor", np.r_[grid.csf_rows, grid.wm_rows], "combined", 5),
-            ("c_comp_cor", grid.csf_rows, "CSF", 3), ("w_comp_cor", grid.wm_rows, "WM", 3),
-            ("t_comp_cor", high_variance, "t", 3)):
-        new_cols, new_meta = _compcor(data[pick(rows)].astype(np.float64), n, prefix, mask)
-        cols.update(new_cols)
-        meta.update(new_meta)
-    # Discrete cosine basis of a 128 s high-pass filter, as fMRIPrep writes it.
-    n_cos = max(1, int(np.floor(2 * n_frames * tr / 128.0)))
-    frame = np.arange(n_frames)
-    for k in range(1, n_cos + 1):
-        cols[f"cosine{k - 1:02d}"] = np.sqrt(2.0 / n_frames) * np.cos(
-            np.pi * (frame + 0.5) * k / n_frames)
-    for i, name in enumerate(("trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z")):
-        cols.update(_derived(name, motion[:, i]))
-    outliers = np.flatnonzero((np.nan_to_num(fd) > 0.5)
-                              | (np.nan_to_num(cols["std_dvars"]) > 1.5))
-    for k, frame_index in enumerate(outliers):
-        cols[f"motion_outlier{k:02d}"] = (frame == frame_index).astype(float)
-    return pd.DataFrame(cols), meta
-
-
 # -- writing --------------------------------------------------------------------------
 
 def _save_nifti(data: np.ndarray, affine: np.ndarray, path: Path, tr: Optional[float] = None):
@@ -358,7 +172,7 @@ def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n")
 
 
-def _to_volume(grid: _Grid, values: np.ndarray) -> np.ndarray:
+def _to_volume(grid: SignalGrid, values: np.ndarray) -> np.ndarray:
     """Scatter brain-voxel rows (V, T) into an int16 (X, Y, Z, T) volume, zero outside."""
     vol = np.zeros(grid.shape + (values.shape[1],), dtype=np.int16, order="F")
     vol.reshape(-1, values.shape[1], order="F")[grid.flat] = np.rint(values)  # a view
@@ -462,10 +276,10 @@ def make_dataset(out: Path, *, n_subjects: int = 12, n_frames: int = 60, tr: flo
                              max(1, int(n_jobs)), __version__)
 
 
-def _write_run(job: dict, grid: _Grid, out: Path, fmriprep: Path, space: str) -> str:
+def _write_run(job: dict, grid: SignalGrid, out: Path, fmriprep: Path, space: str) -> str:
     """Simulate one run and write its raw stub and fMRIPrep-named derivatives."""
     ents, rel, tr, task, rng = job["ents"], job["rel"], job["tr"], job["task"], job["rng"]
-    data, motion = _simulate_run(grid, rng, job["n_frames"], tr, job["adhd"],
+    data, motion = simulate_run(grid, rng, job["n_frames"], tr, job["adhd"],
                                  job["effect_size"], job["site_scale"], job["site_offset"])
     stub = rng.integers(0, 1000, (6, 7, 5, job["n_frames"])).astype(np.int16)
     _save_nifti(stub, np.diag([3.0, 3.0, 3.0, 1.0]), out / rel / f"{ents}_bold.nii.gz", tr)
@@ -481,7 +295,7 @@ def _write_run(job: dict, grid: _Grid, out: Path, fmriprep: Path, space: str) ->
                                                          "RawSources": [bold.name]})
     _save_nifti(_to_volume(grid, data.mean(1, keepdims=True))[..., 0], grid.affine,
                 Path(f"{prefix}_boldref.nii.gz"))
-    table, meta = _confounds(grid, data, motion, tr, rng)
+    table, meta = confounds_table(grid, data, motion, tr, rng)
     conf = fmriprep / rel / f"{ents}_desc-confounds_timeseries.tsv"
     table.to_csv(conf, sep="\t", index=False, na_rep="n/a", float_format="%.8g")
     _write_json(conf.with_suffix(".json"), meta)
@@ -498,7 +312,7 @@ def _make_dataset(out, n_subjects, n_frames, tr, seed, sessions, runs, tasks,
     labels, _ = resample_labels(atlas, template.mask_img)
     brain = np.asarray(template.mask_img.dataobj) > 0
     planted = _planted_ids(planted_regions, atlas.table, np.unique(labels[brain & (labels > 0)]))
-    grid = _Grid(template, labels, atlas.table, planted, rng)
+    grid = SignalGrid(template, labels, atlas.table, planted, rng)
     participants = _assign_participants(n_subjects, n_sites, rng)
     site_names = sorted(participants["site"].unique())
     fmriprep = out / "derivatives" / "fmriprep"

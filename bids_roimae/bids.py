@@ -6,25 +6,21 @@ sidecars here, following the BIDS inheritance principle over the derivatives fol
 when it is a separate dataset, the raw BIDS folder. Companion files (brain mask, confounds)
 are found by name in the run's folder.
 
-With ``database_dir`` the pybids index is kept in SQLite and reused by later calls while
-the top-level listing of the derivatives folder is unchanged (a new or removed subject
-rebuilds it). The index is built in a private folder and renamed into place, so
-participant jobs started together never read a half-written index.
+The pybids layout, its saved index and the query it answers are in
+:mod:`bids_roimae.bids_index`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import re
-import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+from .bids_index import layout_query, open_layout
 from .errors import BadDataError, MissingInputError, NoDataSelected, UsageError
 
 log = logging.getLogger(__name__)
@@ -46,15 +42,6 @@ _SOURCE_KEYS = ("sub", "ses", "task", "acq", "ce", "rec", "dir", "run", "echo", 
 # filter-file keys this module sets itself
 _RESERVED_FILTERS = {"space", "desc", "extension", "res", "den"}
 _FIXED_FILTERS = {"suffix": "bold", "datatype": "func"}
-# fMRIPrep folders that hold no BOLD series; skipping them keeps indexing fast
-_IGNORE = (
-    re.compile(r"^/(code|models|sourcedata|stimuli|logs|log|figures)(/|$)"),
-    re.compile(r"^/sub-[^/]+/(ses-[^/]+/)?(anat|fmap|dwi|perf|figures|log|xfm)(/|$)"),
-    # only preprocessed BOLD is queried; companions and sidecars are found by name
-    re.compile(r"^/sub-[^/]+/(ses-[^/]+/)?func/(?![^/]*_desc-preproc_bold\.nii(\.gz)?$)[^/]+$"),
-    re.compile(r"^/[^/]+\.html$"),
-)
-_INDEX_VERSION = "2"  # bump when _IGNORE or the layout config change
 
 
 @dataclass(frozen=True)
@@ -262,68 +249,6 @@ def load_filter_file(path) -> dict:
     return data
 
 
-def _as_query(value):
-    from bids.layout import Query
-
-    def one(v):
-        return Query.NONE if v is None else Query.ANY if v == "*" else v
-
-    return [one(v) for v in value] if isinstance(value, list) else one(value)
-
-
-def _root_fingerprint(root: Path) -> str:
-    """Changes when a subject folder is added or removed (one listdir, no crawl)."""
-    listing = "\n".join(sorted(os.listdir(root)))
-    return hashlib.sha1(f"{_INDEX_VERSION}\n{listing}".encode()).hexdigest()
-
-
-def _open_layout(root: Path, database_dir):
-    """pybids layout over ``root`` without metadata, reusing a saved index when valid."""
-    from bids import BIDSLayout
-    from bids.layout import BIDSLayoutIndexer
-
-    def build(database_path):
-        indexer = BIDSLayoutIndexer(validate=False, index_metadata=False, ignore=list(_IGNORE))
-        return BIDSLayout(root, validate=False, config=["bids", "derivatives"],
-                          indexer=indexer, database_path=database_path,
-                          reset_database=database_path is not None)
-
-    if database_dir is None:
-        return build(None)
-    database_dir = Path(database_dir).absolute()
-    final = database_dir / f"fmriprep-{hashlib.sha1(str(root).encode()).hexdigest()[:12]}"
-    fingerprint = _root_fingerprint(root)
-    stamp = final / "fingerprint.txt"
-    if (final / "layout_index.sqlite").is_file() and stamp.is_file() \
-            and stamp.read_text() == fingerprint:
-        return BIDSLayout(root, validate=False, database_path=final)
-    try:
-        database_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        log.warning("cannot save the BIDS index in %s (%s); indexing in memory", database_dir, err)
-        return build(None)
-    # index privately, then rename into place: concurrent jobs never see a partial index
-    private = database_dir / f".{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
-    try:
-        layout = build(private)
-        del layout  # its SQLite connections refer to the private path
-        (private / "fingerprint.txt").write_text(fingerprint)
-        if final.exists():
-            stale = database_dir / f".{final.name}.stale.{uuid.uuid4().hex[:8]}"
-            try:
-                final.rename(stale)
-                shutil.rmtree(stale, ignore_errors=True)
-            except OSError:
-                pass  # another job replaced it first
-        try:
-            private.rename(final)
-        except OSError:
-            pass  # another job renamed its (equivalent) index first
-    finally:
-        shutil.rmtree(private, ignore_errors=True)
-    return BIDSLayout(root, validate=False, database_path=final)
-
-
 def _parse_name(name: str):
     """``(pairs [(short key, value)], suffix, extension)`` of a BIDS file name."""
     stem, _, ext = name.partition(".")
@@ -406,24 +331,6 @@ def _res_rank(res: str | None) -> tuple:
     return (1, "") if res is None else (2, res)
 
 
-def _query_for(subjects, sessions, tasks, filters) -> dict:
-    query = {"datatype": "func", "suffix": "bold", "desc": "preproc",
-             "extension": [".nii.gz", ".nii"]}
-    for name, labels in (("subject", subjects), ("session", sessions), ("task", tasks)):
-        if labels:
-            query[name] = labels
-    for name, value in filters.items():
-        if name in query and name in ("subject", "session", "task"):
-            wanted = [str(v) for v in (value if isinstance(value, list) else [value])
-                      if v is not None and v != "*"]
-            query[name] = [v for v in query[name] if v in wanted]
-            if not query[name]:
-                raise NoDataSelected(f"the {name} labels and the BIDS filter file select nothing together")
-        else:
-            query[name] = _as_query(value)
-    return query
-
-
 def discover(bids_dir, *, derivatives=None, participant_labels=None, session_labels=None,
              task_labels=None, space="MNI152NLin2009cAsym", bids_filters=None,
              database_dir=None) -> list[BoldRun]:
@@ -459,7 +366,7 @@ def discover(bids_dir, *, derivatives=None, participant_labels=None, session_lab
     roots = [root] + ([raw_root] if raw_root != root else [])
     subjects = normalise_labels(participant_labels, "sub")
     filters = _check_filters((bids_filters or {}).get("bold", {}))
-    layout = _open_layout(root, database_dir)
+    layout = open_layout(root, database_dir)
     if subjects:
         known = set(layout.get(return_type="id", target="subject"))
         missing = [s for s in subjects if s not in known]
@@ -467,7 +374,7 @@ def discover(bids_dir, *, derivatives=None, participant_labels=None, session_lab
             raise NoDataSelected(
                 f"participant label(s) not found in {root}: {', '.join(missing)} "
                 f"(found: {', '.join(sorted(known)[:10]) or 'none'}{' ...' if len(known) > 10 else ''})")
-    query = _query_for(subjects, normalise_labels(session_labels, "ses"),
+    query = layout_query(subjects, normalise_labels(session_labels, "ses"),
                        normalise_labels(task_labels, "task"), filters)
     found = [Path(p) for p in layout.get(return_type="filename", **query)]
     if not found:

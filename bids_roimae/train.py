@@ -379,6 +379,10 @@ def _train(entries, geometry, cfg, model_dir, dist: DistContext, resume, atlas_m
                         samples_per_s=batch * world * n_steps / span)
                 bar.set_postfix(loss=f"{last_loss:.4f}",
                                 val=f"{last_val:.4f}" if last_val is not None else "n/a")
+                if bar.disable and rank == 0:  # batch jobs have no bar: log the progress
+                    log.info("step %d/%d loss %.4f val %s lr %.2e %.1f samples/s", done,
+                             steps, last_loss, "n/a" if last_val is None else
+                             f"{last_val:.4f}", lr, batch * world * n_steps / span)
             if is_ckpt and rank == 0:
                 save_checkpoint(ckpt_path, model=model, cfg=cfg, geometry=geometry, step=done,
                                 optimizer=optimizer, scheduler=sched_state(done), extra=extra)

@@ -40,8 +40,8 @@ out=$demo/out
 common=(--model-preset tiny --skip-bids-validation -w "$demo/work" --nprocs 2)
 set -x
 bids_roimae "$data" "$out" participant --mode prepare "${common[@]}"
-bids_roimae "$data" "$out" group --mode pretrain --masking roi --steps 60 --batch-size 4 "${common[@]}"
-bids_roimae "$data" "$out" group --mode pretrain --masking random --steps 60 --batch-size 4 "${common[@]}"
+bids_roimae "$data" "$out" group --mode pretrain --masking roi --steps 20 --batch-size 2 "${common[@]}"
+bids_roimae "$data" "$out" group --mode pretrain --masking random --steps 20 --batch-size 2 "${common[@]}"
 bids_roimae "$data" "$out" participant --mode finetune --target dx --positive 1 2 3 \
   --folds 3 --compare-masking "${common[@]}"
 bids_roimae "$data" "$out" participant --mode finetune --target dx --positive 1 2 3 \

@@ -11,10 +11,11 @@ The cache key is a content hash of what decides the token values: the source BOL
 extraction hash, the preprocessing settings and the template space. Same inputs, same key,
 same bytes; so concurrent writers of one entry can only ever race to write identical files.
 
-Atomicity: both files are first written under ``<name>.tmp-<pid>-<random>`` in the final
-folder and fsynced; the JSON is renamed into place first, the ``.npy`` last. An entry is a
-``.npy`` whose JSON exists and is complete, so a reader never sees tokens without their meta,
-and a killed writer leaves only ``.tmp-*`` files, which no reader looks at.
+Atomicity (:mod:`bids_roimae.atomic`): both files are first written under
+``.<name>.tmp-<pid>-<random>`` in the final folder and fsynced; the JSON is renamed into
+place first, the ``.npy`` last. An entry is a ``.npy`` whose JSON exists and is complete,
+so a reader never sees tokens without their meta, and a killed writer leaves only
+``.tmp-*`` files, which no reader looks at.
 """
 
 from __future__ import annotations
@@ -23,8 +24,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
-import secrets
 import time
 import warnings
 from dataclasses import dataclass
@@ -33,12 +32,14 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from . import atomic
+
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 KEY_LENGTH = 12
 HASH_INDEX_DIRNAME = ".source-hashes"
-_TMP_MARK = ".tmp-"
+_TMP_MARK = atomic.TMP_MARK
 _READ_CHUNK = 8 << 20
 
 # In-process memo of file digests: (abs path, size, mtime_ns) -> hex digest.
@@ -199,7 +200,8 @@ def file_digest(path, index_dir=None) -> str:
                   "digest": digest}
         try:
             index_file.parent.mkdir(parents=True, exist_ok=True)
-            _atomic_write_bytes(index_file, json.dumps(record).encode(), durable=False)
+            atomic.write_bytes(index_file, json.dumps(record).encode(), fsync=False,
+                               mkdir=False)
         except OSError as exc:  # a read-only output only costs a re-hash next time
             logger.debug("could not record digest of %s: %s", path, exc)
     return digest
@@ -345,21 +347,20 @@ def write_entry(npy_path, shape: tuple, dtype, fill: Callable[[np.ndarray], None
     npy_path.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(meta, shape=[int(s) for s in shape], dtype=np.dtype(dtype).name,
                 format=FORMAT_VERSION, complete=True)
-    tmp_npy = _tmp_name(npy_path)
-    try:
+
+    def write_tokens_then_meta(tmp_npy: Path) -> None:
         arr = np.lib.format.open_memmap(tmp_npy, mode="w+", dtype=dtype, shape=tuple(shape))
         fill(arr)
         arr.flush()
         del arr
-        _fsync_file(tmp_npy)
-        _atomic_write_bytes(meta_path(npy_path),
-                            json.dumps(meta, indent=1, sort_keys=True, default=str)
-                            .encode())
-        os.replace(tmp_npy, npy_path)
-        _fsync_dir(npy_path.parent)
-    finally:
-        if tmp_npy.exists():
-            tmp_npy.unlink()
+        atomic.fsync_file(tmp_npy)
+        # the meta goes into place before the tokens: a visible .npy always has its meta
+        atomic.write_bytes(meta_path(npy_path),
+                           json.dumps(meta, indent=1, sort_keys=True, default=str).encode(),
+                           mkdir=False)
+
+    atomic.write_via(npy_path, write_tokens_then_meta, fsync=False, mkdir=False)
+    atomic.fsync_dir(npy_path.parent)
     return CacheEntry(npy_path, meta)
 
 
@@ -435,45 +436,6 @@ def remove_stale_temps(folder, max_age_s: float = 86400.0) -> int:
 # -- helpers ---------------------------------------------------------------------------
 def _exists(path) -> bool:
     return path is not None and Path(path).is_file()
-
-
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f"{path.name}{_TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
-
-
-def _atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
-    tmp = _tmp_name(path)
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            if durable:
-                fh.flush()
-                os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some platforms cannot open folders; the rename already happened
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _header_matches(entry: CacheEntry) -> bool:

@@ -12,7 +12,6 @@ shared model file cannot run code on load. Keys:
 
 from __future__ import annotations
 
-import os
 import platform
 from pathlib import Path
 from typing import Any, Optional
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import atomic
 from .config import AppConfig
 from .errors import BadDataError, MissingInputError, OutputError
 from .geometry import TokenGeometry
@@ -103,13 +103,9 @@ def save_checkpoint(path, *, model: nn.Module, cfg: AppConfig, geometry: TokenGe
         "versions": versions(),
         "extra": _to_plain(dict(extra or {})),
     }
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
+        atomic.write_via(path, lambda tmp: torch.save(payload, tmp), fsync=False)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise OutputError(f"cannot write checkpoint {path}: {exc}") from exc
     return path
 

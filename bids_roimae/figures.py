@@ -162,7 +162,7 @@ def build_participant_report(output_dir, subject: str, *, template=None) -> Path
 
     import nibabel as nib
 
-    from .outputs import _atomic_write
+    from .outputs import write_text
     from .report import find_outputs
 
     label = str(subject).removeprefix("sub-")
@@ -196,7 +196,7 @@ def build_participant_report(output_dir, subject: str, *, template=None) -> Path
     page = html_page(f"sub-{label}: region attribution", sections,
                      subtitle="bids_roimae participant report")
     path = Path(output_dir) / f"sub-{label}.html"
-    return _atomic_write(path, lambda f: f.write(page))
+    return write_text(path, page)
 
 
 __all__ = ["bar_png", "brain_png", "build_participant_report", "data_uri", "figure_html",

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import re
 from pathlib import Path
 from typing import Optional, Sequence
@@ -267,16 +266,6 @@ def run_finetune(entries: Sequence, labels: pd.Series, pretrained, cfg, output_d
 
 
 # -- files ------------------------------------------------------------------------------
-def _atomic_write(path: Path, text: str) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise OutputError(f"cannot write {path}: {exc}") from exc
-
-
 def _write_json(path: Path, data) -> None:
     from .outputs import write_json
 
@@ -287,8 +276,12 @@ def _write_json(path: Path, data) -> None:
 
 
 def _write_tsv(path: Path, table: pd.DataFrame) -> None:
-    _atomic_write(path, table.to_csv(sep="\t", index=False, na_rep="n/a",
-                                     float_format="%.6g"))
+    from .outputs import write_tsv
+
+    try:
+        write_tsv(path, table)
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc}") from exc
 
 
 def _write_subject_predictions(output_dir: Path, subject_id: str, rows: pd.DataFrame

@@ -2,7 +2,8 @@
 
 Every file name is built from BIDS entities (:func:`derivative_path`), never by joining
 user text; every write is atomic (a unique temporary file in the same folder, then
-``os.replace``), so concurrent participant jobs never leave a half-written file.
+``os.replace``; :mod:`bids_roimae.atomic`), so concurrent participant jobs never leave a
+half-written file.
 
 What ``bids-validator-deno`` 3.0.2 (schema 1.2.7, BIDS 1.11) accepts in a derivative
 dataset, found by running it on small trees written with this module. The passing
@@ -34,15 +35,14 @@ derivative rules; ``--datasetTypes derivative`` gives the same result and is not
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
 import re
 import tempfile
-import uuid
 from pathlib import Path
 
+from . import atomic
 from .errors import OutputError
 
 CODE_URL = "https://github.com/bidsroimae/bids_roimae"
@@ -129,29 +129,49 @@ def derivative_path(output_dir, source_entities: dict, *, suffix: str, extension
     return folder / datatype / name
 
 
-@functools.cache
-def _umask() -> int:
-    """The process umask (read once: reading it means setting it briefly)."""
-    current = os.umask(0o022)
-    os.umask(current)
-    return current
+def write_text(path, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (UTF-8, fsynced; folders created).
+
+    Parameters
+    ----------
+    path : path-like
+        Destination.
+    text : str
+        The complete content.
+
+    Returns
+    -------
+    Path
+        ``path``.
+    """
+    return atomic.write_text(path, text)
 
 
-def _atomic_write(path: Path, write, binary: bool = False) -> Path:
-    """Write through ``write(file)`` to a unique temporary file, then rename onto ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs follow the umask
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def write_tsv(path, table, column_descriptions: dict | None = None) -> Path:
+    """Write a table as a BIDS TSV atomically, with a sidecar describing its columns.
+
+    Parameters
+    ----------
+    path : path-like
+        Destination ``.tsv``.
+    table : pandas.DataFrame
+        Written without its index; missing values as ``n/a``, floats with 6 significant
+        digits, ``\\n`` line ends.
+    column_descriptions : dict, optional
+        ``{column: description}``; the sidecar (same name, ``.json``) describes the
+        columns of ``table`` found here. ``None`` writes no sidecar.
+
+    Returns
+    -------
+    Path
+        ``path``.
+    """
+    text = table.to_csv(sep="\t", index=False, na_rep="n/a", lineterminator="\n",
+                        float_format="%.6g")
+    write_text(path, text)
+    if column_descriptions is not None:
+        write_sidecar(path, {c: {"Description": d} for c, d in column_descriptions.items()
+                             if c in table})
     return path
 
 
@@ -177,7 +197,7 @@ def _json_text(data) -> str:
 def write_json(path, data) -> Path:
     """Write ``data`` as JSON atomically (sorted keys, indent 2; NaN written as null)."""
     text = _json_text(data)
-    return _atomic_write(Path(path), lambda f: f.write(text))
+    return write_text(path, text)
 
 
 def _stem(path: Path) -> str:
@@ -210,15 +230,7 @@ def save_image(img, path, metadata) -> Path:
     import nibabel as nib
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{uuid.uuid4().hex}.{path.name}")
-    try:
-        nib.save(img, tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic.write_via(path, lambda tmp: nib.save(img, tmp), fsync=False, keep_suffix=True)
     write_sidecar(path, metadata)
     return path
 
@@ -298,7 +310,7 @@ def write_bidsignore(output_dir, patterns: list[str]) -> Path:
         lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
         merged = lines + [p for p in dict.fromkeys(wanted) if p not in lines]
         if merged != lines or not path.exists():
-            _atomic_write(path, lambda f: f.write("".join(f"{line}\n" for line in merged)))
+            write_text(path, "".join(f"{line}\n" for line in merged))
     return path
 
 
@@ -348,7 +360,7 @@ def write_atlas_files(output_dir, atlas_name, labels_img, table, space, res) -> 
                         "Description": f"{name} regions resampled to the model grid"})
     columns = ["index", "name"] + (["system"] if "system" in table.columns else [])
     tsv = table[columns].sort_values("index").to_csv(sep="\t", index=False, lineterminator="\n")
-    table_path = _atomic_write(out / f"atlas-{name}_dseg.tsv", lambda f: f.write(tsv))
+    table_path = write_text(out / f"atlas-{name}_dseg.tsv", tsv)
     description = write_json(out / f"atlas-{name}_description.json",
                              {"Name": name, "Description": f"{name} atlas as used by bids_roimae"})
     return {"image": image, "sidecar": out / f"space-{space}_atlas-{name}_res-{res}_dseg.json",

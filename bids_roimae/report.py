@@ -54,16 +54,6 @@ def name_entities(path) -> dict:
     return out
 
 
-def _write_tsv(table: pd.DataFrame, path: Path, columns: dict) -> Path:
-    from .outputs import _atomic_write, write_sidecar
-
-    text = table.to_csv(sep="\t", index=False, na_rep="n/a", lineterminator="\n",
-                        float_format="%.6g")
-    _atomic_write(path, lambda f: f.write(text))
-    write_sidecar(path, {c: {"Description": d} for c, d in columns.items() if c in table})
-    return path
-
-
 def _resolution_meta(res, reference) -> dict:
     if res is None:
         return {}
@@ -112,7 +102,7 @@ def write_run_attribution(output_dir, source_entities: dict, ig: IGResult,
     dict
         ``{"absmean": Path, "signedmean": Path, "table": Path}``.
     """
-    from .outputs import derivative_path, save_image
+    from .outputs import derivative_path, save_image, write_tsv
 
     meta = {**ig.metadata(), "Model": dict(model_meta or {}), "Atlas": atlas_name,
             "Sources": list(sources), "Space": space, **_resolution_meta(res, reference)}
@@ -129,7 +119,7 @@ def write_run_attribution(output_dir, source_entities: dict, ig: IGResult,
                          signed_values=ig.signed_mean, mask=geometry.voxel_mask)
     tpath = derivative_path(output_dir, source_entities, suffix="bold", extension=".tsv",
                             space=space, seg=atlas_name, stat="ig")
-    paths["table"] = _write_tsv(table, tpath, _region_columns({
+    paths["table"] = write_tsv(tpath, table, _region_columns({
         "mean_abs": "Mean |IG attribution| over the region's voxels",
         "signed_mean": "Mean signed IG attribution over the region's voxels"}))
     return paths
@@ -152,7 +142,7 @@ def write_run_fidelity(output_dir, source_entities: dict, fidelity: pd.DataFrame
     dict
         ``{"error": Path, "shift": Path, "table": Path}``.
     """
-    from .outputs import derivative_path, save_image
+    from .outputs import derivative_path, save_image, write_tsv
 
     meta = {"Method": "region occlusion of the masked autoencoder (tube mask per region)",
             "Model": dict(model_meta or {}), "Atlas": atlas_name, "Sources": list(sources),
@@ -171,7 +161,7 @@ def write_run_fidelity(output_dir, source_entities: dict, fidelity: pd.DataFrame
                                              "hidden from the encoder"})
     tpath = derivative_path(output_dir, source_entities, suffix="bold", extension=".tsv",
                             space=space, seg=atlas_name, stat="fidelity")
-    paths["table"] = _write_tsv(fidelity, tpath, _region_columns({
+    paths["table"] = write_tsv(tpath, fidelity, _region_columns({
         "n_tokens": "Spatial tokens owned by the region",
         "error": "Mean reconstruction MSE of the region's tokens when it is hidden",
         "error_sd": "SD of error over windows",
@@ -386,7 +376,7 @@ def build_group_report(output_dir, participants: Optional[pd.DataFrame], atlas, 
         Paths written, keyed by what they hold; ``"html"`` is the report.
     """
     from .figures import brain_png, figure_html, html_page, html_table, ranking_section
-    from .outputs import _atomic_write, save_image
+    from .outputs import save_image, write_text, write_tsv
 
     out, seg = {}, atlas.name
     sections = []
@@ -409,7 +399,7 @@ def build_group_report(output_dir, participants: Optional[pd.DataFrame], atlas, 
         systems = system_ranking(tables, value)
         for key, table in (("regions", ranking), ("systems", systems)):
             path = _group_path(output_dir, "stats", ".tsv", seg=seg, stat=stat, desc=key)
-            out[f"{stat}_{key}"] = _write_tsv(table, path, {c: c for c in table.columns})
+            out[f"{stat}_{key}"] = write_tsv(path, table, {c: c for c in table.columns})
         inner = [f"<p class='meta'>{n_sub} participants, {len(tables)} region rows.</p>"]
         maps = {}
         for ents, path in find_outputs(output_dir, stat=stat, suffix="boldmap",
@@ -442,7 +432,7 @@ def build_group_report(output_dir, participants: Optional[pd.DataFrame], atlas, 
             if diff is not None:
                 path = _group_path(output_dir, "stats", ".tsv", seg=seg, stat=stat,
                                    desc="groupdiff")
-                out[f"{stat}_groupdiff"] = _write_tsv(diff, path, {c: c for c in diff})
+                out[f"{stat}_groupdiff"] = write_tsv(path, diff, {c: c for c in diff})
                 sections.append((f"{stat}: {label_column} group differences",
                                  html_table(diff)))
     for path in sorted(Path(output_dir).glob("models/*/*comparison*.tsv")):
@@ -455,8 +445,7 @@ def build_group_report(output_dir, participants: Optional[pd.DataFrame], atlas, 
                          "participant --mode predict first.</p>"))
     page = html_page("bids_roimae group report", sections,
                      subtitle=f"atlas {seg}, space {template.space}")
-    out["html"] = _atomic_write(Path(output_dir) / "group" / "group_report.html",
-                                lambda f: f.write(page))
+    out["html"] = write_text(Path(output_dir) / "group" / "group_report.html", page)
     return out
 
 

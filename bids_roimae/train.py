@@ -23,6 +23,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from . import atomic
 from .checkpoint import geometry_from_checkpoint, load_checkpoint, save_checkpoint, unwrap_model
 from .config import AppConfig
 from .distributed import DistContext, setup_distributed
@@ -138,9 +139,7 @@ class _Log:
     def _flush(self) -> None:
         if self.enabled:
             text = "\t".join(LOG_COLUMNS) + "\n" + "".join("\t".join(r) + "\n" for r in self.rows)
-            tmp = self.path.with_suffix(".tsv.tmp")
-            tmp.write_text(text)
-            tmp.replace(self.path)
+            atomic.write_text(self.path, text, fsync=False, mkdir=False)
 
     def series(self, column: str) -> tuple[list, list]:
         i = LOG_COLUMNS.index(column)

@@ -19,55 +19,16 @@ import json
 import platform
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import nibabel as nib
 import numpy as np
 
+from _common import AFFINE, GRID, RESULTS, SPACE, BenchRun, template_mask
+
 from bids_roimae.config import PrepConfig
 from bids_roimae.data import prepare_run
 from bids_roimae.geometry import build_geometry
-
-SPACE = "MNI152NLin2009cAsym"
-MASK = Path("/work/shared/data/tpl-MNI152NLin2009cAsym/"
-            "tpl-MNI152NLin2009cAsym_res-02_desc-brain_mask.nii.gz")
-GRID = (97, 115, 97)
-AFFINE = np.array([[2.0, 0, 0, -96.5], [0, 2.0, 0, -132.5], [0, 0, 2.0, -78.5], [0, 0, 0, 1]])
-RESULTS = Path(__file__).parent / "results"
-
-
-@dataclass(frozen=True)
-class BenchRun:
-    """The fields of ``bids_roimae.bids.BoldRun`` that preparation reads."""
-
-    subject: str
-    session: Optional[str]
-    task: str
-    run: Optional[str]
-    entities: dict
-    path: Path
-    mask_path: Optional[Path]
-    confounds_path: Optional[Path]
-    tr: Optional[float]
-    tr_source: str
-    space: str
-
-    @property
-    def key(self) -> str:
-        return f"sub-{self.subject}_task-{self.task}"
-
-
-def template_mask() -> tuple[np.ndarray, str]:
-    if MASK.is_file():
-        img = nib.load(MASK)
-        return np.asanyarray(img.dataobj) > 0, "TemplateFlow res-2 brain mask"
-    idx = np.indices(GRID).astype(float)
-    centre = np.array([48.0, 63.0, 39.0])[:, None, None, None]
-    radii = np.array([36.0, 45.0, 38.0])[:, None, None, None]
-    return (((idx - centre) / radii) ** 2).sum(0) <= 1.0, "ellipsoid"
-
 
 def write_run(path: Path, mask: np.ndarray, n_frames: int) -> float:
     """Write the synthetic run (reused when already there); returns seconds spent."""

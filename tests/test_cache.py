@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import nibabel as nib
 import numpy as np
 import pytest
+
+from _grids import AFFINE, GRID, SPACE, WINDOW, BoldRun, template_grid
 
 from bids_roimae import cache
 from bids_roimae.config import PrepConfig
@@ -18,48 +18,10 @@ from bids_roimae.data import (CacheEntry, ScaledTokens, cache_key, cache_root, l
                               lookup, prepare_run, prepare_runs)
 from bids_roimae.geometry import build_geometry
 
-GRID = (13, 17, 11)
-AFFINE = np.array([[2.0, 0, 0, -12.0], [0, 2.0, 0, -17.0], [0, 0, 2.0, -9.0], [0, 0, 0, 1]])
-SPACE = "MNI152NLin2009cAsym"
-WINDOW = 8
-
-
-@dataclass(frozen=True)
-class BoldRun:
-    """Stand-in with the fields of ``bids_roimae.bids.BoldRun``."""
-
-    subject: str
-    session: Optional[str]
-    task: str
-    run: Optional[str]
-    entities: dict
-    path: Path
-    mask_path: Optional[Path]
-    confounds_path: Optional[Path]
-    tr: Optional[float]
-    tr_source: str
-    space: str
-
-    @property
-    def key(self) -> str:
-        ses = f"_ses-{self.session}" if self.session else ""
-        run = f"_run-{self.run}" if self.run else ""
-        return f"sub-{self.subject}{ses}_task-{self.task}{run}"
-
-
-def ellipsoid(shape=GRID) -> np.ndarray:
-    idx = np.indices(shape).astype(float)
-    centre = (np.asarray(shape) - 1) / 2
-    radii = np.asarray(shape) / 2 * 0.8
-    return (((idx - centre[:, None, None, None]) / radii[:, None, None, None]) ** 2
-            ).sum(0) <= 1.0
-
 
 @pytest.fixture(scope="module")
 def grid():
-    mask = ellipsoid()
-    return mask, build_geometry(mask, AFFINE, None, patch_size=3), \
-        nib.Nifti1Image(mask.astype(np.uint8), AFFINE)
+    return template_grid()
 
 
 def make_run(folder: Path, subject="01", n_frames=20, seed=0, run=None) -> BoldRun:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -13,56 +13,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from _grids import AFFINE, GRID, SPACE, WINDOW, BoldRun, template_grid
+
 from bids_roimae.config import PrepConfig
 from bids_roimae.data import prepare_run, prepare_runs, zscore_inplace
 from bids_roimae.errors import EXIT_BAD_DATA, AppError, BadDataError, OutputError
-from bids_roimae.geometry import build_geometry
-
-GRID = (13, 17, 11)
-AFFINE = np.array([[2.0, 0, 0, -12.0], [0, 2.0, 0, -17.0], [0, 0, 2.0, -9.0], [0, 0, 0, 1]])
-SPACE = "MNI152NLin2009cAsym"
-WINDOW = 8
-
-
-@dataclass(frozen=True)
-class BoldRun:
-    """Stand-in with the fields of ``bids_roimae.bids.BoldRun``."""
-
-    subject: str
-    session: Optional[str]
-    task: str
-    run: Optional[str]
-    entities: dict
-    path: Path
-    mask_path: Optional[Path]
-    confounds_path: Optional[Path]
-    tr: Optional[float]
-    tr_source: str
-    space: str
-
-    @property
-    def key(self) -> str:
-        parts = [f"sub-{self.subject}"]
-        parts += [f"ses-{self.session}"] if self.session else []
-        parts += [f"task-{self.task}"]
-        parts += [f"run-{self.run}"] if self.run else []
-        return "_".join(parts)
-
-
-def ellipsoid(shape=GRID, fill=0.8) -> np.ndarray:
-    idx = np.indices(shape).astype(float)
-    centre = (np.asarray(shape) - 1) / 2
-    radii = np.asarray(shape) / 2 * fill
-    return (((idx - centre[:, None, None, None]) / radii[:, None, None, None]) ** 2
-            ).sum(0) <= 1.0
 
 
 @pytest.fixture(scope="module")
 def grid():
-    mask = ellipsoid()
-    geometry = build_geometry(mask, AFFINE, None, patch_size=3)
-    template = nib.Nifti1Image(mask.astype(np.uint8), AFFINE)
-    return mask, geometry, template
+    return template_grid()
 
 
 def write_bold(folder: Path, data: np.ndarray, affine=AFFINE, subject="01", tr=2.0,

@@ -19,6 +19,8 @@
 #   SMOKE_DIR        where the example dataset and outputs go (a new temporary folder)
 #   N_SUBJECTS       size of the example dataset (4; finetune uses 2 folds)
 #   RUN_UID          UID:GID the container runs as (12345:12345)
+#   SMOKE_FIDELITY   1: predict also computes region fidelity maps, which on a CPU costs
+#                    tens of minutes per subject at the real grid (default 0: --no-fidelity)
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -117,7 +119,8 @@ mkdir -p "$smoke/data" "$smoke/out"
 # The container user owns nothing on the host: give it the output folders.
 chown -R "$RUN_UID" "$smoke/data" "$smoke/out" 2>/dev/null || chmod -R a+rwX "$smoke"
 
-secure=(--rm --read-only --tmpfs /tmp --user "$RUN_UID" --network none)
+# --init: an init process as PID 1 forwards SIGTERM (docker/podman stop) to the app.
+secure=(--rm --init --read-only --tmpfs /tmp --user "$RUN_UID" --network none)
 run_app() {  # run_app [engine options...] -- [app arguments...]
     local opts=()
     while [ "$1" != "--" ]; do opts+=("$1"); shift; done
@@ -148,8 +151,11 @@ step "participant --mode finetune (dx: ADHD 1-3 vs control 0)"
 run_app "${mounts[@]}" -- /data /out participant --mode finetune --target dx \
     --positive 1 2 3 --folds 2
 
-step "participant --mode predict"
-run_app "${mounts[@]}" -- /data /out participant --mode predict --ig-steps 4
+step "participant --mode predict (sub-01)"
+fidelity=--no-fidelity
+[ "${SMOKE_FIDELITY:-0}" = 1 ] && fidelity=--fidelity
+run_app "${mounts[@]}" -- /data /out participant --mode predict --participant-label 01 \
+    --ig-steps 4 "$fidelity"
 
 step "outputs"
 find "$smoke/out" -maxdepth 4 -not -path '*/cache/*' | sort | head -60

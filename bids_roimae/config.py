@@ -182,7 +182,7 @@ class AttributionConfig:
     steps: int = 32
     min_steps: int = 4
     windows: int = 4
-    fidelity_windows: int = 2
+    fidelity_windows: int = 1
     baseline: Literal["zeros", "mean"] = "zeros"
     batch_size: int = 8
 

@@ -436,15 +436,28 @@ def region_fidelity(mae: nn.Module, windows: Union[torch.Tensor, np.ndarray],
     shifts = np.zeros_like(errors)
     cosines = np.zeros_like(errors)
     ref_norm = np.zeros(n_windows)
-    pairs = [(k, j) for k in range(n_windows) for j in range(len(regions))]
+    # Batches hold pairs whose regions own the same number of tokens: every sample then
+    # has the same visible count, so the encoder runs without padding or attention masks
+    # (a padded batch takes a much slower attention path on CPUs).
+    sizes = [int(owned[r].size) for r in regions]
+    pairs = sorted(((k, j) for k in range(n_windows) for j in range(len(regions))),
+                   key=lambda kj: (sizes[kj[1]], kj[1], kj[0]))
+    batches, current = [], []
+    for pair in pairs:
+        if current and (len(current) == batch_size
+                        or sizes[current[0][1]] != sizes[pair[1]]):
+            batches.append(current)
+            current = []
+        current.append(pair)
+    if current:
+        batches.append(current)
     with _inference_setup(mae), torch.inference_mode():
         t_prime = mae.encode(x_all[:1]).shape[1]
         none_masked = torch.zeros((1, t_prime, n_tok), dtype=torch.bool, device=device)
         reference = torch.cat([_pooled_visible(mae, x_all[k:k + 1], none_masked)
                                for k in range(n_windows)])  # (K, D)
         ref_norm[:] = reference.norm(dim=1).double().cpu().numpy()
-        for start in range(0, len(pairs), batch_size):
-            batch = pairs[start:start + batch_size]
+        for batch in batches:
             ks = torch.tensor([k for k, _ in batch], device=device)
             mask = torch.zeros((len(batch), t_prime, n_tok), dtype=torch.bool, device=device)
             for row, (_, j) in enumerate(batch):

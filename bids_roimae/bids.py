@@ -185,8 +185,14 @@ def find_derivatives(bids_dir: Path, derivatives: Path | None) -> Path:
     else:
         candidate = bids_dir / "derivatives" / "fmriprep"
         if not candidate.is_dir():
-            if _read_description(bids_dir) is None and _has_preproc_bold(bids_dir):
-                raise _missing_description(bids_dir)
+            if _has_preproc_bold(bids_dir):
+                if _read_description(bids_dir) is None:
+                    raise _missing_description(bids_dir)
+                # e.g. a one-subject dataset that CBRAIN assembled from fMRIPrep outputs
+                log.warning(
+                    "%s holds fMRIPrep outputs but is not marked DatasetType derivative: "
+                    "using it as the fMRIPrep folder", bids_dir)
+                return bids_dir
             raise MissingInputError(
                 f"no fMRIPrep outputs at {candidate}; run fMRIPrep first or point "
                 "--derivatives at its output folder"

@@ -175,9 +175,11 @@ def validate_bids(ctx: RunContext) -> None:
     """Run the BIDS validator on a raw BIDS_DIR (not on a derivatives-only input)."""
     if ctx.skip_validation:
         return
-    desc = ctx.bids_dir / "dataset_description.json"
-    if desc.is_file() and '"derivative"' in desc.read_text().lower():
-        log.info("BIDS_DIR is a derivatives dataset: raw BIDS validation does not apply")
+    from .bids import find_derivatives
+
+    if find_derivatives(ctx.bids_dir, ctx.derivatives).resolve() == ctx.bids_dir.resolve():
+        log.info("BIDS_DIR is the fMRIPrep derivatives folder: raw BIDS validation does "
+                 "not apply")
         return
     exe = shutil.which("bids-validator-deno") or str(
         Path(sys.executable).with_name("bids-validator-deno"))

@@ -109,3 +109,18 @@ def test_rerun_uses_the_cache_and_derivatives_as_bids_dir(dataset, tmp_path, cap
     code, err = _run(args, capsys)
     assert code == 0 and "cached" in err
     assert entry.stat().st_mtime_ns == before
+
+
+def test_single_subject_fmriprep_folder_not_marked_derivative(dataset, tmp_path, capsys):
+    """A one-subject dataset assembled from fMRIPrep outputs (as CBRAIN does) is used as
+    the fMRIPrep folder, without raw BIDS validation."""
+    single = tmp_path / "single"
+    single.mkdir()
+    shutil.copytree(dataset / "derivatives" / "fmriprep" / "sub-04", single / "sub-04")
+    (single / "dataset_description.json").write_text(json.dumps(
+        {"Name": "one subject", "BIDSVersion": "1.8.0"}))
+    code, err = _run([single, tmp_path / "out", "participant", "--participant_label", "04"]
+                     + FAST, capsys)
+    assert code == 0, err
+    assert "not marked DatasetType derivative" in err
+    assert len(list((tmp_path / "out" / "cache").rglob("*.npy"))) == 1

@@ -249,6 +249,9 @@ def options_free_third(argv: list[str]) -> Optional[str]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Console-script entry point; returns the BIDS-Apps exit code (the script exits with it)."""
+    from . import interrupt
+
+    interrupt.install()
     argv = expand_multi_values(sys.argv[1:] if argv is None else argv)
     log = logging.getLogger("bids_roimae")
     try:

@@ -60,3 +60,9 @@ class OutputError(AppError):
     """The output or work folder cannot be created or written."""
 
     exit_code = EXIT_CANT_CREATE
+
+
+class Terminated(AppError):
+    """SIGTERM arrived (``docker stop``, a SLURM preemption); 128 + 15 by convention."""
+
+    exit_code = 143

@@ -23,11 +23,11 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from . import atomic
+from . import atomic, interrupt
 from .checkpoint import geometry_from_checkpoint, load_checkpoint, save_checkpoint, unwrap_model
 from .config import AppConfig
 from .distributed import DistContext, setup_distributed
-from .errors import AppError, BadDataError, UsageError
+from .errors import AppError, BadDataError, Terminated, UsageError
 from .masking import region_groups
 from .model import build_model, count_parameters, resolve_model_config
 from .sampling import (Prefetcher, TokenFeed, fixed_plan, split_subjects, step_plan,
@@ -207,11 +207,14 @@ def run_pretraining(entries: Sequence, geometry, cfg: AppConfig, model_dir, *, d
     """
     cfg.validate()
     if cfg.masking.per_chunk and cfg.model.attention == "divided":
-        raise UsageError("per-chunk masks are not tubes: use --attention joint with them")
+        raise UsageError('per-chunk masks are not tubes: set attention = "joint" in the '
+                         '[model] section of --config')
     model_dir = Path(model_dir)
     dist = setup_distributed(device)
     try:
-        return _train(entries, geometry, cfg, model_dir, dist, resume, atlas_meta, step_callback)
+        with interrupt.deferred():  # SIGTERM stops after a step, with a checkpoint
+            return _train(entries, geometry, cfg, model_dir, dist, resume, atlas_meta,
+                          step_callback)
     finally:
         dist.close()
 
@@ -386,6 +389,13 @@ def _train(entries, geometry, cfg, model_dir, dist: DistContext, resume, atlas_m
                 save_checkpoint(ckpt_path, model=model, cfg=cfg, geometry=geometry, step=done,
                                 optimizer=optimizer, scheduler=sched_state(done), extra=extra)
                 last_saved = done
+            if interrupt.requested():  # SIGTERM: keep this step, then stop
+                if rank == 0 and last_saved != done:
+                    save_checkpoint(ckpt_path, model=model, cfg=cfg, geometry=geometry,
+                                    step=done, optimizer=optimizer,
+                                    scheduler=sched_state(done), extra=extra)
+                raise Terminated(f"stopped by SIGTERM after step {done} of {steps}; "
+                                 f"{ckpt_path} holds it: rerun the same command to resume")
     finally:
         prefetch.close()
         bar.close()

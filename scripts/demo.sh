@@ -37,7 +37,7 @@ data=$demo/data
 out=$demo/out
 [ -f "$data/participants.tsv" ] || bids_roimae-synth "$data" --n-subjects 12 --n-frames 60
 
-common=(--model-preset tiny --skip-bids-validation -w "$demo/work" --nprocs 2)
+common=(--model-preset tiny -w "$demo/work" --nprocs 2)
 set -x
 bids_roimae "$data" "$out" participant --mode prepare "${common[@]}"
 bids_roimae "$data" "$out" group --mode pretrain --masking roi --steps 20 --batch-size 2 "${common[@]}"
@@ -46,7 +46,7 @@ bids_roimae "$data" "$out" participant --mode finetune --target dx --positive 1 
   --folds 3 --compare-masking "${common[@]}"
 bids_roimae "$data" "$out" participant --mode finetune --target dx --positive 1 2 3 \
   --folds 3 --pretrained "$out/models/roimae_mask-roi_preset-tiny_ps-6/model.pt" "${common[@]}"
-bids_roimae "$data" "$out" participant --mode predict --participant_label 01 02 --ig-steps 16 "${common[@]}"
+bids_roimae "$data" "$out" participant --mode predict --participant_label 01 "${common[@]}"
 bids_roimae "$data" "$out" group --mode report "${common[@]}"
 set +x
-echo "demo: outputs in $out (open $out/group_report.html)"
+echo "demo: outputs in $out (open $out/group/group_report.html and $out/sub-01.html)"

@@ -348,6 +348,29 @@ def run_predict(ctx: RunContext) -> int:
     return exit_code_for(failures)
 
 
+def _report_groups(ctx: RunContext, participants, target: str, label_info: dict):
+    """Add a ``group`` column to ``participants`` with the classes the model was trained
+    on (e.g. ADHD-200 codes 1, 2, 3 -> positive, 0 -> negative); returns its name."""
+    from .errors import AppError
+    from .labels import parse_labels
+
+    positive = list(ctx.options.get("positive") or label_info.get("positive") or [])
+    task = label_info.get("task_type") or ctx.cfg.finetune.task_type
+    if task == "regression":
+        return None  # group differences need groups
+    try:
+        labels, info = parse_labels(participants, target, positive or None, task)
+    except AppError as exc:  # the report still works without group differences
+        log.warning("no group differences in the report: %s", exc)
+        return None
+    classes = list(info.get("classes") or [])
+    if task == "binary" and info.get("positive"):
+        classes = [f"{target}={'/'.join(info['negative'])}",
+                   f"{target}={'/'.join(info['positive'])}"]
+    participants["group"] = labels.map(lambda v: classes[int(v)] if classes else v)
+    return "group"
+
+
 def run_report(ctx: RunContext) -> int:
     """Group summary of the attribution and fidelity outputs, with figures and HTML."""
     from .atlas import load_template
@@ -362,19 +385,15 @@ def run_report(ctx: RunContext) -> int:
         raise MissingInputError(f"nothing to report in {ctx.output_dir}: run pretraining, "
                                 "fine-tuning and 'participant --mode predict' first")
     extra = load_checkpoint(models[0]).get("extra") or {}
-    target = ctx.options.get("target") or (extra.get("label_info") or {}).get("target")
+    label_info = extra.get("label_info") or {}
+    target = ctx.options.get("target") or label_info.get("target")
     try:
         participants = read_participants(ctx.bids_dir)
     except MissingInputError:
         participants = None
     label_column = None
     if participants is not None and target:
-        from .labels import find_column
-
-        try:
-            label_column = find_column(participants.columns, target)
-        except Exception:  # the report still works without group differences
-            log.warning("participants.tsv has no column %r: no group differences", target)
+        label_column = _report_groups(ctx, participants, target, label_info)
     template = load_template(ctx.space, resolution=2)
     out = build_group_report(ctx.output_dir, participants, _atlas_from_extra(extra), template,
                              label_column=label_column,

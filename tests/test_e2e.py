@@ -107,6 +107,10 @@ def test_group_report(study):
     html = study["out"] / "group" / "group_report.html"
     text = html.read_text()
     assert "<img" in text and "http://" not in text.replace("http://www.w3.org", "")
+    ranking = pd.read_csv(study["out"] / "group" / "seg-AAL3_stat-ig_desc-regions_stats.tsv",
+                          sep="\t")
+    assert ranking["rank"].iloc[0] == 1 and ranking["mean"].is_monotonic_decreasing
+    assert "Comparison" in text or "comparison" in text  # the masking comparison is shown
 
 
 def test_outputs_pass_the_bids_validator(study):

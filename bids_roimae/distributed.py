@@ -57,7 +57,6 @@ def setup_distributed(device="cpu") -> DistContext:
     """
     device = torch.device(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
         if device.index is None:

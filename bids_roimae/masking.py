@@ -29,7 +29,6 @@ A mask is boolean, ``True`` = hidden. Spatial masks are ``(N,)``; batch masks ar
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
 
 import numpy as np
 

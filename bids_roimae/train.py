@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from . import atomic, interrupt
-from .checkpoint import geometry_from_checkpoint, load_checkpoint, save_checkpoint, unwrap_model
+from .checkpoint import geometry_from_checkpoint, load_checkpoint, save_checkpoint
 from .config import AppConfig
 from .distributed import DistContext, setup_distributed
 from .errors import AppError, BadDataError, Terminated, UsageError

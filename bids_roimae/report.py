@@ -427,13 +427,17 @@ def build_group_report(output_dir, participants: Optional[pd.DataFrame], atlas, 
             ranking, "mean", f"{stat}: regions by group mean {value}")))
         sections.append((f"{stat}: systems", ranking_section(
             systems, "mean", f"{stat}: systems by group mean {value}", label="system")))
-        if groups is not None:
-            diff = group_difference(tables, value, groups)
+        # Fidelity also compares the reconstruction error itself: a region whose signal
+        # decouples from its network in one group is rebuilt worse from its context.
+        compared = [(value, "groupdiff")] + ([("error", "errorgroupdiff")]
+                                             if stat == "fidelity" else [])
+        for column, desc in compared if groups is not None else []:
+            diff = group_difference(tables, column, groups)
             if diff is not None:
                 path = _group_path(output_dir, "stats", ".tsv", seg=seg, stat=stat,
-                                   desc="groupdiff")
-                out[f"{stat}_groupdiff"] = write_tsv(path, diff, {c: c for c in diff})
-                sections.append((f"{stat}: {label_column} group differences",
+                                   desc=desc)
+                out[f"{stat}_{desc}"] = write_tsv(path, diff, {c: c for c in diff})
+                sections.append((f"{stat}: {label_column} group differences in {column}",
                                  html_table(diff)))
     for path in sorted(Path(output_dir).glob("models/*/*comparison*.tsv")):
         table = pd.read_csv(path, sep="\t")

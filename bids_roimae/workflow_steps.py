@@ -198,10 +198,9 @@ def run_finetune(ctx: RunContext) -> int:
                 f"{ctx.output_dir / 'models'} (run 'group --masking roi' and "
                 "'group --masking random')")
         models = {}
-        strategies = {}
-        for path in paths:
-            _, pre_cfg, _, _ = load_pretrained(path)
-            strategies[path] = pre_cfg.masking.strategy
+        from .checkpoint import load_checkpoint
+
+        strategies = {p: load_checkpoint(p)["config"]["masking"]["strategy"] for p in paths}
         unique = len(set(strategies.values())) == len(strategies)
         for path, strategy in sorted(strategies.items(), key=lambda kv: kv[1] != "random"):
             # the reference (random) first, so differences read roi - random

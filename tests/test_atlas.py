@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 
 from bids_roimae import atlas as atlas_mod
+from bids_roimae import templates as templates_mod
 from bids_roimae.atlas import (aal3_systems, fetch_main, fetch_resources, load_atlas,
                                load_template, resample_labels)
 from bids_roimae.errors import MissingInputError
@@ -62,7 +63,7 @@ def test_template_is_downloaded_into_an_empty_cache(resources, tmp_path, monkeyp
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        monkeypatch.setattr(atlas_mod, "TEMPLATEFLOW_S3",
+        monkeypatch.setattr(templates_mod, "TEMPLATEFLOW_S3",
                             f"http://127.0.0.1:{server.server_address[1]}")
         for var in ("HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy"):
             monkeypatch.delenv(var, raising=False)

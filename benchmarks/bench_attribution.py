@@ -56,7 +56,8 @@ def main(argv=None) -> dict:
                                          / "bench_attribution.json"))
     args = ap.parse_args(argv)
 
-    from bids_roimae.attribution import integrated_gradients, region_fidelity
+    from bids_roimae.attribution import integrated_gradients
+    from bids_roimae.fidelity import region_fidelity
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)

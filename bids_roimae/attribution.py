@@ -8,12 +8,9 @@ Integrated Gradients (:func:`integrated_gradients`)
     ``abs_mean`` (how much a voxel matters) and ``signed_mean`` (in which direction).
     Completeness (sum of attributions == F(x) - F(baseline)) is checked per window.
 
-Region reconstruction fidelity (:func:`region_fidelity`)
-    the pretrained masked autoencoder is asked to reconstruct one atlas region at a time
-    (all of that region's patches hidden through the window, a tube); the region's
-    reconstruction error and how far hiding it moves the pooled encoder embedding say how
-    predictable the region is from the rest of the brain and how much the representation
-    relies on it.
+Region reconstruction fidelity (:func:`bids_roimae.fidelity.region_fidelity`)
+    one atlas region at a time hidden from the pretrained masked autoencoder; it shares
+    this module's helpers and lives in :mod:`bids_roimae.fidelity`.
 
 Maps go back to voxels with :func:`token_map` (model grid) and :func:`to_source_grid` (the
 source BOLD's grid and affine); :func:`region_table` summarises a map per atlas region.
@@ -23,9 +20,8 @@ Writing files is :mod:`bids_roimae.report`'s job; this module does no I/O.
 from __future__ import annotations
 
 import contextlib
-import inspect
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Optional, Sequence, Union
+from typing import Iterator, Mapping, Optional, Union
 
 import numpy as np
 import pandas as pd
@@ -374,124 +370,7 @@ def region_values(geometry: TokenGeometry, scores: Mapping[int, float]) -> np.nd
     return np.where(geometry.voxel_mask, lut[geometry.labels], 0.0).astype(np.float32)
 
 
-# -- region reconstruction fidelity -----------------------------------------------------
-def _pooled_visible(mae: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of the encoder output over visible tokens, ``(B, D)``.
-
-    Uses ``mae.embed(x, mask=...)`` when the model offers a masked embedding, otherwise
-    pools ``mae.encode(x, mask)`` (``(B, T', N, D)``) over the tokens ``mask`` leaves visible.
-    """
-    embed = getattr(mae, "embed", None)
-    if embed is not None and "mask" in inspect.signature(embed).parameters:
-        return embed(x, mask=mask)
-    enc = mae.encode(x, mask)
-    if enc.ndim == 3:  # (B, L, D): visible tokens only
-        return enc.mean(dim=1)
-    visible = (~mask).to(enc.dtype).unsqueeze(-1)
-    return (enc * visible).sum(dim=(1, 2)) / visible.sum(dim=(1, 2)).clamp_min(1.0)
-
-
-def region_fidelity(mae: nn.Module, windows: Union[torch.Tensor, np.ndarray],
-                    geometry: TokenGeometry, *, regions: Optional[Sequence[int]] = None,
-                    table: Optional[pd.DataFrame] = None, batch_size: int = 8
-                    ) -> pd.DataFrame:
-    """Reconstruction error and embedding shift when one region at a time is hidden.
-
-    For every (window, region) pair the region's patches are masked through the whole
-    window (a tube); pairs are evaluated ``batch_size`` at a time.
-
-    Parameters
-    ----------
-    mae : nn.Module
-        Pretrained masked autoencoder with ``encode(x, mask)`` (or ``embed(x, mask=)``) and
-        ``token_errors(x, mask) -> (B, T', N)``.
-    windows : tensor or ndarray, shape (K, W, N, P)
-    geometry : TokenGeometry
-        The model's geometry; regions come from ``geometry.region_patches()``.
-    regions : sequence of int, optional
-        Region labels to test (default: every region owning a patch).
-    table : DataFrame, optional
-        Atlas table; adds ``name`` and ``system``.
-    batch_size : int
-        (window, region) pairs per forward pass.
-
-    Returns
-    -------
-    DataFrame
-        Per region: ``index, n_tokens, error, error_sd, embedding_shift,
-        embedding_shift_sd, relative_shift, embedding_cosine, rank, error_rank`` (means
-        and SDs over windows; ``rank`` 1 = largest embedding shift, ``error_rank`` 1 =
-        largest error), plus ``name, system`` with ``table``.
-    """
-    owned = geometry.region_patches()
-    regions = sorted(owned) if regions is None else [int(r) for r in regions]
-    missing = [r for r in regions if r not in owned]
-    if missing:
-        raise ValueError(f"regions own no patch in this geometry: {missing[:10]}")
-    device = _device_of(mae)
-    x_all = torch.as_tensor(np.asarray(windows) if not isinstance(windows, torch.Tensor)
-                            else windows).to(device=device, dtype=torch.float32)
-    n_windows, n_tok = x_all.shape[0], x_all.shape[2]
-    errors = np.zeros((n_windows, len(regions)))
-    shifts = np.zeros_like(errors)
-    cosines = np.zeros_like(errors)
-    ref_norm = np.zeros(n_windows)
-    # Batches hold pairs whose regions own the same number of tokens: every sample then
-    # has the same visible count, so the encoder runs without padding or attention masks
-    # (a padded batch takes a much slower attention path on CPUs).
-    sizes = [int(owned[r].size) for r in regions]
-    pairs = sorted(((k, j) for k in range(n_windows) for j in range(len(regions))),
-                   key=lambda kj: (sizes[kj[1]], kj[1], kj[0]))
-    batches, current = [], []
-    for pair in pairs:
-        if current and (len(current) == batch_size
-                        or sizes[current[0][1]] != sizes[pair[1]]):
-            batches.append(current)
-            current = []
-        current.append(pair)
-    if current:
-        batches.append(current)
-    with _inference_setup(mae), torch.inference_mode():
-        t_prime = mae.encode(x_all[:1]).shape[1]
-        none_masked = torch.zeros((1, t_prime, n_tok), dtype=torch.bool, device=device)
-        reference = torch.cat([_pooled_visible(mae, x_all[k:k + 1], none_masked)
-                               for k in range(n_windows)])  # (K, D)
-        ref_norm[:] = reference.norm(dim=1).double().cpu().numpy()
-        for batch in batches:
-            ks = torch.tensor([k for k, _ in batch], device=device)
-            mask = torch.zeros((len(batch), t_prime, n_tok), dtype=torch.bool, device=device)
-            for row, (_, j) in enumerate(batch):
-                mask[row, :, torch.as_tensor(owned[regions[j]], device=device)] = True
-            x = x_all[ks]
-            tok_err = mae.token_errors(x, mask)  # (B, T', N)
-            region_err = (tok_err * mask).sum(dim=(1, 2)) / mask.sum(dim=(1, 2))
-            emb = _pooled_visible(mae, x, mask)
-            ref = reference[ks]
-            shift = (emb - ref).norm(dim=1)
-            cos = torch.nn.functional.cosine_similarity(emb, ref, dim=1)
-            for row, (k, j) in enumerate(batch):
-                errors[k, j] = float(region_err[row])
-                shifts[k, j] = float(shift[row])
-                cosines[k, j] = float(cos[row])
-    ddof = 1 if n_windows > 1 else 0
-    out = pd.DataFrame({
-        "index": np.asarray(regions, np.int64),
-        "n_tokens": [int(owned[r].size) for r in regions],
-        "error": errors.mean(0), "error_sd": errors.std(0, ddof=ddof),
-        "embedding_shift": shifts.mean(0), "embedding_shift_sd": shifts.std(0, ddof=ddof),
-        "relative_shift": (shifts / np.maximum(ref_norm[:, None], 1e-12)).mean(0),
-        "embedding_cosine": cosines.mean(0),
-    })
-    out["rank"] = out["embedding_shift"].rank(ascending=False, method="min").astype("Int64")
-    out["error_rank"] = out["error"].rank(ascending=False, method="min").astype("Int64")
-    if table is not None:
-        meta = table.set_index(pd.Index(_table_ids(table), name="index"))
-        out.insert(1, "name", [str(meta["name"].get(r, f"label-{r}")) for r in regions])
-        out.insert(2, "system", [str(meta["system"].get(r, "unknown"))
-                                 if "system" in meta else "unknown" for r in regions])
-    return out
-
-
 __all__ = ["BASELINES", "COMPLETENESS_TOLERANCE", "IGResult", "integrated_gradients",
-           "region_fidelity", "region_table", "region_values", "to_source_grid",
+           "region_table", "region_values", "to_source_grid",
            "token_map"]
+

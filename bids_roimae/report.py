@@ -134,7 +134,7 @@ def write_run_fidelity(output_dir, source_entities: dict, fidelity: pd.DataFrame
     Parameters
     ----------
     fidelity : DataFrame
-        From :func:`bids_roimae.attribution.region_fidelity`.
+        From :func:`bids_roimae.fidelity.region_fidelity`.
     Other parameters as :func:`write_run_attribution`.
 
     Returns

@@ -289,7 +289,8 @@ def run_predict(ctx: RunContext) -> int:
     import nibabel as nib
 
     from .atlas import load_template
-    from .attribution import integrated_gradients, region_fidelity
+    from .attribution import integrated_gradients
+    from .fidelity import region_fidelity
     from .classifier import load_windows, subject_windows
     from .finetune import load_finetuned, predict_subject
     from .report import build_participant_report, write_run_attribution, write_run_fidelity

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from bids_roimae.attribution import (COMPLETENESS_TOLERANCE, integrated_gradients,
-                                     region_fidelity, region_table, region_values,
-                                     to_source_grid, token_map)
+                                     region_table, region_values, to_source_grid, token_map)
+from bids_roimae.fidelity import region_fidelity
 from bids_roimae.geometry import build_geometry
 
 torch.set_num_threads(1)
@@ -303,7 +303,7 @@ def test_ig_and_fidelity_with_roimae_and_classifier():
     assert (table["error"] > 0).all() and (table["embedding_shift"] > 0).all()
     # Hiding nothing would leave the embedding where it is: the pooled reference equals
     # the model's own embed() with every token visible.
-    from bids_roimae.attribution import _pooled_visible
+    from bids_roimae.fidelity import _pooled_visible
 
     none = torch.zeros(2, WINDOW // TEMPORAL_PATCH, geometry.n_tokens, dtype=torch.bool)
     with torch.no_grad():

@@ -14,7 +14,8 @@ import pandas as pd
 import pytest
 
 from bids_roimae.atlas import Atlas, Template
-from bids_roimae.attribution import IGResult, integrated_gradients, region_fidelity
+from bids_roimae.attribution import IGResult, integrated_gradients
+from bids_roimae.fidelity import region_fidelity
 from bids_roimae.outputs import write_bidsignore, write_dataset_description
 from bids_roimae.report import (BIDSIGNORE, build_group_report, build_participant_report,
                                 group_difference, pybids_config, read_region_tables,

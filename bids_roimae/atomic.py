@@ -160,5 +160,4 @@ def write_text(path, text: str, *, fsync: bool = True, mkdir: bool = True) -> Pa
     pathlib.Path
         ``path``.
     """
-    return write_via(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"),
-                     fsync=fsync, mkdir=mkdir)
+    return write_bytes(path, text.encode("utf-8"), fsync=fsync, mkdir=mkdir)

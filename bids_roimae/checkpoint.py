@@ -110,8 +110,11 @@ def save_checkpoint(path, *, model: nn.Module, cfg: AppConfig, geometry: TokenGe
     return path
 
 
-def load_checkpoint(path, map_location="cpu") -> dict:
+def load_checkpoint(path, map_location="cpu", mmap: bool = False) -> dict:
     """Read a checkpoint with ``weights_only=True``.
+
+    ``mmap=True`` maps the tensors instead of reading them, for callers that only need
+    the configuration or ``extra`` (a ``base`` model is hundreds of MB).
 
     Raises
     ------
@@ -124,7 +127,7 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     if not path.is_file():
         raise MissingInputError(f"model checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as exc:  # truncated file, pickle with code, foreign format
         raise BadDataError(f"cannot read model checkpoint {path}: {exc}") from exc
     if not isinstance(ckpt, dict) or not {"model", "config", "geometry"} <= set(ckpt):

@@ -21,6 +21,7 @@ log = logging.getLogger("bids_roimae")
 def _start_output(ctx: RunContext) -> None:
     from .bids import find_derivatives
     from .outputs import ensure_output_dir, write_bidsignore, write_dataset_description
+    from .report import BIDSIGNORE
 
     ensure_output_dir(ctx.output_dir)
     fmriprep = find_derivatives(ctx.bids_dir, ctx.derivatives)
@@ -30,8 +31,6 @@ def _start_output(ctx: RunContext) -> None:
     write_dataset_description(ctx.output_dir, source_datasets=sources)
     # Non-schema outputs (3D statistical maps, region tables, figures, reports) are
     # listed so the dataset still passes the BIDS validator.
-    from .report import BIDSIGNORE
-
     write_bidsignore(ctx.output_dir, ["cache/", "models/", "logs/", "*.svg", "*.png",
                                       "*_predictions.*", "*_embedding.*"] + BIDSIGNORE)
 
@@ -127,7 +126,7 @@ def find_models(output_dir: Path, kind: str) -> list[Path]:
     found = []
     for path in sorted((output_dir / "models").glob("*/model.pt")):
         try:
-            extra = load_checkpoint(path).get("extra") or {}
+            extra = load_checkpoint(path, mmap=True).get("extra") or {}
         except Exception as exc:  # unreadable checkpoint: say so, keep looking
             log.warning("ignoring unreadable model %s (%s)", path, exc)
             continue
@@ -158,7 +157,8 @@ def _labelled_entries(ctx: RunContext, labels, geometry, prep_cfg):
     """Prepared runs (preparing what is missing) of the selected, labelled subjects."""
     from .atlas import load_template
 
-    runs = [r for r in ctx.discover() if r.subject in set(labels.index)]
+    labelled = set(labels.index)
+    runs = [r for r in ctx.discover() if r.subject in labelled]
     if not runs:
         raise MissingInputError("none of the labelled participants has a BOLD run in "
                                 f"{ctx.space} among the selected ones")
@@ -178,6 +178,7 @@ def _with_prep(cfg, prep_cfg):
 def run_finetune(ctx: RunContext) -> int:
     """Fine-tune the pretrained encoder on a participants.tsv column, cross-validated."""
     from .bids import read_participants
+    from .checkpoint import load_checkpoint
     from .comparison import compare_masking
     from .finetune import load_pretrained, run_finetune as finetune
     from .labels import parse_groups, parse_labels
@@ -198,9 +199,8 @@ def run_finetune(ctx: RunContext) -> int:
                 f"{ctx.output_dir / 'models'} (run 'group --masking roi' and "
                 "'group --masking random')")
         models = {}
-        from .checkpoint import load_checkpoint
-
-        strategies = {p: load_checkpoint(p)["config"]["masking"]["strategy"] for p in paths}
+        strategies = {p: load_checkpoint(p, mmap=True)["config"]["masking"]["strategy"]
+                      for p in paths}
         unique = len(set(strategies.values())) == len(strategies)
         for path, strategy in sorted(strategies.items(), key=lambda kv: kv[1] != "random"):
             # the reference (random) first, so differences read roi - random
@@ -214,8 +214,7 @@ def run_finetune(ctx: RunContext) -> int:
         result = compare_masking(models, entries, labels, ctx.cfg, out_dir,
                                  device=ctx.device, groups=groups, label_info=info)
         table = result["table"]
-        keep = [c for c in table.columns if c.split("_diff_")[0] in ("accuracy", "roc_auc")
-                or c.rsplit("_", 1)[0] in ("accuracy", "roc_auc")]
+        keep = [c for c in table.columns if c.startswith(("accuracy_", "roc_auc_"))]
         log.info("masking comparison (details in %s):\n%s", out_dir,
                  table.loc[["mean", "sd"], keep].round(3).to_string())
     else:
@@ -259,7 +258,7 @@ def _pretrained_mae(ckpt_extra: dict, classifier, device):
 def _write_prediction(ctx: RunContext, subject: str, pred: dict, model_path: Path) -> None:
     import pandas as pd
 
-    from .outputs import derivative_path, write_json
+    from .outputs import derivative_path, write_sidecar, write_tsv
 
     ents = {"subject": subject}
     row = {"participant_id": f"sub-{subject}", "model": model_path.parent.name,
@@ -268,9 +267,8 @@ def _write_prediction(ctx: RunContext, subject: str, pred: dict, model_path: Pat
     row.update({f"probability_{k}": v for k, v in pred["probabilities"].items()})
     tsv = derivative_path(ctx.output_dir, ents, suffix="predictions", extension=".tsv",
                           desc="predict")
-    tsv.parent.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame([row]).to_csv(tsv, sep="\t", index=False, na_rep="n/a")
-    write_json(tsv.with_suffix(".json"), {
+    write_tsv(tsv, pd.DataFrame([row]))
+    write_sidecar(tsv, {
         "Description": "Prediction of the fine-tuned model (mean of window logits)",
         "Model": str(model_path), "participant_id": "Participant",
         "predicted_label": "Predicted class (or value for regression)"})
@@ -278,8 +276,8 @@ def _write_prediction(ctx: RunContext, subject: str, pred: dict, model_path: Pat
                           desc="predict")
     vec = pd.DataFrame([pred["embedding"]],
                        columns=[f"dim{i:04d}" for i in range(len(pred["embedding"]))])
-    vec.to_csv(emb, sep="\t", index=False)
-    write_json(emb.with_suffix(".json"), {
+    write_tsv(emb, vec)
+    write_sidecar(emb, {
         "Description": "Subject embedding: the encoder's pooled output averaged over "
                        "windows", "Model": str(model_path), "Dimensions": len(vec.columns)})
 
@@ -290,8 +288,8 @@ def run_predict(ctx: RunContext) -> int:
 
     from .atlas import load_template
     from .attribution import integrated_gradients
-    from .fidelity import region_fidelity
     from .classifier import load_windows, subject_windows
+    from .fidelity import region_fidelity
     from .finetune import load_finetuned, predict_subject
     from .report import build_participant_report, write_run_attribution, write_run_fidelity
 
@@ -336,9 +334,8 @@ def run_predict(ctx: RunContext) -> int:
                                   atlas.table, space=ctx.space, res=ents.get("res"),
                                   model_meta=model_meta, sources=sources)
             if mae is not None:
-                some = windows[np.linspace(0, len(windows) - 1, min(len(windows),
-                                                                    attr.fidelity_windows)
-                                           ).round().astype(int)]
+                n_fid = min(len(windows), attr.fidelity_windows)
+                some = windows[np.linspace(0, len(windows) - 1, n_fid).round().astype(int)]
                 fid = region_fidelity(mae, some, geometry, table=atlas.table,
                                       batch_size=attr.batch_size)
                 write_run_fidelity(ctx.output_dir, ents, fid, geometry, reference, atlas.name,
@@ -384,7 +381,7 @@ def run_report(ctx: RunContext) -> int:
     if not models:
         raise MissingInputError(f"nothing to report in {ctx.output_dir}: run pretraining, "
                                 "fine-tuning and 'participant --mode predict' first")
-    extra = load_checkpoint(models[0]).get("extra") or {}
+    extra = load_checkpoint(models[0], mmap=True).get("extra") or {}
     label_info = extra.get("label_info") or {}
     target = ctx.options.get("target") or label_info.get("target")
     try:

@@ -87,9 +87,9 @@ def _cli_overrides(o: dict) -> dict[str, Any]:
     }
 
 
-def setup_logging(verbosity: int) -> None:
-    level = logging.WARNING if verbosity < 0 else (
-        logging.INFO if verbosity <= 1 else logging.DEBUG)
+def setup_logging(verbose: int) -> None:
+    """Log to stderr: progress (INFO) by default, DEBUG from ``-vv``."""
+    level = logging.DEBUG if verbose >= 2 else logging.INFO
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s",
                                            "%H:%M:%S"))
@@ -122,7 +122,7 @@ def build_context(o: dict) -> RunContext:
     """Validate CLI options (usage errors exit 64, missing inputs 66)."""
     from .bids import load_filter_file, normalise_labels
 
-    setup_logging(int(o.get("verbose") or 0) + 1)
+    setup_logging(int(o.get("verbose") or 0))
     level = o["analysis_level"]
     mode = o.get("mode") or DEFAULT_MODE[level]
     if mode not in MODES[level]:

@@ -164,7 +164,8 @@ def prep_settings(prep_cfg) -> Optional[dict]:
     raw = dataclasses.asdict(prep_cfg) if dataclasses.is_dataclass(prep_cfg) else dict(prep_cfg)
     return {"confounds": raw.get("confounds", "none"),
             "target_tr": None if raw.get("target_tr") is None else float(raw["target_tr"]),
-            "dtype": raw.get("dtype", "float16")}
+            "dtype": raw.get("dtype", "float16"),
+            "normalize": raw.get("normalize", "global")}
 
 
 def file_digest(path, index_dir=None) -> str:

@@ -6,10 +6,11 @@ Layout (inside the output dataset, where the group job finds it)::
     OUTPUT_DIR/cache/sub-<label>/<run key>_<cache key>.json  meta (complete == true)
     OUTPUT_DIR/cache/.source-hashes/<hash of path>.json      memoised source digests
 
-The cache key is a content hash of what decides the token values: the source BOLD bytes
-(and the run's brain mask and confounds files when they are used), the geometry's
-extraction hash, the preprocessing settings and the template space. Same inputs, same key,
-same bytes; so concurrent writers of one entry can only ever race to write identical files.
+The cache key (:mod:`bids_roimae.cache_keys`, re-exported here) is a content hash of what
+decides the token values: the source BOLD bytes (and the run's brain mask and confounds
+files when they are used), the geometry's extraction hash, the preprocessing settings and
+the template space. Same inputs, same key, same bytes; so concurrent writers of one entry
+can only ever race to write identical files.
 
 Atomicity (:mod:`bids_roimae.atomic`): both files are first written under
 ``.<name>.tmp-<pid>-<random>`` in the final folder and fsynced; the JSON is renamed into
@@ -20,30 +21,23 @@ so a reader never sees tokens without their meta, and a killed writer leaves onl
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import logging
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import numpy as np
 
 from . import atomic
+from .cache_keys import (_DIGEST_MEMO, FORMAT_VERSION, HASH_INDEX_DIRNAME,  # noqa: F401
+                         KEY_LENGTH, cache_key, file_digest, prep_settings)
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-KEY_LENGTH = 12
-HASH_INDEX_DIRNAME = ".source-hashes"
 _TMP_MARK = atomic.TMP_MARK
-_READ_CHUNK = 8 << 20
-
-# In-process memo of file digests: (abs path, size, mtime_ns) -> hex digest.
-_DIGEST_MEMO: dict[tuple[str, int, int], str] = {}
 
 
 class ScaledTokens:
@@ -155,97 +149,6 @@ def half_to_float(src: np.ndarray, out: np.ndarray) -> np.ndarray:
 def cache_root(output_dir) -> Path:
     """Folder of the token cache inside the output dataset: ``OUTPUT_DIR/cache``."""
     return Path(output_dir) / "cache"
-
-
-def prep_settings(prep_cfg) -> Optional[dict]:
-    """Preprocessing settings as a plain dict (``None`` stays ``None``)."""
-    if prep_cfg is None:
-        return None
-    raw = dataclasses.asdict(prep_cfg) if dataclasses.is_dataclass(prep_cfg) else dict(prep_cfg)
-    return {"confounds": raw.get("confounds", "none"),
-            "target_tr": None if raw.get("target_tr") is None else float(raw["target_tr"]),
-            "dtype": raw.get("dtype", "float16"),
-            "normalize": raw.get("normalize", "global")}
-
-
-def file_digest(path, index_dir=None) -> str:
-    """blake2b digest of a file's bytes, memoised by (absolute path, size, mtime_ns).
-
-    The memo lives in this process and, when ``index_dir`` is given, in one small JSON per
-    source file there, so rediscovering a dataset does not re-read every BOLD file.
-    """
-    path = Path(path).absolute()
-    st = path.stat()
-    memo_key = (str(path), st.st_size, st.st_mtime_ns)
-    if memo_key in _DIGEST_MEMO:
-        return _DIGEST_MEMO[memo_key]
-    index_file = None
-    if index_dir is not None:
-        name = hashlib.blake2b(str(path).encode(), digest_size=10).hexdigest()
-        index_file = Path(index_dir) / f"{name}.json"
-        try:
-            rec = json.loads(index_file.read_text())
-            if [rec["path"], rec["size"], rec["mtime_ns"]] == list(memo_key):
-                _DIGEST_MEMO[memo_key] = rec["digest"]
-                return rec["digest"]
-        except (OSError, ValueError, KeyError, TypeError):
-            pass  # absent or stale or half-written: recompute
-    h = hashlib.blake2b(digest_size=20)
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_READ_CHUNK):
-            h.update(chunk)
-    digest = h.hexdigest()
-    _DIGEST_MEMO[memo_key] = digest
-    if index_file is not None:
-        record = {"path": memo_key[0], "size": memo_key[1], "mtime_ns": memo_key[2],
-                  "digest": digest}
-        try:
-            index_file.parent.mkdir(parents=True, exist_ok=True)
-            atomic.write_bytes(index_file, json.dumps(record).encode(), fsync=False,
-                               mkdir=False)
-        except OSError as exc:  # a read-only output only costs a re-hash next time
-            logger.debug("could not record digest of %s: %s", path, exc)
-    return digest
-
-
-def cache_key(run, geometry, prep_cfg, template_space: str, *, index_dir=None) -> str:
-    """Short hex key of everything that decides a run's token values.
-
-    Parameters
-    ----------
-    run : BoldRun
-        The source run (its BOLD bytes are hashed; the brain mask's too, and the confounds
-        file's when confound regression is on).
-    geometry : TokenGeometry
-        Contributes ``extraction_hash`` (grid, affine, brain mask, patch size).
-    prep_cfg : PrepConfig
-        Preprocessing settings.
-    template_space : str
-        Template space name of the model grid.
-    index_dir : path, optional
-        Folder of the persistent digest memo (``cache_root(out) / ".source-hashes"``).
-
-    Returns
-    -------
-    str
-        ``KEY_LENGTH`` hex characters.
-    """
-    prep = prep_settings(prep_cfg)
-    parts: dict[str, Any] = {
-        "format": FORMAT_VERSION,
-        "source": file_digest(run.path, index_dir),
-        "mask": file_digest(run.mask_path, index_dir) if _exists(run.mask_path) else None,
-        "extraction": geometry.extraction_hash,
-        "prep": prep,
-        "space": str(template_space),
-    }
-    if prep["confounds"] != "none":
-        parts["confounds"] = (file_digest(run.confounds_path, index_dir)
-                              if _exists(run.confounds_path) else None)
-    if prep["confounds"] != "none" or prep["target_tr"] is not None:
-        parts["tr"] = run.tr  # the sidecar TR changes the filter and the resampling
-    blob = json.dumps(parts, sort_keys=True, default=str).encode()
-    return hashlib.blake2b(blob, digest_size=16).hexdigest()[:KEY_LENGTH]
 
 
 def entry_path(output_dir, run, key: str) -> Path:
@@ -435,10 +338,6 @@ def remove_stale_temps(folder, max_age_s: float = 86400.0) -> int:
 
 
 # -- helpers ---------------------------------------------------------------------------
-def _exists(path) -> bool:
-    return path is not None and Path(path).is_file()
-
-
 def _header_matches(entry: CacheEntry) -> bool:
     """The ``.npy`` header agrees with the meta (guards against a foreign file)."""
     try:

@@ -2,24 +2,25 @@
 
 The fMRIPrep derivatives folder is indexed with pybids without metadata (large datasets
 must not be crawled for JSON); the RepetitionTime of the selected runs is read from their
-sidecars here, following the BIDS inheritance principle over the derivatives folder and,
-when it is a separate dataset, the raw BIDS folder. Companion files (brain mask, confounds)
-are found by name in the run's folder.
+sidecars, following the BIDS inheritance principle over the derivatives folder and, when
+it is a separate dataset, the raw BIDS folder. Companion files (brain mask, confounds) are
+found by name in the run's folder.
 
 The pybids layout, its saved index and the query it answers are in
-:mod:`bids_roimae.bids_index`.
+:mod:`bids_roimae.bids_index`; file names, entity tables, sidecars and companion files in
+:mod:`bids_roimae.bids_files`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
+from .bids_files import (PYBIDS_TO_SHORT, SHORT_TO_PYBIDS, SOURCE_KEYS, FolderListings,
+                         mask_and_confounds, parse_name, repetition_time)
 from .bids_index import layout_query, open_layout
 from .errors import BadDataError, MissingInputError, NoDataSelected, UsageError
 
@@ -27,18 +28,6 @@ log = logging.getLogger(__name__)
 
 MODEL_RESOLUTION = "2"
 _LABEL_RE = re.compile(r"^[A-Za-z0-9]+$")
-# BIDS short keys -> pybids entity names (the names `entities` and filter files use)
-SHORT_TO_PYBIDS = {
-    "sub": "subject", "ses": "session", "task": "task", "acq": "acquisition",
-    "ce": "ceagent", "rec": "reconstruction", "dir": "direction", "run": "run",
-    "echo": "echo", "part": "part", "chunk": "chunk", "space": "space", "cohort": "cohort",
-    "res": "res", "den": "den", "atlas": "atlas", "seg": "segmentation", "label": "label",
-    "desc": "desc", "trc": "tracer", "mod": "modality", "inv": "inv", "flip": "flip",
-    "mt": "mt", "hemi": "hemi",
-}
-PYBIDS_TO_SHORT = {v: k for k, v in SHORT_TO_PYBIDS.items()}
-# entities that identify an acquisition (the run key); space/res/desc describe a derivative
-_SOURCE_KEYS = ("sub", "ses", "task", "acq", "ce", "rec", "dir", "run", "echo", "part")
 # filter-file keys this module sets itself
 _RESERVED_FILTERS = {"space", "desc", "extension", "res", "den"}
 _FIXED_FILTERS = {"suffix": "bold", "datatype": "func"}
@@ -71,7 +60,7 @@ class BoldRun:
         ``sub-01_ses-1_task-rest_run-1``."""
         return "_".join(
             f"{short}-{self.entities[SHORT_TO_PYBIDS[short]]}"
-            for short in _SOURCE_KEYS
+            for short in SOURCE_KEYS
             if self.entities.get(SHORT_TO_PYBIDS[short]) is not None
         )
 
@@ -255,81 +244,6 @@ def load_filter_file(path) -> dict:
     return data
 
 
-def _parse_name(name: str):
-    """``(pairs [(short key, value)], suffix, extension)`` of a BIDS file name."""
-    stem, _, ext = name.partition(".")
-    parts = stem.split("_")
-    pairs = [tuple(p.split("-", 1)) for p in parts[:-1] if "-" in p]
-    return pairs, parts[-1], "." + ext if ext else ""
-
-
-class _Listings(dict):
-    """Cached folder listings, so each folder is read at most once per discovery."""
-
-    def __missing__(self, folder: Path) -> frozenset:
-        try:
-            self[folder] = frozenset(os.listdir(folder))
-        except OSError:
-            self[folder] = frozenset()
-        return self[folder]
-
-
-def _read_tr(path: Path) -> float | None:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8")).get("RepetitionTime")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as err:
-        log.warning("ignoring unreadable sidecar %s: %s", path, err)
-        return None
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
-        return float(value)
-    return None
-
-
-def _repetition_time(bold: Path, roots: list[Path], listing: _Listings) -> float | None:
-    """RepetitionTime by inheritance: nearest folder first, derivatives before raw; in a
-    folder the sidecar with the most matching entities wins."""
-    own = set(_parse_name(bold.name)[0])
-    try:
-        rel = bold.parent.relative_to(roots[0])
-    except ValueError:  # one of them went through a symbolic link
-        rel = bold.parent.resolve().relative_to(roots[0].resolve())
-    for root in roots:
-        for folder in [root / rel] + [root / p for p in rel.parents]:
-            matches = []
-            for name in listing[folder]:
-                pairs, suffix, ext = _parse_name(name)
-                if suffix == "bold" and ext == ".json" and set(pairs) <= own:
-                    matches.append((len(pairs), name))
-            for _, name in sorted(matches, reverse=True):
-                tr = _read_tr(folder / name)
-                if tr is not None:
-                    return tr
-    return None
-
-
-def _companion(bold: Path, listing: _Listings, pairs, suffix: str, exts: Iterable[str]):
-    stem = "_".join(f"{k}-{v}" for k, v in pairs) + f"_{suffix}"
-    for ext in exts:
-        if stem + ext in listing[bold.parent]:
-            return bold.parent / (stem + ext)
-    return None
-
-
-def _mask_and_confounds(bold: Path, listing: _Listings):
-    pairs, _, ext = _parse_name(bold.name)
-    exts = [ext] + [e for e in (".nii.gz", ".nii") if e != ext]
-    with_brain = [(k, "brain" if k == "desc" else v) for k, v in pairs]
-    mask = _companion(bold, listing, with_brain, "mask", exts) or _companion(
-        bold, listing, [p for p in pairs if p[0] != "desc"] + [("label", "brain")], "mask", exts)
-    source = [p for p in pairs if p[0] in _SOURCE_KEYS]
-    confounds = None
-    for variant in (source, [p for p in source if p[0] != "echo"]):
-        for suffix in ("timeseries", "regressors"):
-            confounds = confounds or _companion(
-                bold, listing, variant + [("desc", "confounds")], suffix, [".tsv"])
-    return mask, confounds
-
-
 def _res_rank(res: str | None) -> tuple:
     """Sort key preferring res-2 (the model grid), then no res, then others."""
     if res is not None and res.isdigit() and int(res) == int(MODEL_RESOLUTION):
@@ -390,7 +304,7 @@ def discover(bids_dir, *, derivatives=None, participant_labels=None, session_lab
     best: dict[tuple, tuple] = {}
     other_spaces = set()
     for path in found:
-        pairs = dict(_parse_name(path.name)[0])
+        pairs = dict(parse_name(path.name)[0])
         if pairs.get("space") != space:
             other_spaces.add(pairs.get("space", "none (native BOLD space)"))
             continue
@@ -402,14 +316,14 @@ def discover(bids_dir, *, derivatives=None, participant_labels=None, session_lab
         raise BadDataError(
             f"BOLD found only in spaces {', '.join(sorted(other_spaces))}; rerun fMRIPrep with "
             f"--output-spaces {space}:res-{MODEL_RESOLUTION} (or choose one of them with --space)")
-    listing = _Listings()
+    listing = FolderListings()
     runs = []
     for _, path in best.values():
-        pairs, suffix, ext = _parse_name(path.name)
+        pairs, suffix, ext = parse_name(path.name)
         entities = {SHORT_TO_PYBIDS.get(k, k): v for k, v in pairs}
         entities.update(suffix=suffix, extension=ext, datatype=path.parent.name)
-        mask, confounds = _mask_and_confounds(path, listing)
-        tr = _repetition_time(path, roots, listing)
+        mask, confounds = mask_and_confounds(path, listing)
+        tr = repetition_time(path, roots, listing)
         runs.append(BoldRun(
             subject=entities["subject"], session=entities.get("session"), task=entities["task"],
             run=entities.get("run"), entities=entities, path=path, mask_path=mask,

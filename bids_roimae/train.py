@@ -7,13 +7,16 @@ atomically, resumes after a kill with bit-identical results on CPU, and runs und
 
 Files in ``model_dir``: ``checkpoint.pt`` (latest, with optimiser state),
 ``model.pt`` (final weights), ``log.tsv``, ``loss.png``, ``summary.json``.
+
+The step count, learning-rate schedule and weight-decay groups are in
+:mod:`bids_roimae.train_schedule`; ``log.tsv`` and the loss plot in
+:mod:`bids_roimae.train_log`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import sys
 import time
 from dataclasses import asdict
@@ -23,7 +26,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from . import atomic, interrupt
+from . import interrupt
 from .checkpoint import geometry_from_checkpoint, load_checkpoint, save_checkpoint
 from .config import AppConfig
 from .distributed import DistContext, setup_distributed
@@ -32,10 +35,11 @@ from .masking import region_groups
 from .model import build_model, count_parameters, resolve_model_config
 from .sampling import (Prefetcher, TokenFeed, fixed_plan, split_subjects, step_plan,
                        window_index)
+from .train_log import TrainLog, plot_loss
+from .train_schedule import lr_at, param_groups, total_steps
 
 log = logging.getLogger(__name__)
 
-LOG_COLUMNS = ("step", "loss", "val_loss", "lr", "tokens_per_s", "samples_per_s")
 # Settings that do not change the trained weights: a resume may differ in these.
 _RESUME_FREE = {("train", k) for k in ("checkpoint_every", "log_every", "compile",
                                        "num_workers", "gpu_resident", "val_batches")}
@@ -45,23 +49,6 @@ def model_name(cfg: AppConfig) -> str:
     """Folder name of a pretrained model, e.g. ``roimae_mask-roi_preset-tiny_ps-6``."""
     return (f"roimae_mask-{cfg.masking.strategy}_preset-{cfg.model.preset}"
             f"_ps-{cfg.geometry.patch_size}")
-
-
-def lr_at(step: int, total: int, cfg) -> float:
-    """Learning rate of optimiser step ``step`` (0-based): linear warmup, cosine to min_lr."""
-    warm = min(cfg.warmup_steps, max(total - 1, 0))
-    if step < warm:
-        return cfg.lr * (step + 1) / warm
-    progress = (step - warm) / max(1, total - warm)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def total_steps(cfg: AppConfig, n_epoch_windows: int, world: int) -> int:
-    """Steps to run: ``train.steps``, or ``train.epochs`` passes over the windows."""
-    if cfg.train.epochs:
-        per_step = cfg.train.batch_size * world
-        return max(1, math.ceil(cfg.train.epochs * n_epoch_windows / per_step))
-    return int(cfg.train.steps)
 
 
 def config_differences(saved: dict, current: dict) -> list[str]:
@@ -79,16 +66,6 @@ def config_differences(saved: dict, current: dict) -> list[str]:
             if (section, key) not in _RESUME_FREE and old.get(key) != value:
                 diffs.append(f"{section}.{key}: {old.get(key)!r} -> {value!r}")
     return diffs
-
-
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on biases, norms, the mask token and other 1-D parameters."""
-    decay, plain = [], []
-    for _, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else plain).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": plain, "weight_decay": 0.0}]
 
 
 def _use_resident(cfg: AppConfig, device: torch.device, entries) -> bool:
@@ -113,56 +90,6 @@ def _check_resume(ckpt: dict, cfg: AppConfig, geometry, path: Path) -> None:
             f"{path} was trained with other settings ({'; '.join(diffs[:6])}); refusing to "
             "overwrite it. Use the same settings to resume, another output folder, or "
             "remove that model folder.")
-
-
-class _Log:
-    """``log.tsv`` rows, rewritten on resume to drop steps past the checkpoint."""
-
-    def __init__(self, path: Path, keep_until: Optional[int], enabled: bool):
-        self.path, self.enabled, self.rows = path, enabled, []
-        if enabled and keep_until is not None and path.is_file():
-            for line in path.read_text().splitlines()[1:]:
-                fields = line.split("\t")
-                if fields and fields[0].isdigit() and int(fields[0]) <= keep_until:
-                    self.rows.append(fields)
-        self._flush()
-
-    def add(self, **values) -> None:
-        def fmt(v):
-            if v is None or (isinstance(v, float) and not math.isfinite(v)):
-                return "n/a"
-            return f"{v:.6g}" if isinstance(v, float) else str(v)
-
-        self.rows.append([fmt(values.get(c)) for c in LOG_COLUMNS])
-        self._flush()
-
-    def _flush(self) -> None:
-        if self.enabled:
-            text = "\t".join(LOG_COLUMNS) + "\n" + "".join("\t".join(r) + "\n" for r in self.rows)
-            atomic.write_text(self.path, text, fsync=False, mkdir=False)
-
-    def series(self, column: str) -> tuple[list, list]:
-        i = LOG_COLUMNS.index(column)
-        pts = [(int(r[0]), float(r[i])) for r in self.rows if r[i] != "n/a"]
-        return [p[0] for p in pts], [p[1] for p in pts]
-
-
-def _plot(log_rows: _Log, path: Path) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6, 3.5))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(111)
-    for column, label in (("loss", "train"), ("val_loss", "validation")):
-        steps, values = log_rows.series(column)
-        if steps:
-            ax.plot(steps, values, marker=".", label=label)
-    ax.set_xlabel("step")
-    ax.set_ylabel("masked reconstruction MSE")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
 
 
 def run_pretraining(entries: Sequence, geometry, cfg: AppConfig, model_dir, *, device="cpu",
@@ -247,7 +174,7 @@ def _train(entries, geometry, cfg, model_dir, dist: DistContext, resume, atlas_m
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, geometry).to(device)
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg.train.weight_decay),
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay),
                                   lr=cfg.train.lr, betas=(0.9, 0.95),
                                   fused=True if device.type == "cuda" else None)
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -312,7 +239,7 @@ def _train(entries, geometry, cfg, model_dir, dist: DistContext, resume, atlas_m
         return step_plan(train_index, step, cfg.seed, batch, rank, world, cfg.masking,
                          groups, n_time)
 
-    tsv = _Log(model_dir / "log.tsv", start if start > 0 else None, rank == 0)
+    tsv = TrainLog(model_dir / "log.tsv", start if start > 0 else None, rank == 0)
     if start == 0:
         initial_val = validate()
         tsv.add(step=0, val_loss=initial_val, lr=lr_at(0, steps, cfg.train))
@@ -403,7 +330,7 @@ def _train(entries, geometry, cfg, model_dir, dist: DistContext, resume, atlas_m
     if rank == 0:
         save_checkpoint(final_path, model=model, cfg=cfg, geometry=geometry, step=steps,
                         scheduler=sched_state(steps), extra=extra)
-        _plot(tsv, model_dir / "loss.png")
+        plot_loss(tsv, model_dir / "loss.png")
         summary = {
             "steps": steps, "final_loss": last_loss, "final_val_loss": last_val,
             "initial_val_loss": initial_val, "tokens_seen": tokens_per_step * steps,

@@ -135,6 +135,10 @@ RES = "Resources and run control"
       section=ATLAS, help="Which patches belong to a region. [default: majority]")
 @_opt("--confounds", type=click.Choice(["none", "simple", "scrubbing"]), default=None,
       section=PREP, help="Confound regression with fMRIPrep's confounds. [default: none]")
+@_opt("--normalize", type=click.Choice(["global", "voxel"]), default=None, section=PREP,
+      help="Signal scaling: percent signal change with one scale per run, which keeps "
+           "regional amplitude differences (global), or a z-score per voxel (voxel). "
+           "[default: global]")
 @_opt("--target-tr", type=float, default=None, section=PREP,
       help="Resample every run to this repetition time (seconds).")
 @_opt("--patch-size", type=click.IntRange(1, 32), default=None, section=PREP,
@@ -189,6 +193,9 @@ RES = "Resources and run control"
            "passes). [default: 32]")
 @_opt("--fidelity/--no-fidelity", default=True, section=ATTR,
       help="Region reconstruction fidelity maps in predict.")
+@_opt("--fidelity-windows", type=click.IntRange(1), default=None, section=ATTR,
+      help="Windows per run for region fidelity (one forward pass per window and region: "
+           "fewer is faster on a CPU, more is less noisy). [default: 4]")
 @_opt("-w", "--work-dir", type=click.Path(path_type=Path), default=None, section=RES,
       help="Scratch folder. Default: a temporary folder.")
 @_opt("--nprocs", type=click.IntRange(1), default=1, section=RES,

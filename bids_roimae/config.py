@@ -69,8 +69,14 @@ class PrepConfig:
     confounds: Literal["none", "simple", "scrubbing"] = "none"
     target_tr: Optional[float] = None
     dtype: Literal["float16", "int8"] = "float16"
+    # "global": percent signal change per voxel, one scale per run, so a region that
+    # fluctuates twice as much stays twice as large (amplitude is signal, e.g. ALFF).
+    # "voxel": z-score every voxel over time (every voxel unit variance).
+    normalize: Literal["global", "voxel"] = "global"
 
     def validate(self) -> None:
+        if self.normalize not in ("global", "voxel"):
+            raise ConfigError("prep.normalize must be global or voxel")
         if self.confounds not in ("none", "simple", "scrubbing"):
             raise ConfigError("prep.confounds must be none, simple or scrubbing")
         if self.target_tr is not None and self.target_tr <= 0:
@@ -182,7 +188,7 @@ class AttributionConfig:
     steps: int = 32
     min_steps: int = 4
     windows: int = 4
-    fidelity_windows: int = 1
+    fidelity_windows: int = 4
     baseline: Literal["zeros", "mean"] = "zeros"
     batch_size: int = 8
 

@@ -4,8 +4,8 @@ Per run, in order: read the NIfTI (streamed frame by frame, so a corrupt or trun
 fails here and the whole 4D array is never held in float64), check it (4D, long enough,
 template space, grid, brain mask grid, finite), bring it onto the model grid (as is, or
 resampled from another resolution of the same space), optionally regress confounds and
-resample in time, z-score every template-brain voxel over time, cut tokens and write the
-cache entry atomically (:mod:`bids_roimae.cache`).
+resample in time, normalise (percent signal change with one scale per run, or a z-score
+per voxel), cut tokens and write the cache entry atomically (:mod:`bids_roimae.cache`).
 
 All work after reading happens on the ``(T, V)`` matrix of the ``V`` template-brain voxels
 that are token voxels, float32 throughout. Reading the NIfTI and bringing it onto the model
@@ -116,6 +116,8 @@ def prepare_run(run, geometry, template_img, prep_cfg: Optional[PrepConfig], out
         bad_vox = int(np.count_nonzero(~np.isfinite(brain).all(axis=0)))
         raise BadDataError(f"{name}: {n_bad} non-finite values (NaN/inf) in {bad_vox} "
                            f"voxels inside the template brain")
+    # The voxel baseline is taken before confound regression, which may remove the mean.
+    baseline = brain.mean(axis=0, dtype=np.float64)
     confound_info: dict = {}
     if prep.confounds != "none":
         brain, confound_info = _regress_confounds(run, brain, prep.confounds, tr_in)
@@ -124,7 +126,14 @@ def prepare_run(run, geometry, template_img, prep_cfg: Optional[PrepConfig], out
         brain = _resample_time(brain, tr_in, prep.target_tr)
         tr_out = float(prep.target_tr)
     _check_length(name, brain.shape[0], window, prep.target_tr)
-    n_flat = zscore_inplace(brain)
+    if prep.normalize == "voxel":
+        norm_info = {"normalize": "voxel", "n_zero_variance_voxels": zscore_inplace(brain)}
+    else:
+        norm_info = global_scale_inplace(brain, baseline)
+        if norm_info["normalize"] != "global-psc":
+            logger.warning("%s: the BOLD signal is not positive intensities (median voxel "
+                           "mean %.3g), so it is scaled without percent signal change",
+                           name, norm_info["median_baseline"])
     if outside is not None:
         brain[:, outside] = 0.0
     meta = {
@@ -137,7 +146,7 @@ def prepare_run(run, geometry, template_img, prep_cfg: Optional[PrepConfig], out
         "tr": tr_out, "tr_original": tr_in, "tr_source": tr_source,
         "n_frames_source": source.n_frames, "extraction_hash": geometry.extraction_hash,
         "patch_size": geometry.patch_size, "n_tokens": geometry.n_tokens,
-        "n_brain_voxels": int(brain.shape[1]), "n_zero_variance_voxels": n_flat,
+        "n_brain_voxels": int(brain.shape[1]), **norm_info,
         "n_outside_run_mask": 0 if outside is None else int(outside.sum()),
         **grid_info, **confound_info,
     }
@@ -209,6 +218,55 @@ def zscore_inplace(brain: np.ndarray) -> int:
     inv = np.where(flat, 0.0, 1.0 / np.where(flat, 1.0, std)).astype(np.float32)
     brain *= inv
     return int(flat.sum())
+
+
+def global_scale_inplace(brain: np.ndarray, baseline: np.ndarray,
+                         floor_fraction: float = 0.1, min_snr: float = 10.0) -> dict:
+    """Percent signal change per voxel, then one scale for the whole run, in place.
+
+    Unlike a per-voxel z-score this keeps how strongly each voxel fluctuates relative to
+    the others (a region with twice the fluctuation amplitude stays twice as large), while
+    differences in scanner units between runs and sites are removed.
+
+    Parameters
+    ----------
+    brain : numpy.ndarray
+        ``(T, V)`` float32 time series of the brain voxels, modified in place.
+    baseline : numpy.ndarray
+        ``(V,)`` mean intensity of each voxel in the raw signal (before any confound
+        regression, which may remove it).
+    floor_fraction : float
+        Baselines below this fraction of the median baseline (signal dropout, the edge of
+        the field of view) are raised to it, so near-zero means cannot blow a voxel up.
+    min_snr : float
+        Percent signal change is used only when the median baseline exceeds ``min_snr``
+        times the median temporal SD, i.e. when the input is raw positive intensities;
+        otherwise (demeaned or standardised input) only the run-wide scale is applied.
+
+    Returns
+    -------
+    dict
+        ``normalize`` (``"global-psc"`` or ``"global-sd"``), ``global_scale`` (what the
+        demeaned signal was divided by), ``median_baseline``, ``n_zero_variance_voxels``.
+    """
+    mean = brain.mean(axis=0, dtype=np.float64)
+    brain -= mean.astype(np.float32)
+    sd = np.sqrt(np.einsum("tv,tv->v", brain, brain, dtype=np.float64) / brain.shape[0])
+    median_base = float(np.median(baseline)) if baseline.size else 0.0
+    live = sd > 1e-6 * np.maximum(np.abs(baseline), 1e-6)
+    median_sd = float(np.median(sd[live])) if live.any() else 0.0
+    psc = median_base > 0 and median_base > min_snr * median_sd
+    if psc:
+        per_voxel = 100.0 / np.maximum(baseline, floor_fraction * median_base)
+        sd_scaled = sd * per_voxel
+    else:
+        per_voxel, sd_scaled = np.ones_like(sd), sd
+    scale = float(np.median(sd_scaled[live])) if live.any() else 1.0
+    scale = scale if scale > 0 else 1.0
+    factor = np.where(live, per_voxel / scale, 0.0).astype(np.float32)
+    brain *= factor
+    return {"normalize": "global-psc" if psc else "global-sd", "global_scale": scale,
+            "median_baseline": median_base, "n_zero_variance_voxels": int((~live).sum())}
 
 
 # -- steps ---------------------------------------------------------------------------------

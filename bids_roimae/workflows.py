@@ -74,7 +74,8 @@ def _cli_overrides(o: dict) -> dict[str, Any]:
         "geometry": {"patch_size": o.get("patch_size"), "window": o.get("window"),
                      "temporal_patch": o.get("temporal_patch"),
                      "roi_assign": o.get("roi_assign")},
-        "prep": {"confounds": o.get("confounds"), "target_tr": o.get("target_tr")},
+        "prep": {"confounds": o.get("confounds"), "target_tr": o.get("target_tr"),
+                 "normalize": o.get("normalize")},
         "masking": {"strategy": o.get("masking"), "ratio": o.get("mask_ratio")},
         "model": {"preset": o.get("model_preset")},
         "train": {"steps": o.get("steps"), "epochs": o.get("epochs"),
@@ -82,7 +83,8 @@ def _cli_overrides(o: dict) -> dict[str, Any]:
                   "compile": True if o.get("compile_model") else None},
         "finetune": {"strategy": o.get("finetune_strategy"), "task_type": o.get("task_type"),
                      "folds": o.get("folds")},
-        "attribution": {"steps": o.get("ig_steps")},
+        "attribution": {"steps": o.get("ig_steps"),
+                        "fidelity_windows": o.get("fidelity_windows")},
         "seed": o.get("seed"),
     }
 

@@ -1,4 +1,4 @@
-"""Preparation of one BOLD run into brain tokens: checks, resampling, confounds, z-score."""
+"""Preparation of one BOLD run into brain tokens: checks, resampling, confounds, scaling."""
 
 from __future__ import annotations
 
@@ -16,8 +16,11 @@ import pytest
 from _grids import AFFINE, GRID, SPACE, WINDOW, BoldRun, template_grid
 
 from bids_roimae.config import PrepConfig
-from bids_roimae.data import prepare_run, prepare_runs, zscore_inplace
+from bids_roimae.data import global_scale_inplace, prepare_run, prepare_runs, zscore_inplace
 from bids_roimae.errors import EXIT_BAD_DATA, AppError, BadDataError, OutputError
+
+
+VOXEL = PrepConfig(normalize="voxel")  # exact per-voxel z-scores: layout checks
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +72,7 @@ def test_tokens_hold_zscored_voxels_at_their_grid_positions(tmp_path, grid):
     mask, geometry, template = grid
     data = random_bold(24)
     run = write_bold(tmp_path / "bids", data)
-    entry = prepare_run(run, geometry, template, PrepConfig(), tmp_path / "out", window=WINDOW)
+    entry = prepare_run(run, geometry, template, VOXEL, tmp_path / "out", window=WINDOW)
     tokens = entry.tokens()
     assert tokens.shape == (24, geometry.n_tokens, 27) and tokens.dtype == np.float16
     expected = zscore_ref(data)
@@ -93,7 +96,7 @@ def test_zscore_mean_zero_sd_one_and_flat_voxels_zero(tmp_path, grid):
     data = random_bold(30, seed=3)
     data[4, 8, 5, :] = 777.0  # a constant brain voxel
     run = write_bold(tmp_path / "bids", data)
-    entry = prepare_run(run, geometry, template, None, tmp_path / "out", window=WINDOW)
+    entry = prepare_run(run, geometry, template, VOXEL, tmp_path / "out", window=WINDOW)
     tok = entry.tokens().astype(np.float32)[:, geometry.voxel_mask]  # (T, V)
     flat = np.abs(tok).max(axis=0) == 0
     assert flat.sum() == 1 and entry.meta["n_zero_variance_voxels"] == 1
@@ -108,6 +111,48 @@ def test_zscore_inplace_matrix():
     n_flat = zscore_inplace(mat)
     assert n_flat == 1 and not mat[:, 2].any()
     np.testing.assert_allclose(mat[:, [0, 1, 3, 4, 5]].std(axis=0), 1, atol=1e-5)
+
+
+def test_global_scaling_keeps_amplitude_and_removes_units(tmp_path, grid):
+    """Default scaling: a region fluctuating twice as much stays twice as large, while a
+    voxel's baseline intensity and the run's scanner units do not matter."""
+    mask, geometry, template = grid
+    rng = np.random.default_rng(4)
+    n = 40
+    base = rng.uniform(600, 1400, size=GRID)[..., None]
+    amp = np.ones(GRID)
+    amp[:2] = 2.0  # a slab of voxels with twice the percent fluctuation
+    data = base * (1 + 0.01 * amp[..., None] * rng.standard_normal(GRID + (n,)))
+    tokens = {}
+    for units in (1.0, 7.5):  # the same run in other scanner units
+        run = write_bold(tmp_path / f"bids{units}", (units * data).astype(np.float32))
+        entry = prepare_run(run, geometry, template, None, tmp_path / f"out{units}",
+                            window=WINDOW)
+        assert entry.meta["normalize"] == "global-psc"
+        tokens[units] = geometry.scatter(entry.tokens().astype(np.float32).std(axis=0))
+    np.testing.assert_allclose(tokens[1.0][mask], tokens[7.5][mask], atol=2e-2)
+    sd = tokens[1.0]
+    high, low = sd[mask & (amp == 2)], sd[mask & (amp == 1)]
+    assert low.size > high.size  # the median voxel is a unit-amplitude one
+    assert abs(np.median(low) - 1.0) < 0.08
+    assert abs(np.median(high) / np.median(low) - 2.0) < 0.1
+
+
+def test_global_scaling_of_demeaned_input_uses_one_scale(caplog):
+    rng = np.random.default_rng(2)
+    mat = (rng.standard_normal((50, 8)) * [1, 1, 1, 1, 1, 3, 3, 0]).astype(np.float32)
+    info = global_scale_inplace(mat, mat.mean(axis=0))
+    assert info["normalize"] == "global-sd" and info["n_zero_variance_voxels"] == 1
+    sd = mat.std(axis=0)
+    assert not mat[:, 7].any()
+    assert abs(np.median(sd[:7]) - 1.0) < 1e-5
+    np.testing.assert_allclose(sd[5:7] / sd[:5].mean(), 3.0, rtol=0.3)
+    # Raw intensities with a near-zero baseline voxel (dropout): floored, not blown up.
+    raw = (1000 + rng.standard_normal((50, 8)) * 10).astype(np.float32)
+    raw[:, 0] = 1.0 + rng.standard_normal(50).astype(np.float32) * 10
+    info = global_scale_inplace(raw, raw.mean(axis=0))
+    assert info["normalize"] == "global-psc"
+    assert raw[:, 0].std() < 15 * np.median(raw[:, 1:].std(axis=0))
 
 
 def test_run_mask_zeroes_template_voxels_outside_subject_brain(tmp_path, grid):
@@ -136,7 +181,7 @@ def test_resampling_from_a_1mm_grid(tmp_path, grid):
     gain, shift = rng.uniform(0.5, 1.5, 20), rng.normal(0, 30, 20)
     data = (1000 + field[..., None] * gain + shift).astype(np.float32)
     run = write_bold(tmp_path / "bids", data, affine=fine_affine)
-    entry = prepare_run(run, geometry, template, None, tmp_path / "out", window=WINDOW)
+    entry = prepare_run(run, geometry, template, VOXEL, tmp_path / "out", window=WINDOW)
     assert entry.meta["resampled"] and entry.meta["source_grid"] == list(fine_shape)
     assert entry.tokens().shape == (20, geometry.n_tokens, 27)
     # Expected: the same linear field sampled at model voxel centres, then z-scored.
@@ -160,7 +205,7 @@ def test_resampling_matches_nilearn_and_refuses_nan_in_brain(tmp_path, grid):
     rng = np.random.default_rng(8)
     data = rng.normal(100, 5, size=(9, 12, 8, 12)).astype(np.float32)
     run = write_bold(tmp_path / "bids", data, affine=coarse)
-    entry = prepare_run(run, geometry, template, None, tmp_path / "out", window=WINDOW)
+    entry = prepare_run(run, geometry, template, VOXEL, tmp_path / "out", window=WINDOW)
     ref = resample_to_img(nib.Nifti1Image(data, coarse), template,
                           interpolation="continuous", force_resample=True, copy_header=True)
     expected = zscore_ref(np.asarray(ref.dataobj))

@@ -63,9 +63,10 @@ def region_fidelity(mae: nn.Module, windows: Union[torch.Tensor, np.ndarray],
     Returns
     -------
     DataFrame
-        Per region: ``index, n_tokens, error, error_sd, embedding_shift,
+        Per region: ``index, n_tokens, error, error_sd, error_relative, embedding_shift,
         embedding_shift_sd, relative_shift, embedding_cosine, rank, error_rank`` (means
-        and SDs over windows; ``rank`` 1 = largest embedding shift, ``error_rank`` 1 =
+        and SDs over windows; ``error_relative`` is the error over the window's mean error
+        of all tested regions; ``rank`` 1 = largest embedding shift, ``error_rank`` 1 =
         largest error), plus ``name, system`` with ``table``.
     """
     owned = geometry.region_patches()
@@ -123,6 +124,9 @@ def region_fidelity(mae: nn.Module, windows: Union[torch.Tensor, np.ndarray],
         "index": np.asarray(regions, np.int64),
         "n_tokens": [int(owned[r].size) for r in regions],
         "error": errors.mean(0), "error_sd": errors.std(0, ddof=ddof),
+        # Relative to the window's mean over regions: what is specific to the region, not
+        # how predictable the whole window is (motion, global signal, a short run).
+        "error_relative": (errors / np.maximum(errors.mean(1, keepdims=True), 1e-12)).mean(0),
         "embedding_shift": shifts.mean(0), "embedding_shift_sd": shifts.std(0, ddof=ddof),
         "relative_shift": (shifts / np.maximum(ref_norm[:, None], 1e-12)).mean(0),
         "embedding_cosine": cosines.mean(0),

@@ -28,6 +28,8 @@ import pandas as pd
 from .attribution import IGResult, region_table, region_values, to_source_grid, token_map
 from .figures import build_participant_report  # the per-participant page, re-exported
 from .geometry import TokenGeometry
+from .group_stats import (group_difference, region_ranking,  # noqa: F401 - re-exported
+                          system_ranking)
 
 #: Patterns the dataset's ``.bidsignore`` needs for what this module writes.
 BIDSIGNORE = ["*_stat-*", "*_boldmap.*", "*.html", "group"]
@@ -210,100 +212,7 @@ def read_region_tables(output_dir, stat: str, subjects: Optional[Iterable[str]] 
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-# -- group summaries ------------------------------------------------------------------
-def _participant_means(tables: pd.DataFrame, value: str) -> pd.DataFrame:
-    """Participants x regions: ``value`` averaged over each participant's runs."""
-    return tables.pivot_table(index="subject", columns="index", values=value, aggfunc="mean")
-
-
-def _region_meta(tables: pd.DataFrame) -> pd.DataFrame:
-    cols = [c for c in ("name", "system") if c in tables]
-    return tables.drop_duplicates("index").set_index("index")[cols]
-
-
-def region_ranking(tables: pd.DataFrame, value: str) -> pd.DataFrame:
-    """Group mean and SD over participants of a per-region value, ranked (1 = largest).
-
-    Parameters
-    ----------
-    tables : DataFrame
-        Stacked run tables (:func:`read_region_tables`).
-    value : str
-        Column to summarise, e.g. ``mean_abs`` or ``embedding_shift``.
-    """
-    per = _participant_means(tables, value)
-    out = _region_meta(tables).reindex(per.columns)
-    out["mean"] = per.mean(axis=0)
-    out["sd"] = per.std(axis=0, ddof=1) if len(per) > 1 else 0.0
-    out["n_participants"] = per.notna().sum(axis=0)
-    out["rank"] = out["mean"].rank(ascending=False, method="min").astype("Int64")
-    return out.reset_index().sort_values("rank", na_position="last", ignore_index=True)
-
-
-def system_ranking(tables: pd.DataFrame, value: str) -> pd.DataFrame:
-    """Rank functional systems: per participant the mean over the system's regions, then
-    group mean and SD over participants."""
-    per = _participant_means(tables, value)
-    systems = _region_meta(tables).reindex(per.columns)["system"].fillna("unknown")
-    per_system = per.T.groupby(systems.replace("", "unknown").to_numpy()).mean().T
-    out = pd.DataFrame({"system": per_system.columns,
-                        "mean": per_system.mean(axis=0).to_numpy(),
-                        "sd": (per_system.std(axis=0, ddof=1) if len(per) > 1
-                               else per_system.mean(axis=0) * 0).to_numpy(),
-                        "n_regions": systems.value_counts().reindex(per_system.columns)
-                        .to_numpy()})
-    out["rank"] = out["mean"].rank(ascending=False, method="min").astype("Int64")
-    return out.sort_values("rank", ignore_index=True)
-
-
-def group_difference(tables: pd.DataFrame, value: str, groups: pd.Series
-                     ) -> Optional[pd.DataFrame]:
-    """Per-region comparison of diagnostic groups.
-
-    Two groups: Welch's t-test, Cohen's d (first minus second group in sorted order);
-    more groups: one-way ANOVA. Benjamini-Hochberg ``q`` over regions; ``rank`` 1 = the
-    smallest p. ``None`` when fewer than two groups have at least two participants.
-
-    Parameters
-    ----------
-    groups : Series
-        Group label per participant (index: label without ``sub-``).
-    """
-    from scipy import stats
-
-    per = _participant_means(tables, value)
-    labels = groups.reindex(per.index.astype(str)).dropna().astype(str)
-    counts = labels.value_counts()
-    names = sorted(counts[counts >= 2].index)
-    if len(names) < 2:
-        return None
-    samples = [per.loc[labels.index[labels == g]] for g in names]
-    out = _region_meta(tables).reindex(per.columns)
-    for g, sample in zip(names, samples):
-        out[f"mean_{g}"] = sample.mean(axis=0)
-        out[f"n_{g}"] = sample.notna().sum(axis=0)
-    if len(names) == 2:
-        a, b = samples
-        test = stats.ttest_ind(a, b, axis=0, equal_var=False, nan_policy="omit")
-        pooled = np.sqrt((a.var(axis=0, ddof=1) + b.var(axis=0, ddof=1)) / 2)
-        out["statistic"] = np.asarray(test.statistic, float)
-        out["cohen_d"] = ((a.mean(axis=0) - b.mean(axis=0)) / pooled.replace(0, np.nan))
-        out["test"] = f"Welch t ({names[0]} - {names[1]})"
-    else:
-        test = stats.f_oneway(*[s.to_numpy() for s in samples], axis=0)
-        out["statistic"] = np.asarray(test.statistic, float)
-        out["test"] = "one-way ANOVA"
-    p = np.asarray(test.pvalue, float)
-    out["p"] = p
-    q = np.full_like(p, np.nan)
-    ok = np.isfinite(p)
-    if ok.any():
-        q[ok] = stats.false_discovery_control(p[ok])
-    out["q"] = q
-    out["rank"] = out["p"].rank(method="min").astype("Int64")
-    return out.reset_index().sort_values("rank", na_position="last", ignore_index=True)
-
-
+# -- group maps -------------------------------------------------------------------------
 def mean_sd_maps(paths_by_subject: dict, target_img):
     """Group mean and SD maps on the template grid.
 
@@ -345,6 +254,20 @@ def _group_path(output_dir, suffix: str, extension: str, **entities) -> Path:
                                          + extension)
 
 
+def _top_differences_html(differences, html_table, n_top: int = 5) -> str:
+    """The ``n_top`` regions of every group-difference table, side by side in one table."""
+    rows = []
+    for measure, diff in differences:
+        cols = [c for c in ("name", "system", "statistic", "cohen_d", "p", "q", "rank")
+                if c in diff]
+        rows.append(diff.head(n_top)[cols].assign(measure=measure))
+    table = pd.concat(rows, ignore_index=True)
+    test = differences[0][1]["test"].iloc[0] if "test" in differences[0][1] else ""
+    return (f"<p class='meta'>Regions ranked by p ({test}); every table in full below. "
+            "Uncorrected p over many regions: read q (Benjamini-Hochberg).</p>"
+            + html_table(table[["measure"] + [c for c in table if c != "measure"]]))
+
+
 def build_group_report(output_dir, participants: Optional[pd.DataFrame], atlas, template,
                        *, label_column: Optional[str] = None,
                        subjects: Optional[Iterable[str]] = None) -> dict:
@@ -379,7 +302,7 @@ def build_group_report(output_dir, participants: Optional[pd.DataFrame], atlas, 
     from .outputs import save_image, write_text, write_tsv
 
     out, seg = {}, atlas.name
-    sections = []
+    sections, differences = [], []
     res = getattr(template, "resolution", None)
     groups = None
     if participants is not None and label_column and label_column in participants:
@@ -429,7 +352,10 @@ def build_group_report(output_dir, participants: Optional[pd.DataFrame], atlas, 
             systems, "mean", f"{stat}: systems by group mean {value}", label="system")))
         # Fidelity also compares the reconstruction error itself: a region whose signal
         # decouples from its network in one group is rebuilt worse from its context.
-        compared = [(value, "groupdiff")] + ([("error", "errorgroupdiff")]
+        # Fidelity error is compared relative to each window's mean over regions, so
+        # what differs is the region, not how predictable a participant's data are.
+        error = "error_relative" if "error_relative" in tables else "error"
+        compared = [(value, "groupdiff")] + ([(error, "errorgroupdiff")]
                                              if stat == "fidelity" else [])
         for column, desc in compared if groups is not None else []:
             diff = group_difference(tables, column, groups)
@@ -437,6 +363,7 @@ def build_group_report(output_dir, participants: Optional[pd.DataFrame], atlas, 
                 path = _group_path(output_dir, "stats", ".tsv", seg=seg, stat=stat,
                                    desc=desc)
                 out[f"{stat}_{desc}"] = write_tsv(path, diff, {c: c for c in diff})
+                differences.append((f"{stat} {column}", diff))
                 sections.append((f"{stat}: {label_column} group differences in {column}",
                                  html_table(diff)))
     for path in sorted(Path(output_dir).glob("models/*/*comparison*.tsv")):
@@ -444,6 +371,9 @@ def build_group_report(output_dir, participants: Optional[pd.DataFrame], atlas, 
         sections.append((f"Masking comparison: {path.parent.name}/{path.name}",
                          html_table(table)))
         out.setdefault("comparisons", []).append(path)
+    if differences:  # what a reader looks for first
+        sections.insert(0, ("Group differences: top regions",
+                            _top_differences_html(differences, html_table)))
     if not sections:
         sections.append(("No outputs", "<p>No attribution outputs were found; run "
                          "participant --mode predict first.</p>"))

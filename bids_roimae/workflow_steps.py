@@ -348,6 +348,8 @@ def run_predict(ctx: RunContext) -> int:
 def _report_groups(ctx: RunContext, participants, target: str, label_info: dict):
     """Add a ``group`` column to ``participants`` with the classes the model was trained
     on (e.g. ADHD-200 codes 1, 2, 3 -> positive, 0 -> negative); returns its name."""
+    import pandas as pd
+
     from .errors import AppError
     from .labels import parse_labels
 
@@ -364,7 +366,11 @@ def _report_groups(ctx: RunContext, participants, target: str, label_info: dict)
     if task == "binary" and info.get("positive"):
         classes = [f"{target}={'/'.join(info['negative'])}",
                    f"{target}={'/'.join(info['positive'])}"]
-    participants["group"] = labels.map(lambda v: classes[int(v)] if classes else v)
+    groups = labels.map(lambda v: classes[int(v)] if classes else v)
+    # The trained classes' order: the negative (reference) class first, so group
+    # differences read as positive minus negative.
+    participants["group"] = (pd.Categorical(groups, categories=classes) if classes
+                             else groups)
     return "group"
 
 

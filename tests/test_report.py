@@ -188,7 +188,10 @@ def group_tree(tmp_path_factory):
     nib.save(nib.Nifti1Image(mask * 100.0, AFFINE), t1w_path)
     template = Template(SPACE, 2, nib.load(str(mask_path)), mask_path, t1w_path)
     atlas = Atlas("AAL3", None, nib.Nifti1Image(labels, AFFINE), atlas_table(), "test")
-    participants = pd.DataFrame({"dx": pd.Series(dx)})
+    # Categorical: the reference group (TDC) first, as run_report passes trained classes.
+    participants = pd.DataFrame({"dx": pd.Categorical(pd.Series(dx),
+                                                      categories=["TDC", "ADHD"])})
+    participants.index = list(dx)
     written = build_group_report(out, participants, atlas, template, label_column="dx")
     return out, written
 
@@ -198,7 +201,8 @@ def test_group_difference_ranks_planted_regions_first(group_tree):
     diff = pd.read_csv(written["ig_groupdiff"], sep="\t", na_values="n/a",
                        keep_default_na=False)
     assert set(diff.head(2)["index"]) == {2, 5}
-    assert (diff.head(2)["statistic"] > 0).all()  # ADHD (first in order) is higher
+    assert (diff.head(2)["statistic"] > 0).all()  # ADHD minus the reference TDC
+    assert set(diff["test"]) == {"Welch t (ADHD - TDC)"}
     assert {"mean_ADHD", "mean_TDC", "p", "q", "cohen_d"} <= set(diff.columns)
     regions = pd.read_csv(written["ig_regions"], sep="\t")
     assert set(regions.head(2)["index"]) == {2, 5}  # planted also top the group mean

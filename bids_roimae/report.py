@@ -167,6 +167,8 @@ def write_run_fidelity(output_dir, source_entities: dict, fidelity: pd.DataFrame
         "n_tokens": "Spatial tokens owned by the region",
         "error": "Mean reconstruction MSE of the region's tokens when it is hidden",
         "error_sd": "SD of error over windows",
+        "error_relative": "error over the mean error of all regions in the same window, "
+                          "averaged over windows (1 = a typical region)",
         "embedding_shift": "L2 distance of the pooled embedding with vs without the region",
         "embedding_shift_sd": "SD of embedding_shift over windows",
         "relative_shift": "embedding_shift / norm of the unmasked embedding",

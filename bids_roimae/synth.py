@@ -20,15 +20,14 @@ Grid and atlas come from :func:`bids_roimae.atlas.load_template` / ``load_atlas`
 app's own fetch code): real MNI152NLin2009cAsym + AAL3 when cached, otherwise
 :func:`write_synthetic_resources` lays out a synthetic template and AAL3-like atlas in
 ``OUT/sourcedata/`` and the dataset uses those (export the printed variables to run the
-app on it).
+app on it). Both live in :mod:`bids_roimae.synth_resources`; ``write_synthetic_resources``
+is re-exported here.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -36,122 +35,15 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from .atlas import aal3_systems, load_atlas, load_template, resample_labels
+from .atlas import resample_labels
 from .errors import MissingInputError
+from .synth_resources import template_and_atlas, write_synthetic_resources
 from .synth_signal import COUPLING, SignalGrid, confounds_table, simulate_run
 
-log = logging.getLogger(__name__)
-
-REAL_GRID = (97, 115, 97)
-REAL_ORIGIN = (-96.5, -132.5, -78.5)
 RESOLUTION = {"2": "TemplateFlow resolution 2 (2 mm isotropic)"}
 DEFAULT_PLANTED = ("Hippocampus_L", "Cerebellum_Crus1_R")
 DX_LEVELS = {"0": "Typically developing control", "1": "ADHD-Combined",
              "2": "ADHD-Hyperactive/Impulsive", "3": "ADHD-Inattentive"}
-# Seeds of the synthetic parcellation in ellipsoid coordinates (x: right, y: anterior,
-# z: superior; each in [-1, 1]); bilateral unless x == 0. Brain voxels go to the nearest.
-_SEEDS = [("Frontal_Sup_2", .25, .70, .50), ("Frontal_Mid_2", .60, .55, .30),
-          ("Precentral", .55, .10, .65), ("Parietal_Sup", .35, -.50, .65),
-          ("Occipital_Mid", .45, -.85, .15), ("Temporal_Mid", .85, -.15, -.30),
-          ("Insula", .55, .15, .00), ("Cingulate_Mid", .10, .00, .45),
-          ("Hippocampus", .45, -.30, -.35), ("Amygdala", .40, .15, -.60),
-          ("Thal_VL", .12, -.15, .05), ("Putamen", .30, .25, .00),
-          ("Cerebellum_Crus1", .50, -.55, -.55), ("Cerebellum_6", .20, -.60, -.35),
-          ("Vermis_6", .0, -.75, -.40)]
-
-
-# -- synthetic template and atlas -----------------------------------------------------
-
-def _ellipsoid_coords(shape):
-    """Normalised coordinates (X, Y, Z, 3) of every voxel in the grid's inscribed ellipsoid."""
-    shape = np.asarray(shape, dtype=float)
-    centre, radii = (shape - 1) / 2, 0.42 * shape
-    grids = np.meshgrid(*[np.arange(n) for n in shape.astype(int)], indexing="ij")
-    return np.stack([(g - c) / r for g, c, r in zip(grids, centre, radii)], axis=-1)
-
-
-def _synthetic_parcellation(coords, brain):
-    """Label brain voxels with the nearest seed; returns (labels (X, Y, Z), table)."""
-    aal = aal3_systems().set_index("name")
-    seeds, rows = [], []
-    for base, x, y, z in _SEEDS:
-        for side, sx in (("L", -x), ("R", x)) if x else (("", 0.0),):
-            name = f"{base}_{side}" if side else base
-            seeds.append((sx, y, z))
-            rows.append((int(aal.loc[name, "index"]), name, aal.loc[name, "system"]))
-    points = coords[brain]
-    nearest, best = np.zeros(len(points), dtype=int), np.full(len(points), np.inf)
-    for k, seed in enumerate(seeds):  # one seed at a time: no (V, seeds, 3) temporary
-        dist = ((points - np.asarray(seed)) ** 2).sum(1)
-        closer = dist < best
-        nearest[closer], best[closer] = k, dist[closer]
-    labels = np.zeros(brain.shape, dtype=np.int16)
-    labels[brain] = np.asarray([r[0] for r in rows])[nearest]
-    return labels, pd.DataFrame(rows, columns=["index", "name", "system"])
-
-
-def write_synthetic_resources(templateflow_home: Path, nilearn_data: Path, *,
-                              shape: Sequence[int] = (13, 17, 11),
-                              space: str = "MNI152NLin2009cAsym") -> None:
-    """Write a synthetic template and AAL3-like atlas where TemplateFlow and nilearn look.
-
-    The template (``tpl-<space>_res-02_desc-brain_mask`` ellipsoid and ``_res-02_T1w``)
-    has grid ``shape`` at 2 mm; for the real shape ``(97, 115, 97)`` its origin is
-    MNI152NLin2009cAsym's ``(-96.5, -132.5, -78.5)``, otherwise a non-centred one. The atlas
-    (``aal_3v2/AAL3/AAL3v1.nii`` + ``AAL3v1.xml``) parcellates the ellipsoid into 29 regions
-    carrying real AAL3 indices and names (limbic and cerebellar ones included); like AAL3
-    it has its own grid: x flipped (LAS) and cropped by 1 voxel per side (3 on the real
-    grid), aligned with the template so nearest-neighbour resampling is exact.
-    """
-    shape = tuple(int(n) for n in shape)
-    origin = (np.asarray(REAL_ORIGIN) if shape == REAL_GRID
-              else -np.asarray(shape, dtype=float) + np.array([0.5, -3.0, 1.5]))
-    affine = np.diag([2.0, 2.0, 2.0, 1.0])
-    affine[:3, 3] = origin
-    coords = _ellipsoid_coords(shape)
-    radius = np.sqrt((coords ** 2).sum(-1))
-    brain = radius <= 1.0
-    tpl_dir = Path(templateflow_home) / f"tpl-{space}"
-    tpl_dir.mkdir(parents=True, exist_ok=True)
-    mask = nib.Nifti1Image(brain.astype(np.uint8), affine)
-    mask.set_qform(affine, 1)
-    nib.save(mask, tpl_dir / f"tpl-{space}_res-02_desc-brain_mask.nii.gz")
-    # T1-like contrast: bright "white matter" core, darker "grey matter" shell.
-    t1w = np.where(brain, np.where(radius < 0.65, 1000, 600), 0).astype(np.int16)
-    nib.save(nib.Nifti1Image(t1w, affine), tpl_dir / f"tpl-{space}_res-02_T1w.nii.gz")
-    (tpl_dir / "template_description.json").write_text(json.dumps(
-        {"Identifier": space, "Name": f"Synthetic stand-in for {space} (bids_roimae-synth)"},
-        indent=2))
-
-    labels, table = _synthetic_parcellation(coords, brain)
-    crop = 3 if shape == REAL_GRID else 1
-    atlas_data = labels[crop:shape[0] - crop, crop:shape[1] - crop, crop:shape[2] - crop][::-1]
-    atlas_affine = np.diag([-2.0, 2.0, 2.0, 1.0])
-    atlas_affine[:3, 3] = origin + 2.0 * np.array([shape[0] - 1 - crop, crop, crop])
-    aal_dir = Path(nilearn_data) / "aal_3v2" / "AAL3"
-    aal_dir.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(np.ascontiguousarray(atlas_data), atlas_affine),
-             aal_dir / "AAL3v1.nii")
-    entries = "\n".join(f"    <label><index>{i}</index><name>{n}</name></label>"
-                        for i, n in zip(table["index"], table["name"]))
-    (aal_dir / "AAL3v1.xml").write_text(
-        '<?xml version="1.0" encoding="ISO-8859-1"?>\n<atlas version="2.0">\n'
-        "  <header>\n    <name>AAL3v1 (synthetic)</name>\n  </header>\n"
-        f"  <data>\n{entries}\n  </data>\n</atlas>\n")
-
-
-@contextlib.contextmanager
-def _environment(**values):
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update({k: str(v) for k, v in values.items()})
-    try:
-        yield
-    finally:
-        for key, value in old.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 # -- writing --------------------------------------------------------------------------
@@ -177,22 +69,6 @@ def _to_volume(grid: SignalGrid, values: np.ndarray) -> np.ndarray:
     vol = np.zeros(grid.shape + (values.shape[1],), dtype=np.int16, order="F")
     vol.reshape(-1, values.shape[1], order="F")[grid.flat] = np.rint(values)  # a view
     return vol
-
-
-def _resources(out: Path, space: str):
-    """Template + atlas through the app's fetch code, or synthetic ones written in ``out``."""
-    try:
-        return load_template(space), load_atlas("AAL3", space=space), {"synthetic": False}
-    except MissingInputError as exc:
-        tf_home, nl_data = out / "sourcedata" / "templateflow", out / "sourcedata" / "nilearn_data"
-        log.warning("%s; using a synthetic template and atlas written to %s", exc,
-                    out / "sourcedata")
-        write_synthetic_resources(tf_home, nl_data, shape=REAL_GRID, space=space)
-        with _environment(TEMPLATEFLOW_HOME=tf_home, NILEARN_DATA=nl_data,
-                          TEMPLATEFLOW_AUTOUPDATE="0"):
-            template, atlas = load_template(space), load_atlas("AAL3", space=space)
-        return template, atlas, {"synthetic": True, "templateflow_home": str(tf_home),
-                                 "nilearn_data": str(nl_data)}
 
 
 def _planted_ids(planted, table: pd.DataFrame, present: np.ndarray) -> list[int]:
@@ -308,7 +184,7 @@ def _make_dataset(out, n_subjects, n_frames, tr, seed, sessions, runs, tasks,
 
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    template, atlas, used = _resources(out, space)
+    template, atlas, used = template_and_atlas(out, space)
     labels, _ = resample_labels(atlas, template.mask_img)
     brain = np.asarray(template.mask_img.dataobj) > 0
     planted = _planted_ids(planted_regions, atlas.table, np.unique(labels[brain & (labels > 0)]))
@@ -446,3 +322,6 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                        "\n  export TEMPLATEFLOW_AUTOUPDATE=0")
 
     command.main(args=list(argv) if argv is not None else None, standalone_mode=True)
+
+
+__all__ = ["make_dataset", "main", "write_synthetic_resources"]

@@ -12,8 +12,8 @@ Per run (``participant --mode predict``), named from the source BOLD's entities 
 each with a JSON sidecar. ``stat-`` and ``_boldmap`` are not in the BIDS schema, so these
 files need the :data:`BIDSIGNORE` patterns; pybids finds them by entity with
 :func:`pybids_config` added to its configs. Per participant ``sub-<label>.html`` (as
-fMRIPrep does) and a group folder ``group/`` (``--mode report``: mean and SD maps, region
-and system rankings, group differences, ``group.html``) complete the tree.
+fMRIPrep does) and a group folder ``group/`` (:mod:`bids_roimae.group_report`) complete
+the tree.
 """
 
 from __future__ import annotations
@@ -245,146 +245,16 @@ def mean_sd_maps(paths_by_subject: dict, target_img):
     return nib.Nifti1Image(mean, target_img.affine), nib.Nifti1Image(sd, target_img.affine)
 
 
-# -- reports ----------------------------------------------------------------------------
-def _group_path(output_dir, suffix: str, extension: str, **entities) -> Path:
-    """``OUTPUT_DIR/group/<entities>_<suffix><ext>`` in the schema's entity order."""
-    from .outputs import ENTITY_ORDER, _label
+def __getattr__(name):
+    # build_group_report lives in group_report (which imports this module); kept
+    # importable from here lazily to avoid an import cycle.
+    if name == "build_group_report":
+        from .group_report import build_group_report
 
-    parts = [f"{k}-{_label(k, entities[k])}" for k in ENTITY_ORDER
-             if entities.get(k) is not None]
-    return Path(output_dir) / "group" / ("_".join(parts + [_label("suffix", suffix)])
-                                         + extension)
-
-
-def _top_differences_html(differences, html_table, n_top: int = 5) -> str:
-    """The ``n_top`` regions of every group-difference table, side by side in one table."""
-    rows = []
-    for measure, diff in differences:
-        cols = [c for c in ("name", "system", "statistic", "cohen_d", "p", "q", "rank")
-                if c in diff]
-        rows.append(diff.head(n_top)[cols].assign(measure=measure))
-    table = pd.concat(rows, ignore_index=True)
-    test = differences[0][1]["test"].iloc[0] if "test" in differences[0][1] else ""
-    return (f"<p class='meta'>Regions ranked by p ({test}); every table in full below. "
-            "Uncorrected p over many regions: read q (Benjamini-Hochberg).</p>"
-            + html_table(table[["measure"] + [c for c in table if c != "measure"]]))
+        return build_group_report
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def build_group_report(output_dir, participants: Optional[pd.DataFrame], atlas, template,
-                       *, label_column: Optional[str] = None,
-                       subjects: Optional[Iterable[str]] = None) -> dict:
-    """Group summary of attribution and fidelity outputs (``group --mode report``).
-
-    Reads the per-run region tables and maps written by ``participant --mode predict``;
-    writes to ``OUTPUT_DIR/group/``: mean and SD maps on the template grid, region and
-    system rankings, per-region group differences when ``label_column`` has groups, the
-    masking comparison tables ``models/*/*comparison*.tsv`` when present, and
-    ``group_report.html``.
-
-    Parameters
-    ----------
-    output_dir : path
-    participants : DataFrame or None
-        ``participants.tsv`` indexed by label without ``sub-``.
-    atlas : Atlas
-        For its name (the ``seg-`` entity).
-    template : Template
-        Grid of the group maps (``mask_img``) and background (``t1w_path``).
-    label_column : str, optional
-        Diagnostic group column of ``participants``.
-    subjects : iterable of str, optional
-        Restrict to these participants.
-
-    Returns
-    -------
-    dict
-        Paths written, keyed by what they hold; ``"html"`` is the report.
-    """
-    from .figures import brain_png, figure_html, html_page, html_table, ranking_section
-    from .outputs import save_image, write_text, write_tsv
-
-    out, seg = {}, atlas.name
-    sections, differences = [], []
-    res = getattr(template, "resolution", None)
-    groups = None
-    if participants is not None and label_column and label_column in participants:
-        groups = participants[label_column]
-        groups.index = groups.index.astype(str).str.removeprefix("sub-")
-    for stat, value, map_desc in (("ig", "mean_abs", "absmean"),
-                                  ("fidelity", "embedding_shift", "shift")):
-        tables = read_region_tables(output_dir, stat, subjects)
-        if tables.empty:
-            continue
-        n_sub = tables["subject"].nunique()
-        ranking = region_ranking(tables, value)
-        if stat == "fidelity":
-            err = region_ranking(tables, "error").set_index("index")
-            ranking["error_mean"] = ranking["index"].map(err["mean"])
-            ranking["error_sd"] = ranking["index"].map(err["sd"])
-        systems = system_ranking(tables, value)
-        for key, table in (("regions", ranking), ("systems", systems)):
-            path = _group_path(output_dir, "stats", ".tsv", seg=seg, stat=stat, desc=key)
-            out[f"{stat}_{key}"] = write_tsv(path, table, {c: c for c in table.columns})
-        inner = [f"<p class='meta'>{n_sub} participants, {len(tables)} region rows.</p>"]
-        maps = {}
-        for ents, path in find_outputs(output_dir, stat=stat, suffix="boldmap",
-                                       desc=map_desc, extension=".nii.gz", subjects=subjects):
-            maps.setdefault(ents["sub"], []).append(path)
-        if maps:
-            mean_img, sd_img = mean_sd_maps(maps, template.mask_img)
-            for what, img in (("mean", mean_img), ("sd", sd_img)):
-                desc = what if stat == "ig" else f"{map_desc}{what}"
-                path = _group_path(output_dir, "boldmap", ".nii.gz", space=template.space,
-                                   res=res, seg=None if stat == "ig" else seg, stat=stat,
-                                   desc=desc)
-                out[f"{stat}_{what}_map"] = save_image(img, path, {
-                    "Description": f"Group {what} over participants of {stat} {map_desc} maps",
-                    "NumberOfParticipants": len(maps), "Atlas": seg,
-                    "Sources": sorted(str(p.relative_to(output_dir))
-                                      for ps in maps.values() for p in ps)})
-            bg = str(template.t1w_path) if template.t1w_path is not None else None
-            inner.append(figure_html(brain_png(mean_img, title=f"group mean {stat}"),
-                                     f"Group mean {stat} map (glass brain)"))
-            inner.append(figure_html(brain_png(mean_img, title=f"group mean {stat}",
-                                               kind="stat", bg_img=bg),
-                                     f"Group mean {stat} map on the template"))
-        sections.append((f"{stat}: regions", "".join(inner) + ranking_section(
-            ranking, "mean", f"{stat}: regions by group mean {value}")))
-        sections.append((f"{stat}: systems", ranking_section(
-            systems, "mean", f"{stat}: systems by group mean {value}", label="system")))
-        # Fidelity also compares the reconstruction error itself: a region whose signal
-        # decouples from its network in one group is rebuilt worse from its context.
-        # Fidelity error is compared relative to each window's mean over regions, so
-        # what differs is the region, not how predictable a participant's data are.
-        error = "error_relative" if "error_relative" in tables else "error"
-        compared = [(value, "groupdiff")] + ([(error, "errorgroupdiff")]
-                                             if stat == "fidelity" else [])
-        for column, desc in compared if groups is not None else []:
-            diff = group_difference(tables, column, groups)
-            if diff is not None:
-                path = _group_path(output_dir, "stats", ".tsv", seg=seg, stat=stat,
-                                   desc=desc)
-                out[f"{stat}_{desc}"] = write_tsv(path, diff, {c: c for c in diff})
-                differences.append((f"{stat} {column}", diff))
-                sections.append((f"{stat}: {label_column} group differences in {column}",
-                                 html_table(diff)))
-    for path in sorted(Path(output_dir).glob("models/*/*comparison*.tsv")):
-        table = pd.read_csv(path, sep="\t")
-        sections.append((f"Masking comparison: {path.parent.name}/{path.name}",
-                         html_table(table)))
-        out.setdefault("comparisons", []).append(path)
-    if differences:  # what a reader looks for first
-        sections.insert(0, ("Group differences: top regions",
-                            _top_differences_html(differences, html_table)))
-    if not sections:
-        sections.append(("No outputs", "<p>No attribution outputs were found; run "
-                         "participant --mode predict first.</p>"))
-    page = html_page("bids_roimae group report", sections,
-                     subtitle=f"atlas {seg}, space {template.space}")
-    out["html"] = write_text(Path(output_dir) / "group" / "group_report.html", page)
-    return out
-
-
-__all__ = ["BIDSIGNORE", "build_group_report", "build_participant_report", "find_outputs", "group_difference", "mean_sd_maps",
+__all__ = ["BIDSIGNORE", "build_participant_report", "find_outputs", "group_difference", "mean_sd_maps",
            "name_entities", "pybids_config", "read_region_tables", "region_ranking",
            "system_ranking", "write_run_attribution", "write_run_fidelity"]

@@ -46,7 +46,21 @@ bids_roimae "$data" "$out" participant --mode finetune --target dx --positive 1 
   --folds 3 --compare-masking "${common[@]}"
 bids_roimae "$data" "$out" participant --mode finetune --target dx --positive 1 2 3 \
   --folds 3 --pretrained "$out/models/roimae_mask-roi_preset-tiny_ps-6/model.pt" "${common[@]}"
-bids_roimae "$data" "$out" participant --mode predict --participant_label 01 "${common[@]}"
+# Integrated Gradients for everyone (the group tables compare ADHD with controls); region
+# fidelity (one forward pass per window and region, slow on a CPU) for sub-01 only.
+bids_roimae "$data" "$out" participant --mode predict --no-fidelity "${common[@]}"
+bids_roimae "$data" "$out" participant --mode predict --participant_label 01 \
+  --fidelity-windows 2 "${common[@]}"
 bids_roimae "$data" "$out" group --mode report "${common[@]}"
 set +x
+python - "$out" "$data" <<'PY'
+import json, sys
+import pandas as pd
+out, data = sys.argv[1:]
+planted = [p["name"] for p in json.load(open(f"{data}/code/synth_manifest.json"))["planted_regions"]]
+path = f"{out}/group/seg-AAL3_stat-ig_desc-groupdiff_stats.tsv"
+table = pd.read_csv(path, sep="\t")
+print(f"demo: planted regions {', '.join(planted)}; top of {path.split('/')[-1]}:")
+print(table.head(5)[["rank", "name", "system", "statistic", "cohen_d", "p"]].to_string(index=False))
+PY
 echo "demo: outputs in $out (open $out/group/group_report.html and $out/sub-01.html)"

@@ -1,17 +1,20 @@
 """The body of each (level, mode): prepare, pretrain, finetune, predict, report.
 
-Each step reads what it needs through the stage modules and returns an exit code.
+Each step reads what it needs through the stage modules and returns an exit code. Finding
+and picking models in OUTPUT_DIR/models, and what their checkpoints carry, is in
+:mod:`bids_roimae.workflow_models` (``find_models`` and ``pick_model`` are re-exported).
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
-from .errors import EXIT_OK, MissingInputError, UsageError
+from .errors import EXIT_OK, MissingInputError
+from .workflow_models import (atlas_from_extra, find_models, pick_model, pretrained_mae,
+                              with_prep)
 from .workflows import RunContext, exit_code_for
 
 log = logging.getLogger("bids_roimae")
@@ -118,41 +121,7 @@ def run_pretrain(ctx: RunContext) -> int:
     return exit_code_for(failures)
 
 
-# -- models found in the output folder ---------------------------------------------------
-def find_models(output_dir: Path, kind: str) -> list[Path]:
-    """Final checkpoints of ``kind`` ("pretrain" or "finetune") under OUTPUT_DIR/models."""
-    from .checkpoint import load_checkpoint
-
-    found = []
-    for path in sorted((output_dir / "models").glob("*/model.pt")):
-        try:
-            extra = load_checkpoint(path, mmap=True).get("extra") or {}
-        except Exception as exc:  # unreadable checkpoint: say so, keep looking
-            log.warning("ignoring unreadable model %s (%s)", path, exc)
-            continue
-        if extra.get("kind", "pretrain") == kind:
-            found.append(path)
-    return found
-
-
-def pick_model(ctx: RunContext, explicit: Optional[Path], kind: str, flag: str) -> Path:
-    """The model given by ``flag``, else the only one of ``kind`` in OUTPUT_DIR/models."""
-    if explicit is not None:
-        return Path(explicit)
-    found = find_models(ctx.output_dir, kind)
-    if not found:
-        what = "pretrained" if kind == "pretrain" else "fine-tuned"
-        step = "group --mode pretrain" if kind == "pretrain" else \
-            "participant --mode finetune --target COLUMN"
-        raise MissingInputError(f"no {what} model in {ctx.output_dir / 'models'}: run "
-                                f"'{step}' first or pass {flag} PATH")
-    if len(found) > 1:
-        names = ", ".join(p.parent.name for p in found)
-        raise UsageError(f"several models in {ctx.output_dir / 'models'} ({names}): "
-                         f"choose one with {flag} PATH")
-    return found[0]
-
-
+# -- participant --mode finetune ---------------------------------------------------------
 def _labelled_entries(ctx: RunContext, labels, geometry, prep_cfg):
     """Prepared runs (preparing what is missing) of the selected, labelled subjects."""
     from .atlas import load_template
@@ -163,16 +132,7 @@ def _labelled_entries(ctx: RunContext, labels, geometry, prep_cfg):
         raise MissingInputError("none of the labelled participants has a BOLD run in "
                                 f"{ctx.space} among the selected ones")
     template = load_template(ctx.space, resolution=2)
-    return _prepare(ctx, runs, geometry, template, _with_prep(ctx.cfg, prep_cfg))
-
-
-def _with_prep(cfg, prep_cfg):
-    """``cfg`` with the preprocessing a model was trained with (the cache must match)."""
-    import copy
-
-    out = copy.deepcopy(cfg)
-    out.prep = copy.deepcopy(prep_cfg)
-    return out
+    return _prepare(ctx, runs, geometry, template, with_prep(ctx.cfg, prep_cfg))
 
 
 def run_finetune(ctx: RunContext) -> int:
@@ -226,35 +186,6 @@ def run_finetune(ctx: RunContext) -> int:
     return exit_code_for(failures)
 
 
-def _atlas_from_extra(extra: dict):
-    """The atlas a model was trained with (name and region table), from its checkpoint."""
-    import pandas as pd
-    from types import SimpleNamespace
-
-    index = list(extra.get("index") or [])
-    table = pd.DataFrame({"index": index,
-                          "name": list(extra.get("names") or [f"region-{i}" for i in index]),
-                          "system": list(extra.get("systems") or [""] * len(index))})
-    return SimpleNamespace(name=str(extra.get("name") or "atlas"), table=table)
-
-
-def _pretrained_mae(ckpt_extra: dict, classifier, device):
-    """The masked autoencoder for region fidelity: the pretrained checkpoint when it is
-    still there, else the classifier's encoder when fine-tuning left it frozen."""
-    from .checkpoint import model_from_checkpoint
-
-    path = Path(str(ckpt_extra.get("pretrained", "")))
-    if path.is_dir():
-        path = path / "model.pt"
-    if path.is_file():
-        return model_from_checkpoint(path, device=device)[0]
-    if ckpt_extra.get("strategy") != "full":
-        return classifier.encoder
-    log.warning("region fidelity skipped: the pretrained model %s is gone and full "
-                "fine-tuning changed the encoder", path)
-    return None
-
-
 def _write_prediction(ctx: RunContext, subject: str, pred: dict, model_path: Path) -> None:
     import pandas as pd
 
@@ -299,12 +230,12 @@ def run_predict(ctx: RunContext) -> int:
         model_path = model_path / "model.pt"
     classifier, cfg, geometry, ckpt = load_finetuned(model_path, ctx.device)
     extra = ckpt.get("extra") or {}
-    atlas = _atlas_from_extra(extra)
+    atlas = atlas_from_extra(extra)
     _start_output(ctx)
     runs = ctx.discover()
     template = load_template(ctx.space, resolution=2)
-    entries, failures = _prepare(ctx, runs, geometry, template, _with_prep(ctx.cfg, cfg.prep))
-    mae = _pretrained_mae(extra, classifier, ctx.device) if o.get("fidelity", True) else None
+    entries, failures = _prepare(ctx, runs, geometry, template, with_prep(ctx.cfg, cfg.prep))
+    mae = pretrained_mae(extra, classifier, ctx.device) if o.get("fidelity", True) else None
     by_subject: dict = {}
     for entry in entries:
         by_subject.setdefault(str(entry.subject), []).append(entry)
@@ -398,7 +329,7 @@ def run_report(ctx: RunContext) -> int:
     if participants is not None and target:
         label_column = _report_groups(ctx, participants, target, label_info)
     template = load_template(ctx.space, resolution=2)
-    out = build_group_report(ctx.output_dir, participants, _atlas_from_extra(extra), template,
+    out = build_group_report(ctx.output_dir, participants, atlas_from_extra(extra), template,
                              label_column=label_column,
                              subjects=ctx.participant_labels or None)
     log.info("group report: %s", out["html"])

@@ -14,6 +14,7 @@ each table and image with a JSON sidecar. The statistics are :mod:`bids_roimae.g
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -22,6 +23,8 @@ import pandas as pd
 
 from .group_stats import group_difference, region_ranking, system_ranking
 from .report import find_outputs, mean_sd_maps, read_region_tables
+
+logger = logging.getLogger(__name__)
 
 
 def _group_path(output_dir, suffix: str, extension: str, **entities) -> Path:
@@ -46,6 +49,32 @@ def _top_differences_html(differences, html_table, n_top: int = 5) -> str:
     return (f"<p class='meta'>Regions ranked by p ({test}); every table in full below. "
             "Uncorrected p over many regions: read q (Benjamini-Hochberg).</p>"
             + html_table(table[["measure"] + [c for c in table if c != "measure"]]))
+
+
+def _template_labels(output_dir, atlas, template):
+    """Atlas labels on the template grid: from the atlas image when the caller has it, else
+    the ``dseg`` the pretraining wrote into the dataset; ``False`` when neither exists."""
+    import nibabel as nib
+
+    from .atlas import resample_labels
+
+    if getattr(atlas, "img", None) is not None:
+        return resample_labels(atlas, template.mask_img)[0]
+    found = sorted(Path(output_dir).glob(f"space-{template.space}_atlas-{atlas.name}_"
+                                         "*dseg.nii.gz"))
+    if not found:
+        logger.warning("no %s label image in %s: group difference maps skipped",
+                       atlas.name, output_dir)
+        return False
+    img = nib.load(str(found[0]))
+    if img.shape[:3] == template.mask_img.shape[:3] and np.allclose(
+            img.affine, template.mask_img.affine, atol=1e-3):
+        return np.asarray(img.dataobj).astype(np.int64)
+    from nilearn.image import resample_to_img
+
+    return np.asarray(resample_to_img(img, template.mask_img, interpolation="nearest",
+                                      force_resample=True, copy_header=True).dataobj
+                      ).astype(np.int64)
 
 
 def region_value_image(labels: np.ndarray, mask: np.ndarray, affine, indices, values):
@@ -167,9 +196,9 @@ def build_group_report(output_dir, participants: Optional[pd.DataFrame], atlas, 
                 out[f"{stat}_{desc}"] = write_tsv(path, diff, {c: c for c in diff})
                 differences.append((f"{stat} {column}", diff))
                 if labels is None:
-                    from .atlas import resample_labels
-
-                    labels = resample_labels(atlas, template.mask_img)[0]
+                    labels = _template_labels(output_dir, atlas, template)
+                if labels is False:
+                    continue
                 img = region_value_image(labels, np.asarray(template.mask_img.dataobj) > 0,
                                          template.mask_img.affine, diff["index"],
                                          diff["statistic"])

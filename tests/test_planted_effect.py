@@ -65,6 +65,11 @@ def test_report_opens_with_the_top_differences(report):
     assert top < html.index("ig: regions")
     first_table = html[top:html.index("</table>", top)]
     assert all(region in first_table for region in PLANTED)
+    # The run-time atlas is not in the report step's hands: the t map comes from the
+    # dseg that pretraining wrote into the dataset.
+    maps = sorted((report / "group").glob("*_stat-ig_desc-groupdiff_boldmap.nii.gz"))
+    assert len(maps) == 1 and maps[0].with_name(
+        maps[0].name.replace(".nii.gz", ".json")).is_file()
 
 
 def test_fidelity_tables_carry_relative_error(report):

@@ -11,7 +11,7 @@ planted ADHD effect) and the confounds table live in :mod:`bids_roimae.synth_sig
 (default ``Hippocampus_L`` and ``Cerebellum_Crus1_R``) has amplitude ``a_r = 1 +
 2 effect_size`` and coupling to its home network ``c (1 - effect_size)`` (default
 ``effect_size`` 0.5: 2x amplitude, coupling 0.7 -> 0.35; the region's total variance
-stays ``a_r^2``). Nothing else differs between groups; sites are balanced across
+stays ``a_r^2``); ``effect="amplitude"`` or ``"coupling"`` plants only one of the two. Nothing else differs between groups; sites are balanced across
 groups. In a 6-subject, 40-frame example the log amplitude of a planted region's mean
 signal differs by ~0.6 between groups, other regions by < 0.35. BOLD values are rounded
 to int16 (as scanners write).
@@ -38,7 +38,7 @@ import pandas as pd
 from .atlas import resample_labels
 from .errors import MissingInputError
 from .synth_resources import template_and_atlas, write_synthetic_resources
-from .synth_signal import COUPLING, SignalGrid, confounds_table, simulate_run
+from .synth_signal import COUPLING, EFFECTS, SignalGrid, confounds_table, simulate_run
 
 RESOLUTION = {"2": "TemplateFlow resolution 2 (2 mm isotropic)"}
 DEFAULT_PLANTED = ("Hippocampus_L", "Cerebellum_Crus1_R")
@@ -109,7 +109,7 @@ def make_dataset(out: Path, *, n_subjects: int = 12, n_frames: int = 60, tr: flo
                  seed: int = 0, sessions: int = 1, runs: int = 1,
                  tasks: Sequence[str] = ("rest",), planted_regions=None,
                  effect_size: float = 0.5, space: str = "MNI152NLin2009cAsym",
-                 n_sites: int = 2, n_jobs: int = 1) -> dict:
+                 n_sites: int = 2, n_jobs: int = 1, effect: str = "both") -> dict:
     """Write the example dataset (raw BIDS root + ``derivatives/fmriprep``).
 
     Parameters
@@ -132,6 +132,8 @@ def make_dataset(out: Path, *, n_subjects: int = 12, n_frames: int = 60, tr: flo
         Acquisition sites (own intensity offset and scale), balanced across groups.
     n_jobs : int
         Runs written in parallel threads (numpy and gzip release the GIL).
+    effect : {"both", "amplitude", "coupling"}
+        Plant the amplitude change, the coupling change, or both.
 
     Returns
     -------
@@ -141,6 +143,8 @@ def make_dataset(out: Path, *, n_subjects: int = 12, n_frames: int = 60, tr: flo
     """
     if not 0.0 <= effect_size < 1.0:
         raise ValueError("effect_size must be in [0, 1)")
+    if effect not in EFFECTS:
+        raise ValueError(f"effect must be one of {', '.join(EFFECTS)}")
     from threadpoolctl import threadpool_limits
 
     from . import __version__
@@ -149,14 +153,15 @@ def make_dataset(out: Path, *, n_subjects: int = 12, n_frames: int = 60, tr: flo
     with threadpool_limits(limits=1, user_api="blas"):
         return _make_dataset(Path(out).absolute(), n_subjects, n_frames, tr, seed, sessions,
                              runs, tuple(tasks), planted_regions, effect_size, space, n_sites,
-                             max(1, int(n_jobs)), __version__)
+                             max(1, int(n_jobs)), __version__, effect)
 
 
 def _write_run(job: dict, grid: SignalGrid, out: Path, fmriprep: Path, space: str) -> str:
     """Simulate one run and write its raw stub and fMRIPrep-named derivatives."""
     ents, rel, tr, task, rng = job["ents"], job["rel"], job["tr"], job["task"], job["rng"]
     data, motion = simulate_run(grid, rng, job["n_frames"], tr, job["adhd"],
-                                 job["effect_size"], job["site_scale"], job["site_offset"])
+                                 job["effect_size"], job["site_scale"], job["site_offset"],
+                                 job["effect"])
     stub = rng.integers(0, 1000, (6, 7, 5, job["n_frames"])).astype(np.int16)
     _save_nifti(stub, np.diag([3.0, 3.0, 3.0, 1.0]), out / rel / f"{ents}_bold.nii.gz", tr)
     _write_json(out / rel / f"{ents}_bold.json", {"RepetitionTime": tr, "TaskName": task})
@@ -179,7 +184,8 @@ def _write_run(job: dict, grid: SignalGrid, out: Path, fmriprep: Path, space: st
 
 
 def _make_dataset(out, n_subjects, n_frames, tr, seed, sessions, runs, tasks,
-                  planted_regions, effect_size, space, n_sites, n_jobs, version) -> dict:
+                  planted_regions, effect_size, space, n_sites, n_jobs, version,
+                  effect="both") -> dict:
     from concurrent.futures import ThreadPoolExecutor
 
     out.mkdir(parents=True, exist_ok=True)
@@ -204,7 +210,8 @@ def _make_dataset(out, n_subjects, n_frames, tr, seed, sessions, runs, tasks,
                     jobs.append(dict(
                         ents=ents, rel=Path(sub, *([f"ses-{ses}"] if ses else []), "func"),
                         tr=tr, task=task, n_frames=n_frames, adhd=row["dx"] != "0",
-                        effect_size=effect_size, site_scale=1.0 + 0.3 * site_i,
+                        effect_size=effect_size, effect=effect,
+                        site_scale=1.0 + 0.3 * site_i,
                         site_offset=150.0 * site_i,
                         rng=np.random.default_rng([seed, s_idx, ses or 0, t_idx, run or 0])))
     with ThreadPoolExecutor(max_workers=n_jobs) as pool:
@@ -212,12 +219,16 @@ def _make_dataset(out, n_subjects, n_frames, tr, seed, sessions, runs, tasks,
 
     names = atlas.names()
     systems = dict(zip(atlas.table["index"].astype(int), atlas.table["system"]))
-    effect = {
-        "effect_size": effect_size, "amplitude_factor": 1.0 + 2.0 * effect_size,
-        "coupling_control": COUPLING, "coupling_adhd": COUPLING * (1.0 - effect_size),
-        "description": (f"In ADHD subjects (dx 1-3) the planted regions' signal amplitude is "
-                        f"x{1 + 2 * effect_size:g} and their coupling to their home network "
-                        f"drops from {COUPLING:g} to {COUPLING * (1 - effect_size):g}; "
+    amp = 1.0 + 2.0 * effect_size if effect in ("both", "amplitude") else 1.0
+    coupled = COUPLING * (1.0 - effect_size) if effect in ("both", "coupling") else COUPLING
+    changes = ([f"signal amplitude is x{amp:g}"] if amp != 1.0 else []) + (
+        [f"coupling to their home network drops from {COUPLING:g} to {coupled:g}"]
+        if coupled != COUPLING else [])
+    effect_info = {
+        "effect": effect, "effect_size": effect_size, "amplitude_factor": amp,
+        "coupling_control": COUPLING, "coupling_adhd": coupled,
+        "description": (f"In ADHD subjects (dx 1-3) the planted regions' "
+                        f"{' and their '.join(changes) or 'signal is unchanged'}; "
                         f"nothing else differs between groups.")}
     manifest = {
         "bids_dir": str(out), "fmriprep_dir": str(fmriprep), "space": space,
@@ -225,7 +236,7 @@ def _make_dataset(out, n_subjects, n_frames, tr, seed, sessions, runs, tasks,
         "atlas": {"name": atlas.name, "source": atlas.source}, "resources": used,
         "planted_regions": [{"index": i, "name": names[i], "system": systems[i]}
                             for i in planted],
-        "effect": effect,
+        "effect": effect_info,
         "adhd_subjects": participants.loc[participants["dx"] != "0", "participant_id"].tolist(),
         "control_subjects": participants.loc[participants["dx"] == "0",
                                              "participant_id"].tolist(),
@@ -294,19 +305,22 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     @click.option("--planted", multiple=True, help="Region name or index (repeatable).")
     @click.option("--effect-size", default=0.5, show_default=True,
                   type=click.FloatRange(0.0, 1.0, max_open=True))
+    @click.option("--effect", default="both", show_default=True,
+                  type=click.Choice(list(EFFECTS)),
+                  help="Planted difference: amplitude, coupling to the network, or both.")
     @click.option("--n-sites", default=2, show_default=True, type=click.IntRange(1))
     @click.option("--space", default="MNI152NLin2009cAsym", show_default=True)
     @click.option("--n-jobs", default=2, show_default=True, type=click.IntRange(1),
                   help="Runs written in parallel.")
     def command(out, n_subjects, n_frames, tr, seed, sessions, runs, tasks, planted,
-                effect_size, n_sites, space, n_jobs):
+                effect_size, effect, n_sites, space, n_jobs):
         logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
         try:
             manifest = make_dataset(out, n_subjects=n_subjects, n_frames=n_frames, tr=tr,
                                     seed=seed, sessions=sessions, runs=runs, tasks=tasks,
                                     planted_regions=list(planted) or None,
                                     effect_size=effect_size, space=space, n_sites=n_sites,
-                                    n_jobs=n_jobs)
+                                    n_jobs=n_jobs, effect=effect)
         except ValueError as exc:
             raise click.UsageError(str(exc))
         except MissingInputError as exc:

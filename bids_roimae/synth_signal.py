@@ -11,7 +11,8 @@ Per run, ``T`` frames at ``TR``:
   + a slow drift and motion spikes; baseline ~ 1000 x a T1-like tissue contrast plus a
   site offset, so z-scoring matters.
 * Planted group difference: in ADHD subjects every planted region has amplitude
-  ``a_r = 1 + 2 effect_size`` and coupling to its home network ``c (1 - effect_size)``.
+  ``a_r = 1 + 2 effect_size`` and coupling to its home network ``c (1 - effect_size)``
+  (``effect="both"``), or only one of the two (``"amplitude"``, ``"coupling"``).
 
 :class:`SignalGrid` holds what all runs share, :func:`simulate_run` draws one run and
 :func:`confounds_table` derives the confounds fMRIPrep would write for it. Writing files
@@ -141,8 +142,12 @@ class SignalGrid:
         self.noise_maps = np.stack(maps, axis=1)  # (V, 12)
 
 
+EFFECTS = ("both", "amplitude", "coupling")
+
+
 def simulate_run(grid: SignalGrid, rng, n_frames: int, tr: float, adhd: bool,
-                  effect_size: float, site_scale: float, site_offset: float):
+                  effect_size: float, site_scale: float, site_offset: float,
+                  effect: str = "both"):
     """Draw one run's brain-voxel time series.
 
     Parameters
@@ -162,6 +167,8 @@ def simulate_run(grid: SignalGrid, rng, n_frames: int, tr: float, adhd: bool,
         ``1 - effect_size``.
     site_scale, site_offset : float
         The site's signal scale and baseline offset.
+    effect : {"both", "amplitude", "coupling"}
+        Which part of the planted difference applies.
 
     Returns
     -------
@@ -175,8 +182,11 @@ def simulate_run(grid: SignalGrid, rng, n_frames: int, tr: float, adhd: bool,
     own = slow_series(rng, n_regions, n_frames, tr)
     amplitude = np.ones(n_regions)
     coupling = np.full(n_regions, COUPLING)
-    if adhd:
+    if effect not in EFFECTS:
+        raise ValueError(f"effect must be one of {EFFECTS}")
+    if adhd and effect in ("both", "amplitude"):
         amplitude[grid.planted_rows] = 1.0 + 2.0 * effect_size
+    if adhd and effect in ("both", "coupling"):
         coupling[grid.planted_rows] *= 1.0 - effect_size
     unique = np.sqrt(1.0 - coupling ** 2 - GLOBAL_WEIGHT ** 2)
     region_signal = amplitude[:, None] * (coupling[:, None] * networks[grid.home]

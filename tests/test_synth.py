@@ -143,6 +143,35 @@ def test_planted_effect_is_measurable(small_dataset, resources):
     assert max(others) < min(difference[r] for r in planted)
 
 
+@pytest.mark.parametrize("effect", ["amplitude", "coupling"])
+def test_effect_plants_amplitude_or_coupling_alone(resources, effect):
+    """The same noise drawn for an ADHD and a control run: ``amplitude`` scales the planted
+    region's signal (its time course keeps its shape), ``coupling`` reshapes it (its
+    amplitude stays)."""
+    from bids_roimae.synth_signal import SignalGrid, simulate_run
+
+    template, atlas = load_template(), load_atlas()
+    labels, _ = resample_labels(atlas, template.mask_img)
+    planted = int(atlas.table.set_index("name").loc["Cerebellum_Crus1_R", "index"])
+    grid = SignalGrid(template, labels, atlas.table, [planted], np.random.default_rng(0))
+    rows = grid.region_row == int(grid.planted_rows[0])
+    series = {}
+    for adhd in (False, True):
+        data, _ = simulate_run(grid, np.random.default_rng(1), 400, 2.0, adhd, 0.5, 1.0, 0.0,
+                               effect=effect)
+        mean = data[rows].mean(0)
+        series[adhd] = mean - mean.mean()
+    ratio = series[True].std() / series[False].std()
+    same_shape = np.corrcoef(series[True], series[False])[0, 1]
+    if effect == "amplitude":
+        assert ratio > 1.6 and same_shape > 0.97
+    else:
+        assert 0.8 < ratio < 1.25 and same_shape < 0.95  # theory: 0.91
+    with pytest.raises(ValueError, match="effect must be"):
+        simulate_run(grid, np.random.default_rng(1), 10, 2.0, True, 0.5, 1.0, 0.0,
+                     effect="phase")
+
+
 def test_raw_dataset_passes_the_bids_validator(small_dataset):
     validator = Path(sys.executable).parent / "bids-validator-deno"
     proc = subprocess.run([str(validator), str(Path(small_dataset)), "--json"],

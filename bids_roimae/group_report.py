@@ -181,10 +181,10 @@ def build_group_report(output_dir, participants: Optional[pd.DataFrame], atlas, 
             ranking, "mean", f"{stat}: regions by group mean {value}")))
         sections.append((f"{stat}: systems", ranking_section(
             systems, "mean", f"{stat}: systems by group mean {value}", label="system")))
-        # Fidelity also compares the reconstruction error itself: a region whose signal
-        # decouples from its network in one group is rebuilt worse from its context.
-        # Fidelity error is compared relative to each window's mean over regions, so
-        # what differs is the region, not how predictable a participant's data are.
+        # Fidelity also compares the reconstruction error (a region that decouples from its
+        # network, or fluctuates more, is rebuilt worse from its context), relative to
+        # each window's mean over regions: what differs is the region, not how
+        # predictable a participant's data are as a whole.
         error = "error_relative" if "error_relative" in tables else "error"
         compared = [(value, "groupdiff")] + ([(error, "errorgroupdiff")]
                                              if stat == "fidelity" else [])
@@ -198,18 +198,21 @@ def build_group_report(output_dir, participants: Optional[pd.DataFrame], atlas, 
                 if labels is None:
                     labels = _template_labels(output_dir, atlas, template)
                 if labels is False:
-                    continue
-                img = region_value_image(labels, np.asarray(template.mask_img.dataobj) > 0,
-                                         template.mask_img.affine, diff["index"],
-                                         diff["statistic"])
-                path = _group_path(output_dir, "boldmap", ".nii.gz", space=template.space,
-                                   res=res, seg=seg, stat=stat, desc=desc)
-                out[f"{stat}_{desc}_map"] = save_image(img, path, {
-                    "Description": f"Each {seg} region painted with the group difference "
-                                   f"statistic of {stat} {column}",
-                    "Test": str(diff["test"].iloc[0]), "Atlas": seg,
-                    "Sources": [str(Path(out[f"{stat}_{desc}"]).relative_to(Path(output_dir)))]})
-                if desc == "groupdiff" and stat == "ig":
+                    img = None
+                else:
+                    img = region_value_image(labels, np.asarray(template.mask_img.dataobj) > 0,
+                                             template.mask_img.affine, diff["index"],
+                                             diff["statistic"])
+                    path = _group_path(output_dir, "boldmap", ".nii.gz",
+                                       space=template.space, res=res, seg=seg, stat=stat,
+                                       desc=desc)
+                    source = Path(out[f"{stat}_{desc}"]).relative_to(Path(output_dir))
+                    out[f"{stat}_{desc}_map"] = save_image(img, path, {
+                        "Description": f"Each {seg} region painted with the group "
+                                       f"difference statistic of {stat} {column}",
+                        "Test": str(diff["test"].iloc[0]), "Atlas": seg,
+                        "Sources": [str(source)]})
+                if img is not None and desc == "groupdiff" and stat == "ig":
                     bg = str(template.t1w_path) if template.t1w_path is not None else None
                     figures.append(figure_html(
                         brain_png(img, title=f"{stat} {column}: t", kind="stat", bg_img=bg,

@@ -48,8 +48,8 @@ def region_fidelity(mae: nn.Module, windows: Union[torch.Tensor, np.ndarray],
     Parameters
     ----------
     mae : nn.Module
-        Pretrained masked autoencoder with ``encode(x, mask)`` (or ``embed(x, mask=)``) and
-        ``token_errors(x, mask) -> (B, T', N)``.
+        Pretrained masked autoencoder with ``errors_and_embedding(x, mask)``, or with
+        ``encode(x, mask)`` (or ``embed(x, mask=)``) and ``token_errors(x, mask)``.
     windows : tensor or ndarray, shape (K, W, N, P)
     geometry : TokenGeometry
         The model's geometry; regions come from ``geometry.region_patches()``.
@@ -97,6 +97,7 @@ def region_fidelity(mae: nn.Module, windows: Union[torch.Tensor, np.ndarray],
         current.append(pair)
     if current:
         batches.append(current)
+    both = getattr(mae, "errors_and_embedding", None)
     with _inference_setup(mae), torch.inference_mode():
         t_prime = mae.encode(x_all[:1]).shape[1]
         none_masked = torch.zeros((1, t_prime, n_tok), dtype=torch.bool, device=device)
@@ -109,9 +110,11 @@ def region_fidelity(mae: nn.Module, windows: Union[torch.Tensor, np.ndarray],
             for row, (_, j) in enumerate(batch):
                 mask[row, :, torch.as_tensor(owned[regions[j]], device=device)] = True
             x = x_all[ks]
-            tok_err = mae.token_errors(x, mask)  # (B, T', N)
+            if both is not None:  # one encoder pass for the error and the embedding
+                tok_err, emb = both(x, mask)  # (B, T', N), (B, D)
+            else:
+                tok_err, emb = mae.token_errors(x, mask), _pooled_visible(mae, x, mask)
             region_err = (tok_err * mask).sum(dim=(1, 2)) / mask.sum(dim=(1, 2))
-            emb = _pooled_visible(mae, x, mask)
             ref = reference[ks]
             shift = (emb - ref).norm(dim=1)
             cos = torch.nn.functional.cosine_similarity(emb, ref, dim=1)

@@ -307,6 +307,24 @@ class RoiMAE(nn.Module):
         """Pooled embedding ``(B, D)``: encoder output mean over all tokens."""
         return self.encode(x).mean(dim=(1, 2))
 
+    def errors_and_embedding(self, x: torch.Tensor, mask: torch.Tensor
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token MSE ``(B, T', N)`` (as :meth:`token_errors`) and the mean encoder
+        output over visible tokens ``(B, D)``, from a single encoder pass (region fidelity
+        needs both for every masked region)."""
+        tokens = self.group_time(x)
+        mask = self._check_mask(mask, tokens)
+        b, t = tokens.shape[:2]
+        latent, index, valid = self._encode(tokens, mask)
+        pred = self._decode(latent, index, valid, b, t)
+        err = self._squared_error(pred, self.targets(tokens)).sum(-1) / self.feature_mask.sum(-1)
+        if valid is None:  # no padding: every encoded token is a visible one
+            return err, latent.mean(dim=tuple(range(1, latent.ndim - 1)))
+        w = valid.to(latent.dtype)
+        w = w[:, None, :, None].expand(b, t, -1, 1) if latent.ndim == 4 else w[..., None]
+        pooled = (latent * w).sum(dim=tuple(range(1, latent.ndim - 1)))
+        return err, pooled / w.sum(dim=tuple(range(1, w.ndim - 1))).clamp_min(1.0)
+
     def token_errors(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Per-token MSE over brain voxels, ``(B, T', N)``, for every token.
 

@@ -177,3 +177,24 @@ def test_learned_time_embedding_trains(geometry):
     loss, _ = model(_window(geometry, 1), _roi_masks(geometry, 1, 0))
     loss.backward()
     assert model.pos_time.grad is not None and model.pos_time.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("attention", ["divided", "joint"])
+def test_errors_and_embedding_match_the_two_separate_passes(geometry, attention):
+    """One encoder pass gives what token_errors and the visible-token mean of encode give,
+    also when the batch's masks hide different numbers of tokens (padding)."""
+    model = _model(geometry, attention=attention)
+    x = _window(geometry, 3, seed=4)
+    mask = _roi_masks(geometry, 3, 5)
+    counts = mask[:, 0].sum(1)
+    assert len(set(counts.tolist())) > 1  # ragged: the padded path is exercised
+    with torch.no_grad():
+        err, pooled = model.errors_and_embedding(x, mask)
+        enc = model.encode(x, mask)
+        visible = (~mask).float()[..., None]
+        expected = (enc * visible).sum((1, 2)) / visible.sum((1, 2))
+        torch.testing.assert_close(err, model.token_errors(x, mask))
+        torch.testing.assert_close(pooled, expected, rtol=1e-5, atol=1e-6)
+        none = torch.zeros_like(mask)
+        _, all_visible = model.errors_and_embedding(x, none)
+        torch.testing.assert_close(all_visible, model.embed(x), rtol=1e-5, atol=1e-6)

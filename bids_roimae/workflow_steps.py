@@ -243,6 +243,12 @@ def run_predict(ctx: RunContext) -> int:
                   "Preset": cfg.model.preset, "Strategy": extra.get("strategy"),
                   "Target": (extra.get("label_info") or {}).get("target")}
     window, attr = cfg.geometry.window, ctx.cfg.attribution
+    if mae is not None:
+        n_regions = len(geometry.region_patches())
+        log.info("region fidelity: up to %d windows x %d regions = %d forward passes per run "
+                 "on %s (--fidelity-windows or --no-fidelity to change)",
+                 attr.fidelity_windows, n_regions, attr.fidelity_windows * n_regions,
+                 ctx.device)
     for subject, subj_entries in sorted(by_subject.items()):
         pred = predict_subject(classifier, subj_entries, cfg, ctx.device)
         _write_prediction(ctx, subject, pred, model_path)

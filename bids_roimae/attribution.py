@@ -130,7 +130,7 @@ def _device_of(module: nn.Module) -> torch.device:
 def _make_baseline(windows: torch.Tensor, baseline) -> torch.Tensor:
     if isinstance(baseline, torch.Tensor):
         return baseline.to(windows).expand_as(windows)
-    if baseline == "zeros":  # z-scored input: zero is every voxel's mean signal
+    if baseline == "zeros":  # demeaned input (both scalings): zero is every voxel's mean
         return torch.zeros_like(windows)
     if baseline == "mean":  # each voxel's window mean: attributes the dynamics only
         return windows.mean(dim=1, keepdim=True).expand_as(windows).contiguous()
@@ -162,7 +162,7 @@ def integrated_gradients(classifier: nn.Module, windows: Union[torch.Tensor, np.
     steps : int
         Integration points of the path integral (>= 2); with ``min_steps``, the most used.
     baseline : {"zeros", "mean"} or tensor broadcastable to (K, W, N, P)
-        ``zeros`` is the mean signal of z-scored data; ``mean`` keeps each voxel's window
+        ``zeros`` is every voxel's run mean (prepared data are demeaned); ``mean`` keeps each voxel's window
         mean, so only the dynamics are attributed.
     target : int, optional
         Output column to attribute. Default: 0 when ``C == 1`` (the logit), otherwise the

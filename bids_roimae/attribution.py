@@ -162,8 +162,8 @@ def integrated_gradients(classifier: nn.Module, windows: Union[torch.Tensor, np.
     steps : int
         Integration points of the path integral (>= 2); with ``min_steps``, the most used.
     baseline : {"zeros", "mean"} or tensor broadcastable to (K, W, N, P)
-        ``zeros`` is every voxel's run mean (prepared data are demeaned); ``mean`` keeps each voxel's window
-        mean, so only the dynamics are attributed.
+        ``zeros`` is every voxel's run mean (prepared data are demeaned); ``mean`` keeps
+        each voxel's window mean, so only the dynamics are attributed.
     target : int, optional
         Output column to attribute. Default: 0 when ``C == 1`` (the logit), otherwise the
         class predicted from the mean logits over windows.

@@ -124,3 +124,16 @@ def test_single_subject_fmriprep_folder_not_marked_derivative(dataset, tmp_path,
     assert code == 0, err
     assert "not marked DatasetType derivative" in err
     assert len(list((tmp_path / "out" / "cache").rglob("*.npy"))) == 1
+
+
+def test_normalize_option_reaches_the_cache(small_dataset, tmp_path, capsys):
+    """Each scaling is its own cache entry: the default global one, then --normalize voxel."""
+    out = tmp_path / "out"
+    base = [small_dataset.root, out, "participant", "--participant-label", "01",
+            "--skip-bids-validation"] + FAST
+    assert _run(base, capsys)[0] == 0
+    assert _run(base + ["--normalize", "voxel"], capsys)[0] == 0
+    metas = [json.loads(p.read_text()) for p in sorted((out / "cache").rglob("*.json"))
+             if p.name.startswith("sub-01")]
+    assert sorted(m["prep"]["normalize"] for m in metas) == ["global", "voxel"]
+    assert sorted(m["normalize"] for m in metas) == ["global-psc", "voxel"]

@@ -129,7 +129,7 @@ def prepare_run(run, geometry, template_img, prep_cfg: Optional[PrepConfig], out
     if prep.normalize == "voxel":
         norm_info = {"normalize": "voxel", "n_zero_variance_voxels": zscore_inplace(brain)}
     else:
-        norm_info = global_scale_inplace(brain, baseline)
+        norm_info = global_scale_inplace(brain, baseline, ignore=outside)
         if norm_info["normalize"] != "global-psc":
             logger.warning("%s: the BOLD signal is not positive intensities (median voxel "
                            "mean %.3g), so it is scaled without percent signal change",
@@ -221,7 +221,8 @@ def zscore_inplace(brain: np.ndarray) -> int:
 
 
 def global_scale_inplace(brain: np.ndarray, baseline: np.ndarray,
-                         floor_fraction: float = 0.1, min_snr: float = 10.0) -> dict:
+                         floor_fraction: float = 0.1, min_snr: float = 10.0,
+                         ignore: Optional[np.ndarray] = None) -> dict:
     """Percent signal change per voxel, then one scale for the whole run, in place.
 
     Unlike a per-voxel z-score this keeps how strongly each voxel fluctuates relative to
@@ -242,6 +243,9 @@ def global_scale_inplace(brain: np.ndarray, baseline: np.ndarray,
         Percent signal change is used only when the median baseline exceeds ``min_snr``
         times the median temporal SD, i.e. when the input is raw positive intensities;
         otherwise (demeaned or standardised input) only the run-wide scale is applied.
+    ignore : numpy.ndarray of bool, optional
+        ``(V,)`` voxels left out of the medians (outside the participant's own brain mask,
+        where the signal is background).
 
     Returns
     -------
@@ -252,16 +256,18 @@ def global_scale_inplace(brain: np.ndarray, baseline: np.ndarray,
     mean = brain.mean(axis=0, dtype=np.float64)
     brain -= mean.astype(np.float32)
     sd = np.sqrt(np.einsum("tv,tv->v", brain, brain, dtype=np.float64) / brain.shape[0])
-    median_base = float(np.median(baseline)) if baseline.size else 0.0
     live = sd > 1e-6 * np.maximum(np.abs(baseline), 1e-6)
-    median_sd = float(np.median(sd[live])) if live.any() else 0.0
+    counted = live if ignore is None else live & ~ignore
+    counted = counted if counted.any() else live
+    median_base = float(np.median(baseline[counted])) if counted.any() else 0.0
+    median_sd = float(np.median(sd[counted])) if counted.any() else 0.0
     psc = median_base > 0 and median_base > min_snr * median_sd
     if psc:
         per_voxel = 100.0 / np.maximum(baseline, floor_fraction * median_base)
         sd_scaled = sd * per_voxel
     else:
         per_voxel, sd_scaled = np.ones_like(sd), sd
-    scale = float(np.median(sd_scaled[live])) if live.any() else 1.0
+    scale = float(np.median(sd_scaled[counted])) if counted.any() else 1.0
     scale = scale if scale > 0 else 1.0
     factor = np.where(live, per_voxel / scale, 0.0).astype(np.float32)
     brain *= factor

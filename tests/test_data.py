@@ -153,6 +153,18 @@ def test_global_scaling_of_demeaned_input_uses_one_scale(caplog):
     info = global_scale_inplace(raw, raw.mean(axis=0))
     assert info["normalize"] == "global-psc"
     assert raw[:, 0].std() < 15 * np.median(raw[:, 1:].std(axis=0))
+    # Background outside the participant's mask (dim, noisy) does not set the scale.
+    brain = (1000 + rng.standard_normal((50, 6)) * 10).astype(np.float32)
+    background = (5 + rng.standard_normal((50, 10)) * 3).astype(np.float32)
+    both = np.hstack([brain, background])
+    ignore = np.r_[np.zeros(6, bool), np.ones(10, bool)]
+    alone = global_scale_inplace(brain.copy(), brain.mean(axis=0))
+    info = global_scale_inplace(both, both.mean(axis=0), ignore=ignore)
+    assert info["normalize"] == "global-psc"
+    assert np.isclose(info["global_scale"], alone["global_scale"])
+    unmasked = np.hstack([brain, background])
+    assert global_scale_inplace(unmasked, unmasked.mean(axis=0)
+                                )["normalize"] == "global-sd"  # what ignoring prevents
 
 
 def test_run_mask_zeroes_template_voxels_outside_subject_brain(tmp_path, grid):

@@ -21,7 +21,7 @@ from typing import Iterable, Optional
 import numpy as np
 import pandas as pd
 
-from .group_stats import group_difference, region_ranking, system_ranking
+from .group_stats import group_difference, region_ranking, system_ranking, system_tables
 from .report import find_outputs, mean_sd_maps, read_region_tables
 
 logger = logging.getLogger(__name__)
@@ -220,6 +220,18 @@ def build_group_report(output_dir, participants: Optional[pd.DataFrame], atlas, 
                         f"Group difference statistic per region, {diff['test'].iloc[0]}"))
                 sections.append((f"{stat}: {label_column} group differences in {column}",
                                  html_table(diff)))
+                # The same by system (limbic, cerebellum, ...): mean over its regions.
+                sys_diff = group_difference(system_tables(tables, column), column, groups)
+                if sys_diff is not None:
+                    sys_diff = sys_diff.drop(columns=["index", "name"])
+                    sys_desc = desc.replace("groupdiff", "systemgroupdiff")
+                    path = _group_path(output_dir, "stats", ".tsv", seg=seg, stat=stat,
+                                       desc=sys_desc)
+                    out[f"{stat}_{sys_desc}"] = write_tsv(path, sys_diff,
+                                                          {c: c for c in sys_diff})
+                    differences.append((f"{stat} {column} by system", sys_diff))
+                    sections.append((f"{stat}: {label_column} group differences in {column} "
+                                     "by system", html_table(sys_diff)))
     for path in sorted(Path(output_dir).glob("models/*/*comparison*.tsv")):
         table = pd.read_csv(path, sep="\t")
         sections.append((f"Masking comparison: {path.parent.name}/{path.name}",

@@ -58,6 +58,19 @@ def system_ranking(tables: pd.DataFrame, value: str) -> pd.DataFrame:
     return out.sort_values("rank", ignore_index=True)
 
 
+def system_tables(tables: pd.DataFrame, value: str) -> pd.DataFrame:
+    """Per run, the mean of ``value`` over each system's regions, laid out as stacked region
+    tables whose ``index``, ``name`` and ``system`` are the system, so that the region
+    functions (e.g. :func:`group_difference`) compare systems."""
+    system = (tables["system"].fillna("unknown").replace("", "unknown")
+              if "system" in tables else "unknown")
+    keys = [c for c in ("subject", "run_key") if c in tables]
+    out = tables.assign(system=system).groupby(keys + ["system"], as_index=False)[value].mean()
+    out["index"] = out["system"]
+    out["name"] = out["system"]
+    return out
+
+
 def group_difference(tables: pd.DataFrame, value: str, groups: pd.Series
                      ) -> Optional[pd.DataFrame]:
     """Per-region comparison of diagnostic groups.
@@ -111,4 +124,4 @@ def group_difference(tables: pd.DataFrame, value: str, groups: pd.Series
     return out.reset_index().sort_values("rank", na_position="last", ignore_index=True)
 
 
-__all__ = ["group_difference", "region_ranking", "system_ranking"]
+__all__ = ["group_difference", "region_ranking", "system_ranking", "system_tables"]

@@ -208,6 +208,12 @@ def test_group_difference_ranks_planted_regions_first(group_tree):
     assert set(regions.head(2)["index"]) == {2, 5}  # planted also top the group mean
     systems = pd.read_csv(written["ig_systems"], sep="\t")
     assert set(systems["system"]) == {"frontal", "occipital", "cerebellum"}
+    # By system: frontal and cerebellum each hold one boosted region, occipital none.
+    by_system = pd.read_csv(written["ig_systemgroupdiff"], sep="\t")
+    assert list(by_system.columns[:1]) == ["system"] and len(by_system) == 3
+    assert set(by_system.head(2)["system"]) == {"frontal", "cerebellum"}
+    assert (by_system.head(2)["statistic"] > 0).all()
+    assert written["ig_systemgroupdiff"].name == "seg-AAL3_stat-ig_desc-systemgroupdiff_stats.tsv"
 
 
 def test_group_maps_and_html(group_tree):

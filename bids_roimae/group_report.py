@@ -4,7 +4,7 @@ Reads the per-run region tables and maps that ``participant --mode predict`` wro
 (:mod:`bids_roimae.report`) and writes, under ``OUTPUT_DIR/group/``::
 
     seg-<Atlas>_stat-<ig|fidelity>_desc-<regions|systems>_stats.tsv      rankings
-    seg-<Atlas>_stat-<ig|fidelity>_desc-<groupdiff|errorgroupdiff>_stats.tsv   group tests
+    seg-<Atlas>_stat-<ig|fidelity>_desc-[error][system]groupdiff_stats.tsv    group tests
     space-<S>_res-<R>[_seg-<Atlas>]_stat-<...>_desc-<mean|sd|...>_boldmap.nii.gz   group maps
     space-<S>_res-<R>_seg-<Atlas>_stat-<...>_desc-<groupdiff|...>_boldmap.nii.gz  t per region
     group_report.html
@@ -106,9 +106,9 @@ def build_group_report(output_dir, participants: Optional[pd.DataFrame], atlas, 
 
     Reads the per-run region tables and maps written by ``participant --mode predict``;
     writes to ``OUTPUT_DIR/group/``: mean and SD maps on the template grid, region and
-    system rankings, per-region group differences when ``label_column`` has groups, the
-    masking comparison tables ``models/*/*comparison*.tsv`` when present, and
-    ``group_report.html``.
+    system rankings, group differences by region (tables and t maps) and by system when
+    ``label_column`` has groups, the masking comparison tables
+    ``models/*/*comparison*.tsv`` when present, and ``group_report.html``.
 
     Parameters
     ----------

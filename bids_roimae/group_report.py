@@ -5,8 +5,8 @@ Reads the per-run region tables and maps that ``participant --mode predict`` wro
 
     seg-<Atlas>_stat-<ig|fidelity>_desc-<regions|systems>_stats.tsv      rankings
     seg-<Atlas>_stat-<ig|fidelity>_desc-[error][system]groupdiff_stats.tsv    group tests
-    space-<S>_res-<R>[_seg-<Atlas>]_stat-<...>_desc-<mean|sd|...>_boldmap.nii.gz   group maps
-    space-<S>_res-<R>_seg-<Atlas>_stat-<...>_desc-<groupdiff|...>_boldmap.nii.gz  t per region
+    space-<S>[_seg-<Atlas>]_res-<R>_stat-<...>_desc-<mean|sd|...>_boldmap.nii.gz   group maps
+    space-<S>_seg-<Atlas>_res-<R>_stat-<...>_desc-<groupdiff|...>_boldmap.nii.gz  t per region
     group_report.html
 
 each table and image with a JSON sidecar. The statistics are :mod:`bids_roimae.group_stats`.

@@ -1,11 +1,9 @@
-"""Set-up shared by the preparation and cache-read benchmarks: the full-size model grid,
-its brain mask and a stand-in for the BOLD run records that preparation reads."""
+"""Set-up shared by the preparation and cache-read benchmarks: the full-size model grid
+and its brain mask."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import nibabel as nib
 import numpy as np
@@ -16,27 +14,6 @@ MASK = Path("/work/shared/data/tpl-MNI152NLin2009cAsym/"
 GRID = (97, 115, 97)
 AFFINE = np.array([[2.0, 0, 0, -96.5], [0, 2.0, 0, -132.5], [0, 0, 2.0, -78.5], [0, 0, 0, 1]])
 RESULTS = Path(__file__).parent / "results"
-
-
-@dataclass(frozen=True)
-class BenchRun:
-    """The fields of ``bids_roimae.bids.BoldRun`` that preparation reads."""
-
-    subject: str
-    session: Optional[str]
-    task: str
-    run: Optional[str]
-    entities: dict
-    path: Path
-    mask_path: Optional[Path]
-    confounds_path: Optional[Path]
-    tr: Optional[float]
-    tr_source: str
-    space: str
-
-    @property
-    def key(self) -> str:
-        return f"sub-{self.subject}_task-{self.task}"
 
 
 def template_mask() -> tuple[np.ndarray, str]:

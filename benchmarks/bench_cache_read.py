@@ -24,8 +24,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from _common import AFFINE, GRID, RESULTS, SPACE, BenchRun, template_mask
+from _common import AFFINE, GRID, RESULTS, SPACE, template_mask
 
+from bids_roimae.bids import BoldRun
 from bids_roimae.config import PrepConfig
 from bids_roimae.data import load_entries, prepare_run
 from bids_roimae.geometry import build_geometry
@@ -43,7 +44,8 @@ def make_entries(workdir: Path, mask: np.ndarray, geometry, n_runs: int, n_frame
             path.parent.mkdir(parents=True, exist_ok=True)
             nib.save(nib.Nifti1Image(data, AFFINE), path)
             del data
-        run = BenchRun(sub, None, "rest", None, {}, path, None, None, 2.0, "sidecar", SPACE)
+        run = BoldRun(sub, None, "rest", None, {"subject": sub, "task": "rest"}, path, None,
+                      None, 2.0, "sidecar", SPACE)
         prepare_run(run, geometry, template, PrepConfig(), out, window=20)
     return load_entries(out, geometry)
 

@@ -24,8 +24,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from _common import AFFINE, GRID, RESULTS, SPACE, BenchRun, template_mask
+from _common import AFFINE, GRID, RESULTS, SPACE, template_mask
 
+from bids_roimae.bids import BoldRun
 from bids_roimae.config import PrepConfig
 from bids_roimae.data import prepare_run
 from bids_roimae.geometry import build_geometry
@@ -78,8 +79,8 @@ def main(argv=None) -> dict:
     write_s = write_run(bold, mask, args.frames)
     geometry = build_geometry(mask, AFFINE, None, patch_size=args.patch_size)
     template = nib.Nifti1Image(mask.astype(np.uint8), AFFINE)
-    run = BenchRun("01", None, "rest", None, {"subject": "01", "task": "rest"}, bold, None,
-                   None, 2.0, "sidecar", SPACE)
+    run = BoldRun("01", None, "rest", None, {"subject": "01", "task": "rest"}, bold, None,
+                  None, 2.0, "sidecar", SPACE)
     out = workdir / "out"
 
     def nibabel_load():

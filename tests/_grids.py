@@ -1,10 +1,6 @@
-"""The small model grid and BOLD-run stand-in shared by the preparation and cache tests."""
+"""The small model grid shared by the preparation and cache tests."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Optional
 
 import nibabel as nib
 import numpy as np
@@ -13,31 +9,6 @@ GRID = (13, 17, 11)
 AFFINE = np.array([[2.0, 0, 0, -12.0], [0, 2.0, 0, -17.0], [0, 0, 2.0, -9.0], [0, 0, 0, 1]])
 SPACE = "MNI152NLin2009cAsym"
 WINDOW = 8
-
-
-@dataclass(frozen=True)
-class BoldRun:
-    """Stand-in with the fields of ``bids_roimae.bids.BoldRun``."""
-
-    subject: str
-    session: Optional[str]
-    task: str
-    run: Optional[str]
-    entities: dict
-    path: Path
-    mask_path: Optional[Path]
-    confounds_path: Optional[Path]
-    tr: Optional[float]
-    tr_source: str
-    space: str
-
-    @property
-    def key(self) -> str:
-        parts = [f"sub-{self.subject}"]
-        parts += [f"ses-{self.session}"] if self.session else []
-        parts += [f"task-{self.task}"]
-        parts += [f"run-{self.run}"] if self.run else []
-        return "_".join(parts)
 
 
 def ellipsoid(shape=GRID, fill=0.8) -> np.ndarray:

@@ -10,9 +10,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from _grids import AFFINE, GRID, SPACE, WINDOW, BoldRun, template_grid
+from _grids import AFFINE, GRID, SPACE, WINDOW, template_grid
 
 from bids_roimae import cache
+from bids_roimae.bids import BoldRun
 from bids_roimae.config import PrepConfig
 from bids_roimae.data import (CacheEntry, ScaledTokens, cache_key, cache_root, load_entries,
                               lookup, prepare_run, prepare_runs)
@@ -36,7 +37,8 @@ def make_run(folder: Path, subject="01", n_frames=20, seed=0, run=None) -> BoldR
     img.header.set_zooms((2.0, 2.0, 2.0, 2.0))
     nib.save(img, path)
     return BoldRun(subject=subject, session=None, task="rest", run=run,
-                   entities={"subject": subject, "task": "rest"}, path=path, mask_path=None,
+                   entities={"subject": subject, "task": "rest", **({"run": run} if run else {})},
+                   path=path, mask_path=None,
                    confounds_path=None, tr=2.0, tr_source="sidecar", space=SPACE)
 
 

@@ -13,8 +13,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from _grids import AFFINE, GRID, SPACE, WINDOW, BoldRun, template_grid
+from _grids import AFFINE, GRID, SPACE, WINDOW, template_grid
 
+from bids_roimae.bids import BoldRun
 from bids_roimae.config import PrepConfig
 from bids_roimae.data import global_scale_inplace, prepare_run, prepare_runs, zscore_inplace
 from bids_roimae.errors import EXIT_BAD_DATA, AppError, BadDataError, OutputError
@@ -290,8 +291,6 @@ def test_scrubbing_drops_high_motion_frames(tmp_path, grid):
 
 
 def test_real_bold_run_and_template_space_from_file_name(tmp_path, grid):
-    from bids_roimae.bids import BoldRun as RealBoldRun
-
     mask, geometry, _ = grid
     tpl_path = tmp_path / "tpl" / f"tpl-{SPACE}_res-02_desc-brain_mask.nii.gz"
     tpl_path.parent.mkdir()
@@ -299,7 +298,7 @@ def test_real_bold_run_and_template_space_from_file_name(tmp_path, grid):
     template = nib.load(tpl_path)  # as the workflow passes it: the space is in its name
     stand_in = write_bold(tmp_path / "bids", random_bold(20))
     entities = {"subject": "01", "task": "rest", "run": "1", "space": SPACE}
-    run = RealBoldRun(subject="01", session=None, task="rest", run="1", entities=entities,
+    run = BoldRun(subject="01", session=None, task="rest", run="1", entities=entities,
                       path=stand_in.path, mask_path=None, confounds_path=None, tr=2.0,
                       tr_source="sidecar", space=SPACE)
     entry = prepare_run(run, geometry, template, None, tmp_path / "out", window=WINDOW)

@@ -56,25 +56,17 @@ def _template_labels(output_dir, atlas, template):
     the ``dseg`` the pretraining wrote into the dataset; ``False`` when neither exists."""
     import nibabel as nib
 
-    from .atlas import resample_labels
+    from .atlas import Atlas, resample_labels
 
-    if getattr(atlas, "img", None) is not None:
-        return resample_labels(atlas, template.mask_img)[0]
-    found = sorted(Path(output_dir).glob(f"space-{template.space}_atlas-{atlas.name}_"
-                                         "*dseg.nii.gz"))
-    if not found:
-        logger.warning("no %s label image in %s: group difference maps skipped",
-                       atlas.name, output_dir)
-        return False
-    img = nib.load(str(found[0]))
-    if img.shape[:3] == template.mask_img.shape[:3] and np.allclose(
-            img.affine, template.mask_img.affine, atol=1e-3):
-        return np.asarray(img.dataobj).astype(np.int64)
-    from nilearn.image import resample_to_img
-
-    return np.asarray(resample_to_img(img, template.mask_img, interpolation="nearest",
-                                      force_resample=True, copy_header=True).dataobj
-                      ).astype(np.int64)
+    if getattr(atlas, "img", None) is None:
+        found = sorted(Path(output_dir).glob(f"space-{template.space}_atlas-{atlas.name}_"
+                                             "*dseg.nii.gz"))
+        if not found:
+            logger.warning("no %s label image in %s: group difference maps skipped",
+                           atlas.name, output_dir)
+            return False
+        atlas = Atlas(atlas.name, None, nib.load(str(found[0])), atlas.table, str(found[0]))
+    return resample_labels(atlas, template.mask_img)[0]
 
 
 def region_value_image(labels: np.ndarray, mask: np.ndarray, affine, indices, values):
@@ -135,6 +127,8 @@ def build_group_report(output_dir, participants: Optional[pd.DataFrame], atlas, 
     out, seg = {}, atlas.name
     sections, differences, figures, labels = [], [], [], None
     res = getattr(template, "resolution", None)
+    brain = np.asarray(template.mask_img.dataobj) > 0
+    bg = str(template.t1w_path) if template.t1w_path is not None else None
     groups = None
     if participants is not None and label_column and label_column in participants:
         groups = participants[label_column]
@@ -171,7 +165,6 @@ def build_group_report(output_dir, participants: Optional[pd.DataFrame], atlas, 
                     "NumberOfParticipants": len(maps), "Atlas": seg,
                     "Sources": sorted(str(p.relative_to(output_dir))
                                       for ps in maps.values() for p in ps)})
-            bg = str(template.t1w_path) if template.t1w_path is not None else None
             inner.append(figure_html(brain_png(mean_img, title=f"group mean {stat}"),
                                      f"Group mean {stat} map (glass brain)"))
             inner.append(figure_html(brain_png(mean_img, title=f"group mean {stat}",
@@ -200,9 +193,8 @@ def build_group_report(output_dir, participants: Optional[pd.DataFrame], atlas, 
                 if labels is False:
                     img = None
                 else:
-                    img = region_value_image(labels, np.asarray(template.mask_img.dataobj) > 0,
-                                             template.mask_img.affine, diff["index"],
-                                             diff["statistic"])
+                    img = region_value_image(labels, brain, template.mask_img.affine,
+                                             diff["index"], diff["statistic"])
                     path = _group_path(output_dir, "boldmap", ".nii.gz",
                                        space=template.space, res=res, seg=seg, stat=stat,
                                        desc=desc)
@@ -213,7 +205,6 @@ def build_group_report(output_dir, participants: Optional[pd.DataFrame], atlas, 
                         "Test": str(diff["test"].iloc[0]), "Atlas": seg,
                         "Sources": [str(source)]})
                 if img is not None and desc == "groupdiff" and stat == "ig":
-                    bg = str(template.t1w_path) if template.t1w_path is not None else None
                     figures.append(figure_html(
                         brain_png(img, title=f"{stat} {column}: t", kind="stat", bg_img=bg,
                                   symmetric=True),

@@ -330,10 +330,7 @@ class RoiMAE(nn.Module):
 
         Meaningful for the hidden ones (visible tokens are not trained to be rebuilt).
         """
-        tokens = self.group_time(x)
-        _, pred = self.forward(x, mask)
-        err = self._squared_error(pred, self.targets(tokens))
-        return err.sum(-1) / self.feature_mask.sum(-1)
+        return self.errors_and_embedding(x, mask)[0]
 
 
 def _init_weights(module: nn.Module) -> None:

@@ -204,16 +204,21 @@ def prepare_runs(runs: Sequence, geometry, template_img, prep_cfg, output_dir, *
     return entries, failures
 
 
+def _demean_inplace(brain: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Remove each column's mean over time, in place; returns (mean, SD), float64."""
+    mean = brain.mean(axis=0, dtype=np.float64)
+    brain -= mean.astype(np.float32)
+    # einsum squares and sums without a (T, V) temporary.
+    var = np.einsum("tv,tv->v", brain, brain, dtype=np.float64) / brain.shape[0]
+    return mean, np.sqrt(var)
+
+
 def zscore_inplace(brain: np.ndarray) -> int:
     """Z-score each column of ``brain`` (T, V) over time, in place.
 
     Columns with (numerically) zero variance become 0. Returns their count.
     """
-    mean = brain.mean(axis=0, dtype=np.float64)
-    brain -= mean.astype(np.float32)
-    # einsum squares and sums without a (T, V) temporary.
-    var = np.einsum("tv,tv->v", brain, brain, dtype=np.float64) / brain.shape[0]
-    std = np.sqrt(var)
+    mean, std = _demean_inplace(brain)
     flat = std <= 1e-6 * np.maximum(np.abs(mean), 1e-6)
     inv = np.where(flat, 0.0, 1.0 / np.where(flat, 1.0, std)).astype(np.float32)
     brain *= inv
@@ -253,9 +258,7 @@ def global_scale_inplace(brain: np.ndarray, baseline: np.ndarray,
         ``normalize`` (``"global-psc"`` or ``"global-sd"``), ``global_scale`` (what the
         demeaned signal was divided by), ``median_baseline``, ``n_zero_variance_voxels``.
     """
-    mean = brain.mean(axis=0, dtype=np.float64)
-    brain -= mean.astype(np.float32)
-    sd = np.sqrt(np.einsum("tv,tv->v", brain, brain, dtype=np.float64) / brain.shape[0])
+    _, sd = _demean_inplace(brain)
     live = sd > 1e-6 * np.maximum(np.abs(baseline), 1e-6)
     counted = live if ignore is None else live & ~ignore
     counted = counted if counted.any() else live

@@ -111,15 +111,18 @@ class CacheEntry:
             return ScaledTokens(raw, self.meta["scale"])
         return raw
 
-    def window(self, start: int, length: int, out: Optional[np.ndarray] = None) -> np.ndarray:
+    def window(self, start: int, length: int, out: Optional[np.ndarray] = None,
+               tokens=None) -> np.ndarray:
         """Frames ``start:start + length`` as float32, shape (length, N, P).
 
         ``out`` (float32, C-contiguous, same shape) is filled in place when given, which
-        avoids an allocation per window in a loader.
+        avoids an allocation per window in a loader; ``tokens`` is this entry's
+        :meth:`tokens` already opened, so a loader reading many windows of one run maps
+        the file once.
         """
         if start < 0 or start + length > self.n_frames:
             raise IndexError(f"window {start}:{start + length} outside 0:{self.n_frames}")
-        block = self.tokens()[start:start + length]
+        block = (self.tokens() if tokens is None else tokens)[start:start + length]
         if out is None:
             out = np.empty(block.shape, np.float32)
         if block.dtype == np.float16:

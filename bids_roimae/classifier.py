@@ -79,11 +79,15 @@ def load_windows(refs: Sequence[tuple[object, int]], window: int) -> np.ndarray:
     """Read windows from cache entries: float32 array of shape (K, W, N, P)."""
     if not refs:
         raise ValueError("no window to load")
-    first = refs[0][0].tokens()
-    out = np.empty((len(refs), window) + tuple(first.shape[1:]), np.float32)
+    maps = {}  # one memory map per run, however many of its windows are read
+    for entry, _ in refs:
+        if id(entry) not in maps:
+            maps[id(entry)] = entry.tokens()
+    shape = maps[id(refs[0][0])].shape[1:]
+    out = np.empty((len(refs), window) + tuple(shape), np.float32)
     for k, (entry, start) in enumerate(refs):
         # CacheEntry.window converts float16 (or scaled int8) in one vectorised copy
-        entry.window(start, window, out=out[k])
+        entry.window(start, window, out=out[k], tokens=maps[id(entry)])
     return out
 
 

@@ -255,6 +255,16 @@ class RoiMAE(nn.Module):
     def _squared_error(self, pred, target) -> torch.Tensor:
         return (pred.float() - target) ** 2 * self.feature_mask
 
+    def _reconstruct(self, x: torch.Tensor, mask: torch.Tensor):
+        """Encode, decode and score: ``(mask, latent, valid, pred, err)``, ``err`` the
+        squared error per brain voxel ``(B, T', N, F)``."""
+        tokens = self.group_time(x)
+        mask = self._check_mask(mask, tokens)
+        b, t = tokens.shape[:2]
+        latent, index, valid = self._encode(tokens, mask)
+        pred = self._decode(latent, index, valid, b, t)
+        return mask, latent, valid, pred, self._squared_error(pred, self.targets(tokens))
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Reconstruct hidden tokens.
 
@@ -270,13 +280,8 @@ class RoiMAE(nn.Module):
         pred : tensor, shape (B, T', N, temporal_patch * P)
             Reconstruction of every token (only hidden ones are trained).
         """
-        tokens = self.group_time(x)
-        mask = self._check_mask(mask, tokens)
-        b, t = tokens.shape[:2]
-        latent, index, valid = self._encode(tokens, mask)
-        pred = self._decode(latent, index, valid, b, t)
-        err = self._squared_error(pred, self.targets(tokens))
-        weight = mask.to(tokens.device, non_blocking=True)[..., None] & self.feature_mask
+        mask, latent, valid, pred, err = self._reconstruct(x, mask)
+        weight = mask.to(err.device, non_blocking=True)[..., None] & self.feature_mask
         loss = (err * weight).sum() / weight.sum().clamp(min=1)
         return loss, pred
 
@@ -312,16 +317,13 @@ class RoiMAE(nn.Module):
         """Per-token MSE ``(B, T', N)`` (as :meth:`token_errors`) and the mean encoder
         output over visible tokens ``(B, D)``, from a single encoder pass (region fidelity
         needs both for every masked region)."""
-        tokens = self.group_time(x)
-        mask = self._check_mask(mask, tokens)
-        b, t = tokens.shape[:2]
-        latent, index, valid = self._encode(tokens, mask)
-        pred = self._decode(latent, index, valid, b, t)
-        err = self._squared_error(pred, self.targets(tokens)).sum(-1) / self.feature_mask.sum(-1)
+        _, latent, valid, _, err = self._reconstruct(x, mask)
+        err = err.sum(-1) / self.feature_mask.sum(-1)
         if valid is None:  # no padding: every encoded token is a visible one
             return err, latent.mean(dim=tuple(range(1, latent.ndim - 1)))
         w = valid.to(latent.dtype)
-        w = w[:, None, :, None].expand(b, t, -1, 1) if latent.ndim == 4 else w[..., None]
+        w = (w[:, None, :, None].expand(-1, latent.shape[1], -1, 1) if latent.ndim == 4
+             else w[..., None])
         pooled = (latent * w).sum(dim=tuple(range(1, latent.ndim - 1)))
         return err, pooled / w.sum(dim=tuple(range(1, w.ndim - 1))).clamp_min(1.0)
 

@@ -76,20 +76,24 @@ def _templateflow_listing() -> Optional[set]:
 
 
 def _download(url: str, target: Path) -> None:
-    """Stream ``url`` into ``target`` atomically (a partial file never looks complete)."""
+    """Stream ``url`` into ``target`` atomically (a partial file never looks complete, and
+    concurrent jobs fetching the same file each write their own temporary)."""
     import requests
 
-    partial = target.with_name(target.name + ".part")
+    from .atomic import write_via
+
     with requests.get(url, stream=True, timeout=TEMPLATEFLOW_TIMEOUT) as response:
         if response.status_code != 200:
             raise OSError(f"HTTP {response.status_code}")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with open(partial, "wb") as handle:
-            for chunk in response.iter_content(1 << 20):
-                handle.write(chunk)
-    if partial.stat().st_size == 0:
-        raise OSError("empty download")
-    os.replace(partial, target)
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as handle:
+                for chunk in response.iter_content(1 << 20):
+                    handle.write(chunk)
+            if Path(tmp).stat().st_size == 0:
+                raise OSError("empty download")
+
+        write_via(target, write, fsync=False)
 
 
 def _templateflow_file(space: str, filename: str, what: str) -> Path:

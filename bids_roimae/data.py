@@ -117,7 +117,7 @@ def prepare_run(run, geometry, template_img, prep_cfg: Optional[PrepConfig], out
         raise BadDataError(f"{name}: {n_bad} non-finite values (NaN/inf) in {bad_vox} "
                            f"voxels inside the template brain")
     # The voxel baseline is taken before confound regression, which may remove the mean.
-    baseline = brain.mean(axis=0, dtype=np.float64)
+    baseline = None if prep.normalize == "voxel" else brain.mean(axis=0, dtype=np.float64)
     confound_info: dict = {}
     if prep.confounds != "none":
         brain, confound_info = _regress_confounds(run, brain, prep.confounds, tr_in)
@@ -262,15 +262,19 @@ def global_scale_inplace(brain: np.ndarray, baseline: np.ndarray,
     live = sd > 1e-6 * np.maximum(np.abs(baseline), 1e-6)
     counted = live if ignore is None else live & ~ignore
     counted = counted if counted.any() else live
-    median_base = float(np.median(baseline[counted])) if counted.any() else 0.0
-    median_sd = float(np.median(sd[counted])) if counted.any() else 0.0
+    if not counted.any():  # nothing fluctuates: every voxel becomes 0
+        brain[:] = 0.0
+        return {"normalize": "global-sd", "global_scale": 1.0, "median_baseline": 0.0,
+                "n_zero_variance_voxels": int(live.size)}
+    median_base = float(np.median(baseline[counted]))
+    median_sd = float(np.median(sd[counted]))
     psc = median_base > 0 and median_base > min_snr * median_sd
     if psc:
         per_voxel = 100.0 / np.maximum(baseline, floor_fraction * median_base)
         sd_scaled = sd * per_voxel
     else:
         per_voxel, sd_scaled = np.ones_like(sd), sd
-    scale = float(np.median(sd_scaled[counted])) if counted.any() else 1.0
+    scale = float(np.median(sd_scaled[counted]))
     scale = scale if scale > 0 else 1.0
     factor = np.where(live, per_voxel / scale, 0.0).astype(np.float32)
     brain *= factor

@@ -50,7 +50,7 @@ import pandas as pd
 from .errors import BadDataError, MissingInputError
 # The template API is re-exported: callers load the grid and the atlas from one module.
 from .templates import (DEFAULT_SPACE, FETCH_HINT, Template, _load_nifti,  # noqa: F401
-                        _templateflow_file, load_template, templateflow_home)
+                        _templateflow_file, load_template)
 
 log = logging.getLogger(__name__)
 

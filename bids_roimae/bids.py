@@ -169,13 +169,13 @@ def find_derivatives(bids_dir: Path, derivatives: Path | None) -> Path:
             raise MissingInputError(f"--derivatives {candidate} does not exist or is not a folder")
         if _read_description(candidate) is None and (candidate / "fmriprep").is_dir():
             candidate = candidate / "fmriprep"
-    elif _is_derivative(_read_description(bids_dir)):
+    elif _is_derivative(description := _read_description(bids_dir)):
         return bids_dir
     else:
         candidate = bids_dir / "derivatives" / "fmriprep"
         if not candidate.is_dir():
             if _has_preproc_bold(bids_dir):
-                if _read_description(bids_dir) is None:
+                if description is None:
                     raise _missing_description(bids_dir)
                 # e.g. a one-subject dataset that CBRAIN assembled from fMRIPrep outputs
                 log.warning(

@@ -124,7 +124,7 @@ def model_grid_matrix(source: BoldSource, geometry, mask_img, space: str
         for t0, block in source.iter_frames(1):
             np.take(block, brain_flat, axis=1, out=out[t0:t0 + block.shape[0]])
         return out, dict(info, resampled=False)
-    coverage = brain_coverage(source, geometry, brain_flat)
+    coverage = _brain_coverage(source, geometry, brain_flat)
     if coverage < 0.9:
         raise BadDataError(
             f"{source.name}: grid {source.shape[:3]} {_fmt_zooms(source.affine)} covers "
@@ -160,7 +160,7 @@ def model_grid_matrix(source: BoldSource, geometry, mask_img, space: str
     return out, dict(info, resampled=True, brain_coverage=round(float(coverage), 4))
 
 
-def brain_coverage(source: BoldSource, geometry, brain_flat: np.ndarray) -> float:
+def _brain_coverage(source: BoldSource, geometry, brain_flat: np.ndarray) -> float:
     """Share of template-brain voxel centres inside the source image's field of view.
 
     Parameters

@@ -33,11 +33,9 @@ import numpy as np
 
 from . import atomic
 from .cache_keys import (_DIGEST_MEMO, FORMAT_VERSION, HASH_INDEX_DIRNAME,  # noqa: F401
-                         KEY_LENGTH, cache_key, file_digest, prep_settings)
+                         cache_key, prep_settings)
 
 logger = logging.getLogger(__name__)
-
-_TMP_MARK = atomic.TMP_MARK
 
 
 class ScaledTokens:
@@ -167,7 +165,7 @@ def meta_path(npy_path) -> Path:
 def read_entry(npy_path) -> Optional[CacheEntry]:
     """The entry at ``npy_path``, or ``None`` if its tokens or complete meta are missing."""
     npy_path = Path(npy_path)
-    if _TMP_MARK in npy_path.name or not npy_path.is_file():
+    if atomic.TMP_MARK in npy_path.name or not npy_path.is_file():
         return None
     try:
         meta = json.loads(meta_path(npy_path).read_text())
@@ -251,7 +249,6 @@ def write_entry(npy_path, shape: tuple, dtype, fill: Callable[[np.ndarray], None
         JSON-serialisable meta; ``complete``, ``format`` and ``shape`` are set here.
     """
     npy_path = Path(npy_path)
-    npy_path.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(meta, shape=[int(s) for s in shape], dtype=np.dtype(dtype).name,
                 format=FORMAT_VERSION, complete=True)
 
@@ -266,7 +263,7 @@ def write_entry(npy_path, shape: tuple, dtype, fill: Callable[[np.ndarray], None
                            json.dumps(meta, indent=1, sort_keys=True, default=str).encode(),
                            mkdir=False)
 
-    atomic.write_via(npy_path, write_tokens_then_meta, fsync=False, mkdir=False)
+    atomic.write_via(npy_path, write_tokens_then_meta, fsync=False)
     atomic.fsync_dir(npy_path.parent)
     return CacheEntry(npy_path, meta)
 
@@ -330,7 +327,7 @@ def remove_stale_temps(folder, max_age_s: float = 86400.0) -> int:
     """Delete ``*.tmp-*`` files older than ``max_age_s`` (left by killed writers)."""
     removed = 0
     now = time.time()
-    for tmp in Path(folder).glob(f"*{_TMP_MARK}*"):
+    for tmp in Path(folder).glob(f"*{atomic.TMP_MARK}*"):
         try:
             if now - tmp.stat().st_mtime > max_age_s:
                 tmp.unlink()

@@ -75,9 +75,7 @@ def file_digest(path, index_dir=None) -> str:
         record = {"path": memo_key[0], "size": memo_key[1], "mtime_ns": memo_key[2],
                   "digest": digest}
         try:
-            index_file.parent.mkdir(parents=True, exist_ok=True)
-            atomic.write_bytes(index_file, json.dumps(record).encode(), fsync=False,
-                               mkdir=False)
+            atomic.write_bytes(index_file, json.dumps(record).encode(), fsync=False)
         except OSError as exc:  # a read-only output only costs a re-hash next time
             logger.debug("could not record digest of %s: %s", path, exc)
     return digest

@@ -24,12 +24,11 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .cache import (HASH_INDEX_DIRNAME, CacheEntry, ScaledTokens, brain_voxels,  # noqa: F401
+from .cache import (HASH_INDEX_DIRNAME, CacheEntry, ScaledTokens,  # noqa: F401
                     cache_key, cache_root, entry_path, load_entries, lookup, prep_settings,
                     read_entry, remove_stale_temps, write_tokens)
-from .bold_io import (DEFAULT_SPACE, BoldSource, brain_coverage,  # noqa: F401
-                      check_template_grid, model_grid_matrix, one_line, outside_run_mask,
-                      template_space)
+from .bold_io import (BoldSource, check_template_grid,  # noqa: F401
+                      model_grid_matrix, one_line, outside_run_mask, template_space)
 from .config import PrepConfig
 from .errors import AppError, BadDataError, OutputError
 

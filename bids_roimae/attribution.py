@@ -373,4 +373,3 @@ def region_values(geometry: TokenGeometry, scores: Mapping[int, float]) -> np.nd
 __all__ = ["BASELINES", "COMPLETENESS_TOLERANCE", "IGResult", "integrated_gradients",
            "region_table", "region_values", "to_source_grid",
            "token_map"]
-

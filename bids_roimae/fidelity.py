@@ -125,7 +125,7 @@ def region_fidelity(mae: nn.Module, windows: Union[torch.Tensor, np.ndarray],
     ddof = 1 if n_windows > 1 else 0
     out = pd.DataFrame({
         "index": np.asarray(regions, np.int64),
-        "n_tokens": [int(owned[r].size) for r in regions],
+        "n_tokens": sizes,
         "error": errors.mean(0), "error_sd": errors.std(0, ddof=ddof),
         # Relative to the window's mean over regions: what is specific to the region, not
         # how predictable the whole window is (motion, global signal, a short run).

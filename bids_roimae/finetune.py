@@ -38,11 +38,13 @@ from .labels import label_attrs, parse_labels
 log = logging.getLogger(__name__)
 
 __all__ = ["Classifier", "parse_labels", "run_finetune", "load_finetuned", "predict_subject",
-           "cross_validate", "finetuned_name", "load_pretrained"]
+           "cross_validate", "finetuned_name", "load_pretrained",
+           "pretrained_config", "checkpoint_file"]
 
 
 # -- names and loading ------------------------------------------------------------------
-def _checkpoint_file(path) -> Path:
+def checkpoint_file(path) -> Path:
+    """``path``, or ``path/model.pt`` for a model folder; MissingInputError if absent."""
     path = Path(path)
     if path.is_dir():
         path = path / "model.pt"
@@ -64,11 +66,18 @@ def finetuned_name(pretrained, target: str, strategy: str) -> str:
     return f"{pretrained_name(pretrained)}_ft-{clean}_{strategy}"
 
 
+def pretrained_config(path):
+    """Configuration and token geometry of a saved model, without building it."""
+    from .checkpoint import load_checkpoint
+
+    return _ckpt_cfg_geometry(load_checkpoint(checkpoint_file(path), mmap=True))
+
+
 def load_pretrained(path, device="cpu"):
     """Pretrained encoder, its configuration, geometry and checkpoint dict."""
     from .checkpoint import model_from_checkpoint
 
-    return model_from_checkpoint(_checkpoint_file(path), device=device)
+    return model_from_checkpoint(checkpoint_file(path), device=device)
 
 
 def merged_config(pre_cfg, cfg):
@@ -226,7 +235,7 @@ def load_finetuned(path, device="cpu"):
     from .checkpoint import load_checkpoint
     from .model import build_model
 
-    path = _checkpoint_file(path)
+    path = checkpoint_file(path)
     ckpt = load_checkpoint(path, map_location="cpu")
     extra = ckpt.get("extra") or {}
     if extra.get("kind") != "finetune":

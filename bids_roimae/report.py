@@ -28,8 +28,7 @@ import pandas as pd
 from .attribution import IGResult, region_table, region_values, to_source_grid, token_map
 from .figures import build_participant_report  # the per-participant page, re-exported
 from .geometry import TokenGeometry
-from .group_stats import (group_difference, region_ranking,  # noqa: F401 - re-exported
-                          system_ranking)
+from .group_stats import group_difference  # noqa: F401 - re-exported
 
 #: Patterns the dataset's ``.bidsignore`` needs for what this module writes.
 BIDSIGNORE = ["*_stat-*", "*_boldmap.*", "*.html", "group"]
@@ -245,16 +244,6 @@ def mean_sd_maps(paths_by_subject: dict, target_img):
     return nib.Nifti1Image(mean, target_img.affine), nib.Nifti1Image(sd, target_img.affine)
 
 
-def __getattr__(name):
-    # build_group_report lives in group_report (which imports this module); kept
-    # importable from here lazily to avoid an import cycle.
-    if name == "build_group_report":
-        from .group_report import build_group_report
-
-        return build_group_report
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-__all__ = ["BIDSIGNORE", "build_participant_report", "find_outputs", "group_difference", "mean_sd_maps",
-           "name_entities", "pybids_config", "read_region_tables", "region_ranking",
-           "system_ranking", "write_run_attribution", "write_run_fidelity"]
+__all__ = ["BIDSIGNORE", "build_participant_report", "find_outputs", "group_difference",
+           "mean_sd_maps", "name_entities", "pybids_config", "read_region_tables",
+           "write_run_attribution", "write_run_fidelity"]

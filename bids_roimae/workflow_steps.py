@@ -140,7 +140,7 @@ def run_finetune(ctx: RunContext) -> int:
     from .bids import read_participants
     from .checkpoint import load_checkpoint
     from .comparison import compare_masking
-    from .finetune import load_pretrained, run_finetune as finetune
+    from .finetune import pretrained_config, run_finetune as finetune
     from .labels import parse_groups, parse_labels
 
     o = ctx.options
@@ -167,7 +167,7 @@ def run_finetune(ctx: RunContext) -> int:
             models[strategy if unique else path.parent.name] = path
     else:
         models = {"model": pick_model(ctx, o.get("pretrained"), "pretrain", "--pretrained")}
-    _, pre_cfg, geometry, _ = load_pretrained(next(iter(models.values())))
+    pre_cfg, geometry = pretrained_config(next(iter(models.values())))
     entries, failures = _labelled_entries(ctx, labels, geometry, pre_cfg.prep)
     if o.get("compare_masking"):
         out_dir = ctx.output_dir / "models" / "masking_comparison"
@@ -221,13 +221,11 @@ def run_predict(ctx: RunContext) -> int:
     from .attribution import integrated_gradients
     from .classifier import load_windows, subject_windows
     from .fidelity import region_fidelity
-    from .finetune import load_finetuned, predict_subject
+    from .finetune import checkpoint_file, load_finetuned, predict_subject
     from .report import build_participant_report, write_run_attribution, write_run_fidelity
 
     o = ctx.options
-    model_path = pick_model(ctx, o.get("model_path"), "finetune", "--model")
-    if model_path.is_dir():
-        model_path = model_path / "model.pt"
+    model_path = checkpoint_file(pick_model(ctx, o.get("model_path"), "finetune", "--model"))
     classifier, cfg, geometry, ckpt = load_finetuned(model_path, ctx.device)
     extra = ckpt.get("extra") or {}
     atlas = atlas_from_extra(extra)
@@ -265,7 +263,7 @@ def run_predict(ctx: RunContext) -> int:
             sources = [f"bids:fmriprep:{Path(entry.source).name}",
                        f"models/{model_path.parent.name}"]
             ig = integrated_gradients(classifier, windows, steps=attr.steps,
-                                      min_steps=min(attr.min_steps, attr.steps),
+                                      min_steps=attr.min_steps,
                                       baseline=attr.baseline, batch_size=attr.batch_size)
             write_run_attribution(ctx.output_dir, ents, ig, geometry, reference, atlas.name,
                                   atlas.table, space=ctx.space, res=ents.get("res"),
@@ -316,7 +314,7 @@ def run_report(ctx: RunContext) -> int:
     from .atlas import load_template
     from .bids import read_participants
     from .checkpoint import load_checkpoint
-    from .report import build_group_report
+    from .group_report import build_group_report
 
     _start_output(ctx)
     models = find_models(ctx.output_dir, "finetune") or find_models(ctx.output_dir,

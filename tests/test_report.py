@@ -16,10 +16,11 @@ import pytest
 from bids_roimae.atlas import Atlas, Template
 from bids_roimae.attribution import IGResult, integrated_gradients
 from bids_roimae.fidelity import region_fidelity
+from bids_roimae.group_report import build_group_report
 from bids_roimae.outputs import write_bidsignore, write_dataset_description
-from bids_roimae.report import (BIDSIGNORE, build_group_report, build_participant_report,
-                                group_difference, pybids_config, read_region_tables,
-                                write_run_attribution, write_run_fidelity)
+from bids_roimae.report import (BIDSIGNORE, build_participant_report, group_difference,
+                                pybids_config, read_region_tables, write_run_attribution,
+                                write_run_fidelity)
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_attribution import (AFFINE, GRID, TinyClassifier, TinyMAE,  # noqa: E402

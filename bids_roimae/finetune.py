@@ -173,11 +173,12 @@ def _write_json(path: Path, data) -> None:
         raise OutputError(f"cannot write {path}: {exc}") from exc
 
 
-def _write_tsv(path: Path, table: pd.DataFrame) -> None:
+def _write_tsv(path: Path, table: pd.DataFrame,
+               column_descriptions: Optional[dict] = None) -> None:
     from .outputs import write_tsv
 
     try:
-        write_tsv(path, table)
+        write_tsv(path, table, column_descriptions)
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {exc}") from exc
 
@@ -194,11 +195,8 @@ def _write_subject_predictions(output_dir: Path, subject_id: str, rows: pd.DataF
         old = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
         old = old[~old["model"].isin(set(rows["model"]))]
         table = pd.concat([old, rows.astype(object)], ignore_index=True)
-    _write_tsv(path, table)
-    columns = {c: {"Description": PREDICTION_COLUMNS.get(c, f"Probability of class "
-                                                            f"{c.removeprefix('probability_')}")}
-               for c in table.columns}
-    _write_json(path.with_suffix(".json"), columns)
+    _write_tsv(path, table, {c: PREDICTION_COLUMNS.get(
+        c, f"Probability of class {c.removeprefix('probability_')}") for c in table.columns})
 
 
 def _save_finetuned(path: Path, classifier: Classifier, cfg, geometry, pre_ckpt: dict,

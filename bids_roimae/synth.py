@@ -38,7 +38,8 @@ import pandas as pd
 from .atlas import resample_labels
 from .errors import MissingInputError
 from .synth_resources import template_and_atlas, write_synthetic_resources
-from .synth_signal import COUPLING, EFFECTS, SignalGrid, confounds_table, simulate_run
+from .synth_signal import (COUPLING, EFFECTS, SignalGrid, confounds_table, planted_factors,
+                           simulate_run)
 
 RESOLUTION = {"2": "TemplateFlow resolution 2 (2 mm isotropic)"}
 DEFAULT_PLANTED = ("Hippocampus_L", "Cerebellum_Crus1_R")
@@ -143,8 +144,7 @@ def make_dataset(out: Path, *, n_subjects: int = 12, n_frames: int = 60, tr: flo
     """
     if not 0.0 <= effect_size < 1.0:
         raise ValueError("effect_size must be in [0, 1)")
-    if effect not in EFFECTS:
-        raise ValueError(f"effect must be one of {', '.join(EFFECTS)}")
+    planted_factors(effect, effect_size)  # an unknown effect fails before any work
     from threadpoolctl import threadpool_limits
 
     from . import __version__
@@ -185,7 +185,7 @@ def _write_run(job: dict, grid: SignalGrid, out: Path, fmriprep: Path, space: st
 
 def _make_dataset(out, n_subjects, n_frames, tr, seed, sessions, runs, tasks,
                   planted_regions, effect_size, space, n_sites, n_jobs, version,
-                  effect="both") -> dict:
+                  effect) -> dict:
     from concurrent.futures import ThreadPoolExecutor
 
     out.mkdir(parents=True, exist_ok=True)
@@ -219,8 +219,7 @@ def _make_dataset(out, n_subjects, n_frames, tr, seed, sessions, runs, tasks,
 
     names = atlas.names()
     systems = dict(zip(atlas.table["index"].astype(int), atlas.table["system"]))
-    amp = 1.0 + 2.0 * effect_size if effect in ("both", "amplitude") else 1.0
-    coupled = COUPLING * (1.0 - effect_size) if effect in ("both", "coupling") else COUPLING
+    amp, coupled = planted_factors(effect, effect_size)
     changes = ([f"signal amplitude is x{amp:g}"] if amp != 1.0 else []) + (
         [f"coupling to their home network drops from {COUPLING:g} to {coupled:g}"]
         if coupled != COUPLING else [])

@@ -145,6 +145,26 @@ class SignalGrid:
 EFFECTS = ("both", "amplitude", "coupling")
 
 
+def planted_factors(effect: str, effect_size: float) -> tuple[float, float]:
+    """Amplitude factor and coupling to the home network of a planted region in ADHD.
+
+    Parameters
+    ----------
+    effect : {"both", "amplitude", "coupling"}
+    effect_size : float
+
+    Returns
+    -------
+    (float, float)
+        ``1 + 2 effect_size`` (or 1) and ``COUPLING (1 - effect_size)`` (or ``COUPLING``).
+    """
+    if effect not in EFFECTS:
+        raise ValueError(f"effect must be one of {', '.join(EFFECTS)}")
+    amplitude = 1.0 + 2.0 * effect_size if effect in ("both", "amplitude") else 1.0
+    coupling = COUPLING * (1.0 - effect_size) if effect in ("both", "coupling") else COUPLING
+    return amplitude, coupling
+
+
 def simulate_run(grid: SignalGrid, rng, n_frames: int, tr: float, adhd: bool,
                   effect_size: float, site_scale: float, site_offset: float,
                   effect: str = "both"):
@@ -182,12 +202,10 @@ def simulate_run(grid: SignalGrid, rng, n_frames: int, tr: float, adhd: bool,
     own = slow_series(rng, n_regions, n_frames, tr)
     amplitude = np.ones(n_regions)
     coupling = np.full(n_regions, COUPLING)
-    if effect not in EFFECTS:
-        raise ValueError(f"effect must be one of {EFFECTS}")
-    if adhd and effect in ("both", "amplitude"):
-        amplitude[grid.planted_rows] = 1.0 + 2.0 * effect_size
-    if adhd and effect in ("both", "coupling"):
-        coupling[grid.planted_rows] *= 1.0 - effect_size
+    planted_amplitude, planted_coupling = planted_factors(effect, effect_size)
+    if adhd:
+        amplitude[grid.planted_rows] = planted_amplitude
+        coupling[grid.planted_rows] = planted_coupling
     unique = np.sqrt(1.0 - coupling ** 2 - GLOBAL_WEIGHT ** 2)
     region_signal = amplitude[:, None] * (coupling[:, None] * networks[grid.home]
                                           + GLOBAL_WEIGHT * networks[GLOBAL_NETWORK]

@@ -303,24 +303,22 @@ def _train(entries, geometry, cfg, model_dir, dist: DistContext, resume, atlas_m
                 span, t_log = now - t_log, now
                 n_steps = cfg.train.log_every if done % cfg.train.log_every == 0 else (
                     done % cfg.train.log_every)
+                samples_per_s = batch * world * n_steps / span
                 tsv.add(step=done, loss=last_loss, val_loss=last_val, lr=lr,
                         tokens_per_s=tokens_per_step * n_steps / span,
-                        samples_per_s=batch * world * n_steps / span)
+                        samples_per_s=samples_per_s)
                 bar.set_postfix(loss=f"{last_loss:.4f}",
                                 val=f"{last_val:.4f}" if last_val is not None else "n/a")
                 if bar.disable and rank == 0:  # batch jobs have no bar: log the progress
                     log.info("step %d/%d loss %.4f val %s lr %.2e %.1f samples/s", done,
                              steps, last_loss, "n/a" if last_val is None else
-                             f"{last_val:.4f}", lr, batch * world * n_steps / span)
-            if is_ckpt and rank == 0:
+                             f"{last_val:.4f}", lr, samples_per_s)
+            stop = interrupt.requested()  # SIGTERM: keep this step, then stop
+            if (is_ckpt or stop) and rank == 0:
                 save_checkpoint(ckpt_path, model=model, cfg=cfg, geometry=geometry, step=done,
                                 optimizer=optimizer, scheduler=sched_state(done), extra=extra)
                 last_saved = done
-            if interrupt.requested():  # SIGTERM: keep this step, then stop
-                if rank == 0 and last_saved != done:
-                    save_checkpoint(ckpt_path, model=model, cfg=cfg, geometry=geometry,
-                                    step=done, optimizer=optimizer,
-                                    scheduler=sched_state(done), extra=extra)
+            if stop:
                 raise Terminated(f"stopped by SIGTERM after step {done} of {steps}; "
                                  f"{ckpt_path} holds it: rerun the same command to resume")
     finally:

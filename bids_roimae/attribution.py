@@ -362,14 +362,21 @@ def region_values(geometry: TokenGeometry, scores: Mapping[int, float]) -> np.nd
 
     Voxels of regions without a score (and unlabelled voxels) are 0.
     """
-    lut_size = int(max([int(geometry.labels.max())] + [int(k) for k in scores])) + 1
+    return paint_regions(geometry.labels, geometry.voxel_mask, scores)
+
+
+def paint_regions(labels: np.ndarray, mask: np.ndarray, scores: Mapping[int, float]
+                  ) -> np.ndarray:
+    """float32 array of ``labels``' shape: each voxel inside ``mask`` holds its region's
+    score; regions without a finite score, unlabelled voxels and voxels outside are 0."""
+    lut_size = int(max([int(labels.max())] + [int(k) for k in scores])) + 1
     lut = np.zeros(lut_size, np.float32)
     for region, score in scores.items():
         if np.isfinite(score):
             lut[int(region)] = score
-    return np.where(geometry.voxel_mask, lut[geometry.labels], 0.0).astype(np.float32)
+    return np.where(mask, lut[np.clip(labels, 0, None)], 0.0).astype(np.float32)
 
 
 __all__ = ["BASELINES", "COMPLETENESS_TOLERANCE", "IGResult", "integrated_gradients",
-           "region_table", "region_values", "to_source_grid",
+           "paint_regions", "region_table", "region_values", "to_source_grid",
            "token_map"]

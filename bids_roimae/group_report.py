@@ -84,11 +84,11 @@ def region_value_image(labels: np.ndarray, mask: np.ndarray, affine, indices, va
     """
     import nibabel as nib
 
-    indices = np.asarray(indices, dtype=np.int64)
-    lut = np.zeros(max(int(labels.max()), int(indices.max(initial=0))) + 1, np.float32)
-    lut[indices] = np.nan_to_num(np.asarray(values, dtype=np.float32))
-    data = np.where(mask, lut[np.clip(labels, 0, None)], 0).astype(np.float32)
-    return nib.Nifti1Image(data, affine)
+    from .attribution import paint_regions
+
+    values = np.nan_to_num(np.asarray(values, dtype=np.float32))  # an infinite t stays big
+    scores = dict(zip(np.asarray(indices, dtype=np.int64).tolist(), values.tolist()))
+    return nib.Nifti1Image(paint_regions(labels, mask, scores), affine)
 
 
 def build_group_report(output_dir, participants: Optional[pd.DataFrame], atlas, template,

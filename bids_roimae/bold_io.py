@@ -18,7 +18,7 @@ from typing import Optional
 import numpy as np
 
 from .cache import brain_voxels
-from .errors import BadDataError
+from .errors import BadDataError, one_line
 
 DEFAULT_SPACE = "MNI152NLin2009cAsym"
 
@@ -286,22 +286,6 @@ def outside_run_mask(run, source: BoldSource, geometry, mask_img) -> Optional[np
         data = np.asanyarray(resampled.dataobj)
     flat = data.reshape(-1, order="F")
     return flat[brain_voxels(geometry)[0]] <= 0.5
-
-
-def one_line(exc) -> str:
-    """An exception's text on one line (library messages may span several).
-
-    Parameters
-    ----------
-    exc : BaseException or str
-        The exception.
-
-    Returns
-    -------
-    str
-        Its message with runs of whitespace (newlines included) collapsed to one space.
-    """
-    return " ".join(str(exc).split())
 
 
 def _fmt_zooms(affine) -> str:

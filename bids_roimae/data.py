@@ -28,9 +28,9 @@ from .cache import (HASH_INDEX_DIRNAME, CacheEntry, ScaledTokens,  # noqa: F401
                     cache_key, cache_root, entry_path, load_entries, lookup, prep_settings,
                     read_entry, remove_stale_temps, write_tokens)
 from .bold_io import (BoldSource, check_template_grid,  # noqa: F401
-                      model_grid_matrix, one_line, outside_run_mask, template_space)
+                      model_grid_matrix, outside_run_mask, template_space)
 from .config import PrepConfig
-from .errors import AppError, BadDataError, OutputError
+from .errors import AppError, BadDataError, OutputError, one_line
 
 logger = logging.getLogger(__name__)
 

@@ -66,3 +66,19 @@ class Terminated(AppError):
     """SIGTERM arrived (``docker stop``, a SLURM preemption); 128 + 15 by convention."""
 
     exit_code = 143
+
+
+def one_line(exc) -> str:
+    """An exception's text on one line (library messages may span several).
+
+    Parameters
+    ----------
+    exc : BaseException or str
+        The exception.
+
+    Returns
+    -------
+    str
+        Its message with runs of whitespace (newlines included) collapsed to one space.
+    """
+    return " ".join(str(exc).split())

@@ -23,9 +23,9 @@ from torch import nn
 
 
 def build(n_tokens: int, patch_voxels: int, window: int, temporal_patch: int, preset: str):
-    from bids_roimae.classifier import Classifier
+    from bids_roimae.model.classifier import Classifier
     from bids_roimae.config import ModelConfig
-    from bids_roimae.model import RoiMAE, resolve_model_config
+    from bids_roimae.model.mae import RoiMAE, resolve_model_config
 
     side = int(np.ceil(n_tokens ** (1 / 3)))
     ijk = np.stack(np.unravel_index(np.arange(n_tokens), (side, side, side)), axis=1)
@@ -56,8 +56,8 @@ def main(argv=None) -> dict:
                                          / "bench_attribution.json"))
     args = ap.parse_args(argv)
 
-    from bids_roimae.attribution import integrated_gradients
-    from bids_roimae.fidelity import region_fidelity
+    from bids_roimae.analysis.attribution import integrated_gradients
+    from bids_roimae.analysis.fidelity import region_fidelity
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
@@ -82,7 +82,7 @@ def main(argv=None) -> dict:
         "ig_max_relative_error": result.max_relative_error,
     }
     if args.fidelity_regions:
-        from bids_roimae.geometry import TokenGeometry
+        from bids_roimae.core.geometry import TokenGeometry
 
         # A stand-in geometry object: only region_patches() is read by region_fidelity.
         class _Regions:

@@ -26,10 +26,10 @@ import numpy as np
 
 from _common import AFFINE, GRID, RESULTS, SPACE, template_mask
 
-from bids_roimae.bids import BoldRun
+from bids_roimae.io.discovery import BoldRun
 from bids_roimae.config import PrepConfig
-from bids_roimae.data import load_entries, prepare_run
-from bids_roimae.geometry import build_geometry
+from bids_roimae.io.preparation import load_entries, prepare_run
+from bids_roimae.core.geometry import build_geometry
 
 def make_entries(workdir: Path, mask: np.ndarray, geometry, n_runs: int, n_frames: int):
     template = nib.Nifti1Image(mask.astype(np.uint8), AFFINE)

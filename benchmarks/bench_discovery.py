@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bids_roimae.bids import discover
+from bids_roimae.io.discovery import discover
 
 SPACE = "MNI152NLin2009cAsym"
 

@@ -28,10 +28,10 @@ import numpy as np
 import torch
 
 from bids_roimae.config import AppConfig
-from bids_roimae.geometry import build_geometry
-from bids_roimae.masking import region_groups
-from bids_roimae.model import build_model, count_parameters, resolve_model_config
-from bids_roimae.sampling import Prefetcher, TokenFeed, step_plan, window_index
+from bids_roimae.core.geometry import build_geometry
+from bids_roimae.core.masking import region_groups
+from bids_roimae.model.mae import build_model, count_parameters, resolve_model_config
+from bids_roimae.training.sampling import Prefetcher, TokenFeed, step_plan, window_index
 
 MASK = Path("/work/shared/data/tpl-MNI152NLin2009cAsym/"
             "tpl-MNI152NLin2009cAsym_res-02_desc-brain_mask.nii.gz")

@@ -13,7 +13,7 @@ temporary folder (tokens with a planted region effect, two tiny models pretraine
 ``--demo-steps`` steps with each masking) and runs the same comparison on it.
 
 Prints the side-by-side fold table and the paired tests; writes the TSV/JSON/PNG files
-of :func:`bids_roimae.comparison.compare_masking` under ``--out`` (default
+of :func:`bids_roimae.training.comparison.compare_masking` under ``--out`` (default
 ``benchmarks/results/compare_masking/``) and a summary to
 ``benchmarks/results/compare_masking.json``.
 """
@@ -35,7 +35,7 @@ RESULTS = Path(__file__).parent / "results"
 
 def find_pretrained(output_dir: Path) -> dict:
     """``{"random": path, "roi": path}`` from the models' stored masking strategy."""
-    from bids_roimae.checkpoint import load_checkpoint
+    from bids_roimae.io.checkpoint import load_checkpoint
 
     by_strategy: dict[str, list[Path]] = {}
     for path in sorted((output_dir / "models").glob("*/model.pt")):
@@ -52,10 +52,10 @@ def find_pretrained(output_dir: Path) -> dict:
 
 def make_demo(root: Path, n_subjects: int, steps: int, seed: int, device: str):
     """Synthetic cache + two tiny pretrained models; returns (models, entries, table)."""
-    from bids_roimae.cache import write_entry
+    from bids_roimae.io.cache import write_entry
     from bids_roimae.config import AppConfig
-    from bids_roimae.geometry import build_geometry
-    from bids_roimae.train import model_name, run_pretraining
+    from bids_roimae.core.geometry import build_geometry
+    from bids_roimae.training.pretrain import model_name, run_pretraining
 
     shape = (23, 27, 21)
     ijk = np.indices(shape).transpose(1, 2, 3, 0)
@@ -119,11 +119,11 @@ def main(argv=None) -> int:
 
     import torch
 
-    from bids_roimae.cache import load_entries
+    from bids_roimae.io.cache import load_entries
     from bids_roimae.config import AppConfig
-    from bids_roimae.comparison import compare_masking
-    from bids_roimae.finetune import load_pretrained
-    from bids_roimae.labels import parse_groups, parse_labels
+    from bids_roimae.training.comparison import compare_masking
+    from bids_roimae.training.finetune import load_pretrained
+    from bids_roimae.analysis.labels import parse_groups, parse_labels
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" \
         else args.device
@@ -135,7 +135,7 @@ def main(argv=None) -> int:
         else:
             if args.output_dir is None or args.bids_dir is None:
                 parser.error("OUTPUT_DIR and --bids-dir are required without --demo")
-            from bids_roimae.bids import read_participants
+            from bids_roimae.io.discovery import read_participants
 
             models = dict(m.split("=", 1) for m in args.models) if args.models \
                 else find_pretrained(args.output_dir)

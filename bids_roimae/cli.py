@@ -15,8 +15,8 @@ from typing import Optional, Sequence
 
 import click
 
-from . import __version__
-from .errors import EXIT_FAILURE, EXIT_USAGE, AppError, UnknownLevelError
+from bids_roimae import __version__
+from bids_roimae.errors import EXIT_FAILURE, EXIT_USAGE, AppError, UnknownLevelError
 
 LEVELS = ("participant", "group")
 
@@ -218,7 +218,7 @@ def cli(**options):
     derivatives folder; OUTPUT_DIR receives a BIDS derivatives dataset;
     ANALYSIS_LEVEL is participant or group.
     """
-    from .workflows import build_context, run
+    from bids_roimae.app.context import build_context, run
 
     ctx = build_context(options)
     return run(ctx)
@@ -256,7 +256,7 @@ def options_free_third(argv: list[str]) -> Optional[str]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Console-script entry point; returns the BIDS-Apps exit code (the script exits with it)."""
-    from . import interrupt
+    from bids_roimae import interrupt
 
     interrupt.install()
     argv = expand_multi_values(sys.argv[1:] if argv is None else argv)

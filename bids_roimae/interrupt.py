@@ -14,7 +14,7 @@ import threading
 from contextlib import contextmanager
 from typing import Iterator
 
-from .errors import Terminated
+from bids_roimae.errors import Terminated
 
 _state = {"requested": False, "deferred": 0}
 

@@ -22,7 +22,7 @@ def ellipsoid(shape=GRID, fill=0.8) -> np.ndarray:
 
 def template_grid():
     """``(mask, geometry with patch size 3, template image)`` on ``GRID``."""
-    from bids_roimae.geometry import build_geometry
+    from bids_roimae.core.geometry import build_geometry
 
     mask = ellipsoid()
     geometry = build_geometry(mask, AFFINE, None, patch_size=3)

@@ -82,7 +82,7 @@ def resources(tmp_path_factory) -> SyntheticResources:
     """Synthetic TemplateFlow + nilearn caches, exported through the environment."""
     import nibabel as nib
 
-    from bids_roimae.synth import write_synthetic_resources
+    from bids_roimae.synth.dataset import write_synthetic_resources
 
     base = tmp_path_factory.mktemp("resources")
     tf_home, nl_data = base / "templateflow", base / "nilearn_data"
@@ -102,7 +102,7 @@ def resources(tmp_path_factory) -> SyntheticResources:
 @pytest.fixture(scope="session")
 def small_dataset(resources, tmp_path_factory) -> SmallDataset:
     """6 subjects (3 ADHD, 3 controls, 2 sites), 40 frames, on the ``resources`` grid."""
-    from bids_roimae.synth import make_dataset
+    from bids_roimae.synth.dataset import make_dataset
 
     root = tmp_path_factory.mktemp("small_dataset") / "bids"
     manifest = make_dataset(root, n_subjects=6, n_frames=40, tr=2.0, seed=0, n_sites=2)

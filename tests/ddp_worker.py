@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from bids_roimae.config import AppConfig
-from bids_roimae.geometry import build_geometry
+from bids_roimae.core.geometry import build_geometry
 
 GRID = (13, 17, 11)  # unequal so axis mix-ups fail
 
@@ -123,7 +123,7 @@ def _digest(state: dict) -> str:
 def main(out_dir: str) -> None:
     import torch
 
-    from bids_roimae.train import run_pretraining
+    from bids_roimae.training.pretrain import run_pretraining
 
     torch.set_num_threads(1)
     out = Path(out_dir)

@@ -14,9 +14,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bids_roimae import atlas as atlas_mod
-from bids_roimae import templates as templates_mod
-from bids_roimae.atlas import (aal3_systems, fetch_main, fetch_resources, load_atlas,
+from bids_roimae.io import atlas as atlas_mod
+from bids_roimae.io import templates as templates_mod
+from bids_roimae.io.atlas import (aal3_systems, fetch_main, fetch_resources, load_atlas,
                                load_template, resample_labels)
 from bids_roimae.errors import MissingInputError
 
@@ -229,7 +229,7 @@ def test_downsampling_keeps_integer_labels_and_names_a_vanished_region(resources
                                           "name": ["Amygdala_L", "Amygdala_R", "Vermis_6"],
                                           "system": ["limbic", "limbic", "vermis"]}),
                             "test")
-    with caplog.at_level(logging.WARNING, logger="bids_roimae.atlas"):
+    with caplog.at_level(logging.WARNING, logger="bids_roimae.io.atlas"):
         with pytest.warns(UserWarning, match="Vermis_6"):
             labels, vanished = resample_labels(atlas, load_template().mask_img)
     assert vanished == [116]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bids_roimae import atomic
+from bids_roimae.io import atomic
 
 
 def test_write_text_and_bytes_replace_the_file(tmp_path):

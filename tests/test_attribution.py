@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from bids_roimae.attribution import (COMPLETENESS_TOLERANCE, integrated_gradients,
+from bids_roimae.analysis.attribution import (COMPLETENESS_TOLERANCE, integrated_gradients,
                                      region_table, region_values, to_source_grid, token_map)
-from bids_roimae.fidelity import region_fidelity
-from bids_roimae.geometry import build_geometry
+from bids_roimae.analysis.fidelity import region_fidelity
+from bids_roimae.core.geometry import build_geometry
 
 torch.set_num_threads(1)
 
@@ -278,7 +278,7 @@ def test_region_fidelity_bigger_region_moves_embedding_more():
 
 # -- the real model ---------------------------------------------------------------------
 def small_roimae(geometry, attention="divided"):
-    from bids_roimae.model import RoiMAE
+    from bids_roimae.model.mae import RoiMAE
 
     torch.manual_seed(0)
     return RoiMAE(geometry.centres_mm, geometry.voxel_mask, TEMPORAL_PATCH,
@@ -287,7 +287,7 @@ def small_roimae(geometry, attention="divided"):
 
 
 def test_ig_and_fidelity_with_roimae_and_classifier():
-    from bids_roimae.classifier import Classifier
+    from bids_roimae.model.classifier import Classifier
 
     geometry = make_geometry()
     mae = small_roimae(geometry)
@@ -303,7 +303,7 @@ def test_ig_and_fidelity_with_roimae_and_classifier():
     assert (table["error"] > 0).all() and (table["embedding_shift"] > 0).all()
     # Hiding nothing would leave the embedding where it is: the pooled reference equals
     # the model's own embed() with every token visible.
-    from bids_roimae.fidelity import _pooled_visible
+    from bids_roimae.analysis.fidelity import _pooled_visible
 
     none = torch.zeros(2, WINDOW // TEMPORAL_PATCH, geometry.n_tokens, dtype=torch.bool)
     with torch.no_grad():

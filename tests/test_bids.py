@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from bids_roimae.bids import (
+from bids_roimae.io.discovery import (
     discover,
     find_derivatives,
     load_filter_file,

@@ -12,12 +12,12 @@ import pytest
 
 from _grids import AFFINE, GRID, SPACE, WINDOW, template_grid
 
-from bids_roimae import cache
-from bids_roimae.bids import BoldRun
+from bids_roimae.io import cache
+from bids_roimae.io.discovery import BoldRun
 from bids_roimae.config import PrepConfig
-from bids_roimae.data import (CacheEntry, ScaledTokens, cache_key, cache_root, load_entries,
+from bids_roimae.io.preparation import (CacheEntry, ScaledTokens, cache_key, cache_root, load_entries,
                               lookup, prepare_run, prepare_runs)
-from bids_roimae.geometry import build_geometry
+from bids_roimae.core.geometry import build_geometry
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def test_second_prepare_is_a_cache_hit(tmp_path, grid, caplog):
     first = prepare_run(run, geometry, template, None, out, window=WINDOW)
     mtime = first.path.stat().st_mtime_ns
     meta_mtime = first.path.with_suffix(".json").stat().st_mtime_ns
-    with caplog.at_level(logging.INFO, logger="bids_roimae.data"):
+    with caplog.at_level(logging.INFO, logger="bids_roimae.io.preparation"):
         second = prepare_run(run, geometry, template, None, out, window=WINDOW)
     assert second.path == first.path
     assert second.path.stat().st_mtime_ns == mtime

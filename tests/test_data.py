@@ -15,9 +15,9 @@ import pytest
 
 from _grids import AFFINE, GRID, SPACE, WINDOW, template_grid
 
-from bids_roimae.bids import BoldRun
+from bids_roimae.io.discovery import BoldRun
 from bids_roimae.config import PrepConfig
-from bids_roimae.data import global_scale_inplace, prepare_run, prepare_runs, zscore_inplace
+from bids_roimae.io.preparation import global_scale_inplace, prepare_run, prepare_runs, zscore_inplace
 from bids_roimae.errors import EXIT_BAD_DATA, AppError, BadDataError, OutputError
 
 
@@ -414,7 +414,7 @@ def test_prepare_runs_keeps_going_past_a_bad_run(tmp_path, grid, caplog):
     bad = write_bold(tmp_path / "bids", random_bold(20), subject="02")
     bad.path.write_bytes(bad.path.read_bytes()[:500])
     good2 = write_bold(tmp_path / "bids", random_bold(20, seed=9), subject="03")
-    with caplog.at_level(logging.INFO, logger="bids_roimae.data"):
+    with caplog.at_level(logging.INFO, logger="bids_roimae.io.preparation"):
         entries, failures = prepare_runs([good1, bad, good2], geometry, template, None,
                                          tmp_path / "out", window=WINDOW)
     assert [e.subject for e in entries] == ["01", "03"]

@@ -5,7 +5,7 @@ import pytest
 from sklearn import metrics as skm
 
 from bids_roimae.errors import BadDataError, UsageError
-from bids_roimae.evaluation import (binary_metrics, fold_assignment, make_folds, mean_sd,
+from bids_roimae.analysis.evaluation import (binary_metrics, fold_assignment, make_folds, mean_sd,
                                     multiclass_metrics, regression_metrics, summarise_folds)
 
 

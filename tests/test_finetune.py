@@ -11,19 +11,19 @@ import pandas as pd
 import pytest
 import torch
 
-from bids_roimae.cache import write_entry
-from bids_roimae.checkpoint import load_checkpoint, save_checkpoint
-from bids_roimae.classifier import (embed_windows, fit_linear_probe, load_windows,
+from bids_roimae.io.cache import write_entry
+from bids_roimae.io.checkpoint import load_checkpoint, save_checkpoint
+from bids_roimae.model.classifier import (embed_windows, fit_linear_probe, load_windows,
                                     probe_classifier, subject_windows, window_starts)
 from bids_roimae.config import AppConfig
 from bids_roimae.errors import BadDataError
-from bids_roimae.comparison import compare_masking
-from bids_roimae.evaluation import make_folds
-from bids_roimae.finetune import (cross_validate, frozen_embeddings, load_finetuned,
+from bids_roimae.training.comparison import compare_masking
+from bids_roimae.analysis.evaluation import make_folds
+from bids_roimae.training.finetune import (cross_validate, frozen_embeddings, load_finetuned,
                                   load_pretrained, predict_subject, run_finetune)
-from bids_roimae.geometry import build_geometry
-from bids_roimae.labels import parse_labels
-from bids_roimae.model import build_model
+from bids_roimae.core.geometry import build_geometry
+from bids_roimae.analysis.labels import parse_labels
+from bids_roimae.model.mae import build_model
 
 torch.set_num_threads(1)
 N_SUBJECTS = 24
@@ -240,7 +240,7 @@ def test_head_and_full_strategies(study):
 
 
 def test_leave_site_out(study):
-    from bids_roimae.labels import parse_groups
+    from bids_roimae.analysis.labels import parse_groups
 
     labels, _ = parse_labels(study["table"], "dx", positive=["1"])
     groups, _ = parse_groups(study["table"], "site")

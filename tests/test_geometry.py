@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from bids_roimae.geometry import TokenGeometry, build_geometry, window_tokens
+from bids_roimae.core.geometry import TokenGeometry, build_geometry, window_tokens
 
 SHAPE = (13, 17, 11)
 

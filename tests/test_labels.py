@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from bids_roimae.errors import BadDataError, MissingInputError, UsageError
-from bids_roimae.labels import (align_labels, find_column, normalise_value, parse_groups,
+from bids_roimae.analysis.labels import (align_labels, find_column, normalise_value, parse_groups,
                                 parse_labels)
 
 # Shaped like an ADHD-200 site table written out as participants.tsv: codes stored as

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from bids_roimae.config import ConfigError, ModelConfig
-from bids_roimae.geometry import window_tokens
-from bids_roimae.masking import make_batch_masks, random_mask, tube
-from bids_roimae.model import build_model, resolve_model_config, visible_index
+from bids_roimae.core.geometry import window_tokens
+from bids_roimae.core.masking import make_batch_masks, random_mask, tube
+from bids_roimae.model.mae import build_model, resolve_model_config, visible_index
 from ddp_worker import make_geometry, tiny_config
 
 torch.set_num_threads(1)
@@ -170,7 +170,7 @@ def test_presets_and_overrides():
 
 
 def test_learned_time_embedding_trains(geometry):
-    from bids_roimae.model import RoiMAE
+    from bids_roimae.model.mae import RoiMAE
     model = RoiMAE(geometry.centres_mm, geometry.voxel_mask, 2, 4, embed_dim=32, depth=1,
                    num_heads=2, decoder_dim=16, decoder_depth=1, decoder_heads=2,
                    time_embedding="learned")

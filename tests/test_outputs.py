@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from bids_roimae.errors import OutputError
-from bids_roimae.outputs import (
+from bids_roimae.io.derivatives import (
     derivative_path,
     ensure_output_dir,
     save_image,

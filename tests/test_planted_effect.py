@@ -24,7 +24,7 @@ OPTS = ["--patch-size", "2", "--window", "8", "--temporal-patch", "2",
 
 @pytest.fixture(scope="module")
 def report(resources, tmp_path_factory):
-    from bids_roimae.synth import make_dataset
+    from bids_roimae.synth.dataset import make_dataset
 
     base = tmp_path_factory.mktemp("planted")
     data, out = base / "bids", base / "out"

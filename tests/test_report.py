@@ -13,12 +13,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bids_roimae.atlas import Atlas, Template
-from bids_roimae.attribution import IGResult, integrated_gradients
-from bids_roimae.fidelity import region_fidelity
-from bids_roimae.group_report import build_group_report
-from bids_roimae.outputs import write_bidsignore, write_dataset_description
-from bids_roimae.report import (BIDSIGNORE, build_participant_report, group_difference,
+from bids_roimae.io.atlas import Atlas, Template
+from bids_roimae.analysis.attribution import IGResult, integrated_gradients
+from bids_roimae.analysis.fidelity import region_fidelity
+from bids_roimae.reports.group_report import build_group_report
+from bids_roimae.io.derivatives import write_bidsignore, write_dataset_description
+from bids_roimae.reports.run_derivatives import (BIDSIGNORE, build_participant_report, group_difference,
                                 pybids_config, read_region_tables, write_run_attribution,
                                 write_run_fidelity)
 

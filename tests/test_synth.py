@@ -13,9 +13,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bids_roimae.atlas import load_atlas, load_template, resample_labels
-from bids_roimae.synth import main as synth_main
-from bids_roimae.synth import make_dataset
+from bids_roimae.io.atlas import load_atlas, load_template, resample_labels
+from bids_roimae.synth.dataset import main as synth_main
+from bids_roimae.synth.dataset import make_dataset
 
 SPACE = "MNI152NLin2009cAsym"
 FMRIPREP_FILE = re.compile(
@@ -148,7 +148,7 @@ def test_effect_plants_amplitude_or_coupling_alone(resources, effect):
     """The same noise drawn for an ADHD and a control run: ``amplitude`` scales the planted
     region's signal (its time course keeps its shape), ``coupling`` reshapes it (its
     amplitude stays)."""
-    from bids_roimae.synth_signal import SignalGrid, simulate_run
+    from bids_roimae.synth.signal import SignalGrid, simulate_run
 
     template, atlas = load_template(), load_atlas()
     labels, _ = resample_labels(atlas, template.mask_img)

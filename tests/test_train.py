@@ -11,11 +11,11 @@ import pandas as pd
 import pytest
 import torch
 
-from bids_roimae.checkpoint import load_checkpoint, model_from_checkpoint
+from bids_roimae.io.checkpoint import load_checkpoint, model_from_checkpoint
 from bids_roimae.errors import AppError, BadDataError, UsageError
-from bids_roimae.model import build_model
-from bids_roimae.sampling import split_subjects, step_plan, window_index
-from bids_roimae.train import lr_at, model_name, run_pretraining
+from bids_roimae.model.mae import build_model
+from bids_roimae.training.sampling import split_subjects, step_plan, window_index
+from bids_roimae.training.pretrain import lr_at, model_name, run_pretraining
 from ddp_worker import FakeEntry, make_entries, make_geometry, tiny_config
 
 torch.set_num_threads(1)

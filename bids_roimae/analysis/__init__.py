@@ -1,0 +1,1 @@
+"""Attribution, region fidelity, evaluation metrics, labels and group statistics (no file I/O)."""

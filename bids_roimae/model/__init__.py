@@ -1,0 +1,1 @@
+"""The masked autoencoder, its blocks and the classifier head (torch; no I/O)."""

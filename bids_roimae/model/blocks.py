@@ -1,0 +1,106 @@
+"""Building blocks of :class:`bids_roimae.model.mae.RoiMAE`; no I/O.
+
+Fixed sine-cosine position features (of time steps and of patch centres in mm), and the
+transformer blocks: multi-head self-attention with an optional key-padding mask, the MLP,
+``DividedBlock`` (space within a time step, then time per location) and ``JointBlock``
+(all tokens of a sample at once).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+# -- positional embeddings ------------------------------------------------------------
+def sincos_1d(positions: np.ndarray, dim: int, temperature: float = 10000.0) -> np.ndarray:
+    """Fixed sine-cosine features of scalar positions, shape (L,) -> (L, dim), dim even."""
+    half = dim // 2
+    omega = 1.0 / temperature ** (np.arange(half, dtype=np.float64) / max(half, 1))
+    angles = np.asarray(positions, np.float64)[:, None] * omega[None, :]
+    return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+
+def sincos_3d(centres_mm: np.ndarray, dim: int) -> np.ndarray:
+    """Fixed features of patch centres in mm, shape (N, 3) -> (N, dim).
+
+    Each axis gets ``2 * (dim // 6)`` channels (wavelengths ~6 mm to ~6 m, fitting a
+    brain in mm); leftover channels are zero.
+    """
+    per_axis = 2 * (dim // 6)
+    parts = [sincos_1d(centres_mm[:, a], per_axis, temperature=1000.0) for a in range(3)]
+    out = np.zeros((centres_mm.shape[0], dim))
+    out[:, :3 * per_axis] = np.concatenate(parts, axis=1)
+    return out
+
+
+# -- blocks ---------------------------------------------------------------------------
+class Attention(nn.Module):
+    """Multi-head self-attention over ``(M, L, D)`` with an optional key-padding mask."""
+
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor, key_valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+        m, length, dim = x.shape
+        qkv = self.qkv(x).reshape(m, length, 3, self.heads, dim // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        attn_mask = None if key_valid is None else key_valid[:, None, None, :]
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(out.transpose(1, 2).reshape(m, length, dim))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, ratio: float, dropout: float = 0.0):
+        super().__init__()
+        hidden = int(dim * ratio)
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x)))))
+
+
+class DividedBlock(nn.Module):
+    """Spatial attention per time step, temporal attention per location, then MLP.
+
+    ``x (B, T, L, D)``; ``valid (B, L)`` marks real (not padded) locations.
+    """
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, dropout: float = 0.0):
+        super().__init__()
+        self.norm_space, self.norm_time, self.norm_mlp = (nn.LayerNorm(dim) for _ in range(3))
+        self.space = Attention(dim, heads, dropout)
+        self.time = Attention(dim, heads, dropout)
+        self.mlp = Mlp(dim, mlp_ratio, dropout)
+
+    def forward(self, x: torch.Tensor, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+        b, t, length, d = x.shape
+        key_valid = None if valid is None else valid[:, None, :].expand(b, t, length).reshape(b * t, length)
+        x = x + self.space(self.norm_space(x).reshape(b * t, length, d), key_valid).reshape(b, t, length, d)
+        xt = self.norm_time(x).transpose(1, 2).reshape(b * length, t, d)
+        x = x + self.time(xt).reshape(b, length, t, d).transpose(1, 2)
+        return x + self.mlp(self.norm_mlp(x))
+
+
+class JointBlock(nn.Module):
+    """Full attention over all tokens of a sample: ``x (B, L, D)``, ``valid (B, L)``."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, dropout: float = 0.0):
+        super().__init__()
+        self.norm_attn, self.norm_mlp = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads, dropout)
+        self.mlp = Mlp(dim, mlp_ratio, dropout)
+
+    def forward(self, x: torch.Tensor, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = x + self.attn(self.norm_attn(x), valid)
+        return x + self.mlp(self.norm_mlp(x))

@@ -1,0 +1,1 @@
+"""Per-run derivatives, the participant and group reports, figures and HTML."""

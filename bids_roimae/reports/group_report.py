@@ -1,0 +1,244 @@
+"""The group report (``group --mode report``): tables, maps and ``group_report.html``.
+
+Reads the per-run region tables and maps that ``participant --mode predict`` wrote
+(:mod:`bids_roimae.reports.run_derivatives`) and writes, under ``OUTPUT_DIR/group/``::
+
+    seg-<Atlas>_stat-<ig|fidelity>_desc-<regions|systems>_stats.tsv      rankings
+    seg-<Atlas>_stat-<ig|fidelity>_desc-[error][system]groupdiff_stats.tsv    group tests
+    space-<S>[_seg-<Atlas>]_res-<R>_stat-<...>_desc-<mean|sd|...>_boldmap.nii.gz   group maps
+    space-<S>_seg-<Atlas>_res-<R>_stat-<...>_desc-<groupdiff|...>_boldmap.nii.gz  t per region
+    group_report.html
+
+each table and image with a JSON sidecar. The statistics are :mod:`bids_roimae.analysis.group_stats`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Iterable, Optional
+
+import numpy as np
+import pandas as pd
+
+from bids_roimae.analysis.group_stats import group_difference, region_ranking, system_ranking, system_tables
+from bids_roimae.reports.run_derivatives import find_outputs, mean_sd_maps, read_region_tables
+
+logger = logging.getLogger(__name__)
+
+
+def _group_path(output_dir, suffix: str, extension: str, **entities) -> Path:
+    """``OUTPUT_DIR/group/<entities>_<suffix><ext>`` in the schema's entity order."""
+    from bids_roimae.io.derivatives import ENTITY_ORDER, _label
+
+    parts = [f"{k}-{_label(k, entities[k])}" for k in ENTITY_ORDER
+             if entities.get(k) is not None]
+    return Path(output_dir) / "group" / ("_".join(parts + [_label("suffix", suffix)])
+                                         + extension)
+
+
+def _top_differences_html(differences, html_table, n_top: int = 5) -> str:
+    """The ``n_top`` regions of every group-difference table, side by side in one table."""
+    rows = []
+    for measure, diff in differences:
+        cols = [c for c in ("name", "system", "statistic", "cohen_d", "p", "q", "rank")
+                if c in diff]
+        rows.append(diff.head(n_top)[cols].assign(measure=measure))
+    table = pd.concat(rows, ignore_index=True)
+    test = differences[0][1]["test"].iloc[0] if "test" in differences[0][1] else ""
+    return (f"<p class='meta'>Regions ranked by p ({test}); every table in full below. "
+            "Uncorrected p over many regions: read q (Benjamini-Hochberg).</p>"
+            + html_table(table[["measure"] + [c for c in table if c != "measure"]]))
+
+
+def _template_labels(output_dir, atlas, template):
+    """Atlas labels on the template grid: from the atlas image when the caller has it, else
+    the ``dseg`` the pretraining wrote into the dataset; ``False`` when neither exists."""
+    import nibabel as nib
+
+    from bids_roimae.io.atlas import Atlas, resample_labels
+
+    if getattr(atlas, "img", None) is None:
+        found = sorted(Path(output_dir).glob(f"space-{template.space}_atlas-{atlas.name}_"
+                                             "*dseg.nii.gz"))
+        if not found:
+            logger.warning("no %s label image in %s: group difference maps skipped",
+                           atlas.name, output_dir)
+            return False
+        atlas = Atlas(atlas.name, None, nib.load(str(found[0])), atlas.table, str(found[0]))
+    return resample_labels(atlas, template.mask_img)[0]
+
+
+def region_value_image(labels: np.ndarray, mask: np.ndarray, affine, indices, values):
+    """A 3D image painting every atlas region with its value (0 outside the regions).
+
+    Parameters
+    ----------
+    labels : ndarray of int, shape (X, Y, Z)
+        Atlas labels on the target grid.
+    mask : ndarray of bool, shape (X, Y, Z)
+        Template brain; voxels outside are 0.
+    affine : ndarray, shape (4, 4)
+    indices, values : sequences
+        Region labels and their values (NaN values paint 0).
+    """
+    import nibabel as nib
+
+    from bids_roimae.analysis.attribution import paint_regions
+
+    values = np.nan_to_num(np.asarray(values, dtype=np.float32))  # an infinite t stays big
+    scores = dict(zip(np.asarray(indices, dtype=np.int64).tolist(), values.tolist()))
+    return nib.Nifti1Image(paint_regions(labels, mask, scores), affine)
+
+
+def build_group_report(output_dir, participants: Optional[pd.DataFrame], atlas, template,
+                       *, label_column: Optional[str] = None,
+                       subjects: Optional[Iterable[str]] = None) -> dict:
+    """Group summary of attribution and fidelity outputs (``group --mode report``).
+
+    Reads the per-run region tables and maps written by ``participant --mode predict``;
+    writes to ``OUTPUT_DIR/group/``: mean and SD maps on the template grid, region and
+    system rankings, group differences by region (tables and t maps) and by system when
+    ``label_column`` has groups, the masking comparison tables
+    ``models/*/*comparison*.tsv`` when present, and ``group_report.html``.
+
+    Parameters
+    ----------
+    output_dir : path
+    participants : DataFrame or None
+        ``participants.tsv`` indexed by label without ``sub-``.
+    atlas : Atlas
+        For its name (the ``seg-`` entity).
+    template : Template
+        Grid of the group maps (``mask_img``) and background (``t1w_path``).
+    label_column : str, optional
+        Diagnostic group column of ``participants``.
+    subjects : iterable of str, optional
+        Restrict to these participants.
+
+    Returns
+    -------
+    dict
+        Paths written, keyed by what they hold; ``"html"`` is the report.
+    """
+    from bids_roimae.reports.figures import brain_png, figure_html, html_page, html_table, ranking_section
+    from bids_roimae.io.derivatives import save_image, write_text, write_tsv
+
+    out, seg = {}, atlas.name
+    sections, differences, figures, labels = [], [], [], None
+    res = getattr(template, "resolution", None)
+    brain = np.asarray(template.mask_img.dataobj) > 0
+    bg = str(template.t1w_path) if template.t1w_path is not None else None
+    groups = None
+    if participants is not None and label_column and label_column in participants:
+        groups = participants[label_column]
+        groups.index = groups.index.astype(str).str.removeprefix("sub-")
+    for stat, value, map_desc in (("ig", "mean_abs", "absmean"),
+                                  ("fidelity", "embedding_shift", "shift")):
+        tables = read_region_tables(output_dir, stat, subjects)
+        if tables.empty:
+            continue
+        n_sub = tables["subject"].nunique()
+        ranking = region_ranking(tables, value)
+        if stat == "fidelity":
+            err = region_ranking(tables, "error").set_index("index")
+            ranking["error_mean"] = ranking["index"].map(err["mean"])
+            ranking["error_sd"] = ranking["index"].map(err["sd"])
+        systems = system_ranking(tables, value)
+        for key, table in (("regions", ranking), ("systems", systems)):
+            path = _group_path(output_dir, "stats", ".tsv", seg=seg, stat=stat, desc=key)
+            out[f"{stat}_{key}"] = write_tsv(path, table, {c: c for c in table.columns})
+        inner = [f"<p class='meta'>{n_sub} participants, {len(tables)} region rows.</p>"]
+        maps = {}
+        for ents, path in find_outputs(output_dir, stat=stat, suffix="boldmap",
+                                       desc=map_desc, extension=".nii.gz", subjects=subjects):
+            maps.setdefault(ents["sub"], []).append(path)
+        if maps:
+            mean_img, sd_img = mean_sd_maps(maps, template.mask_img)
+            for what, img in (("mean", mean_img), ("sd", sd_img)):
+                desc = what if stat == "ig" else f"{map_desc}{what}"
+                path = _group_path(output_dir, "boldmap", ".nii.gz", space=template.space,
+                                   res=res, seg=None if stat == "ig" else seg, stat=stat,
+                                   desc=desc)
+                out[f"{stat}_{what}_map"] = save_image(img, path, {
+                    "Description": f"Group {what} over participants of {stat} {map_desc} maps",
+                    "NumberOfParticipants": len(maps), "Atlas": seg,
+                    "Sources": sorted(str(p.relative_to(output_dir))
+                                      for ps in maps.values() for p in ps)})
+            inner.append(figure_html(brain_png(mean_img, title=f"group mean {stat}"),
+                                     f"Group mean {stat} map (glass brain)"))
+            inner.append(figure_html(brain_png(mean_img, title=f"group mean {stat}",
+                                               kind="stat", bg_img=bg),
+                                     f"Group mean {stat} map on the template"))
+        sections.append((f"{stat}: regions", "".join(inner) + ranking_section(
+            ranking, "mean", f"{stat}: regions by group mean {value}")))
+        sections.append((f"{stat}: systems", ranking_section(
+            systems, "mean", f"{stat}: systems by group mean {value}", label="system")))
+        # Fidelity also compares the reconstruction error (a region that decouples from its
+        # network, or fluctuates more, is rebuilt worse from its context), relative to
+        # each window's mean over regions: what differs is the region, not how
+        # predictable a participant's data are as a whole.
+        error = "error_relative" if "error_relative" in tables else "error"
+        compared = [(value, "groupdiff")] + ([(error, "errorgroupdiff")]
+                                             if stat == "fidelity" else [])
+        for column, desc in compared if groups is not None else []:
+            diff = group_difference(tables, column, groups)
+            if diff is not None:
+                path = _group_path(output_dir, "stats", ".tsv", seg=seg, stat=stat,
+                                   desc=desc)
+                out[f"{stat}_{desc}"] = write_tsv(path, diff, {c: c for c in diff})
+                differences.append((f"{stat} {column}", diff))
+                if labels is None:
+                    labels = _template_labels(output_dir, atlas, template)
+                if labels is False:
+                    img = None
+                else:
+                    img = region_value_image(labels, brain, template.mask_img.affine,
+                                             diff["index"], diff["statistic"])
+                    path = _group_path(output_dir, "boldmap", ".nii.gz",
+                                       space=template.space, res=res, seg=seg, stat=stat,
+                                       desc=desc)
+                    source = Path(out[f"{stat}_{desc}"]).relative_to(Path(output_dir))
+                    out[f"{stat}_{desc}_map"] = save_image(img, path, {
+                        "Description": f"Each {seg} region painted with the group "
+                                       f"difference statistic of {stat} {column}",
+                        "Test": str(diff["test"].iloc[0]), "Atlas": seg,
+                        "Sources": [str(source)]})
+                if img is not None and desc == "groupdiff" and stat == "ig":
+                    figures.append(figure_html(
+                        brain_png(img, title=f"{stat} {column}: t", kind="stat", bg_img=bg,
+                                  symmetric=True),
+                        f"Group difference statistic per region, {diff['test'].iloc[0]}"))
+                sections.append((f"{stat}: {label_column} group differences in {column}",
+                                 html_table(diff)))
+                # The same by system (limbic, cerebellum, ...): mean over its regions.
+                sys_diff = group_difference(system_tables(tables, column), column, groups)
+                if sys_diff is not None:
+                    sys_diff = sys_diff.drop(columns=["index", "name"])
+                    sys_desc = desc.replace("groupdiff", "systemgroupdiff")
+                    path = _group_path(output_dir, "stats", ".tsv", seg=seg, stat=stat,
+                                       desc=sys_desc)
+                    out[f"{stat}_{sys_desc}"] = write_tsv(path, sys_diff,
+                                                          {c: c for c in sys_diff})
+                    differences.append((f"{stat} {column} by system", sys_diff))
+                    sections.append((f"{stat}: {label_column} group differences in {column} "
+                                     "by system", html_table(sys_diff)))
+    for path in sorted(Path(output_dir).glob("models/*/*comparison*.tsv")):
+        table = pd.read_csv(path, sep="\t")
+        sections.append((f"Masking comparison: {path.parent.name}/{path.name}",
+                         html_table(table)))
+        out.setdefault("comparisons", []).append(path)
+    if differences:  # what a reader looks for first
+        sections.insert(0, ("Group differences: top regions",
+                            _top_differences_html(differences, html_table)
+                            + "".join(figures)))
+    if not sections:
+        sections.append(("No outputs", "<p>No attribution outputs were found; run "
+                         "participant --mode predict first.</p>"))
+    page = html_page("bids_roimae group report", sections,
+                     subtitle=f"atlas {seg}, space {template.space}")
+    out["html"] = write_text(Path(output_dir) / "group" / "group_report.html", page)
+    return out
+
+
+__all__ = ["build_group_report"]

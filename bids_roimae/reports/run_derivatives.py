@@ -1,0 +1,249 @@
+"""Attribution and fidelity outputs as BIDS derivatives, and the HTML reports.
+
+Per run (``participant --mode predict``), named from the source BOLD's entities with
+:func:`bids_roimae.io.derivatives.derivative_path`, following XCP-D where BIDS has no rule::
+
+    sub-01/func/sub-01_task-rest_run-1_space-<S>[_res-<R>]_stat-ig_desc-absmean_boldmap.nii.gz
+    sub-01/func/sub-01_task-rest_run-1_space-<S>[_res-<R>]_stat-ig_desc-signedmean_boldmap.nii.gz
+    sub-01/func/sub-01_task-rest_run-1_space-<S>_seg-<Atlas>_stat-ig_bold.tsv
+    sub-01/func/sub-01_task-rest_run-1_space-<S>_seg-<Atlas>[_res-<R>]_stat-fidelity_desc-{error,shift}_boldmap.nii.gz
+    sub-01/func/sub-01_task-rest_run-1_space-<S>_seg-<Atlas>_stat-fidelity_bold.tsv
+
+each with a JSON sidecar. ``stat-`` and ``_boldmap`` are not in the BIDS schema, so these
+files need the :data:`BIDSIGNORE` patterns; pybids finds them by entity with
+:func:`pybids_config` added to its configs. Per participant ``sub-<label>.html`` (as
+fMRIPrep does) and a group folder ``group/`` (:mod:`bids_roimae.reports.group_report`) complete
+the tree.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+
+from bids_roimae.analysis.attribution import IGResult, region_table, region_values, to_source_grid, token_map
+from bids_roimae.reports.figures import build_participant_report  # the per-participant page, re-exported
+from bids_roimae.core.geometry import TokenGeometry
+from bids_roimae.analysis.group_stats import group_difference  # noqa: F401 - re-exported
+
+#: Patterns the dataset's ``.bidsignore`` needs for what this module writes.
+BIDSIGNORE = ["*_stat-*", "*_boldmap.*", "*.html", "group"]
+STAT_ENTITY_PATTERN = r"[_/\\]+stat-([a-zA-Z0-9]+)"
+_NAME_RE = re.compile(r"([a-zA-Z]+)-([a-zA-Z0-9]+)")
+
+
+def pybids_config() -> dict:
+    """A pybids config adding the ``stat`` entity (use with ``"bids", "derivatives"``).
+
+    Example: ``BIDSLayout(out, validate=False, config=["bids", "derivatives",
+    pybids_config()]).get(stat="ig", desc="absmean", extension=".nii.gz")``.
+    """
+    return {"name": "bids_roimae",
+            "entities": [{"name": "stat", "pattern": STAT_ENTITY_PATTERN}]}
+
+
+def name_entities(path) -> dict:
+    """BIDS key-value pairs and suffix of a file name (``{"sub": "01", ..., "suffix": ..}``)."""
+    stem = Path(path).name.split(".", 1)[0]
+    parts = stem.split("_")
+    out = {m.group(1): m.group(2) for p in parts[:-1] if (m := _NAME_RE.fullmatch(p))}
+    out["suffix"] = parts[-1]
+    return out
+
+
+def _resolution_meta(res, reference) -> dict:
+    if res is None:
+        return {}
+    import nibabel as nib
+
+    ref = nib.load(str(reference)) if not hasattr(reference, "affine") else reference
+    zooms = " x ".join(f"{z:g}" for z in ref.header.get_zooms()[:3])
+    return {"Resolution": {str(res): f"source BOLD grid, voxels of {zooms} mm"}}
+
+
+def _region_columns(extra: Optional[dict] = None) -> dict:
+    cols = {"index": "Atlas label", "name": "Region name", "system": "Functional system",
+            "n_voxels": "Brain voxels of the region on the model grid",
+            "rank": "Rank of the region (1 = most important)"}
+    cols.update(extra or {})
+    return cols
+
+
+def write_run_attribution(output_dir, source_entities: dict, ig: IGResult,
+                          geometry: TokenGeometry, reference, atlas_name: str,
+                          atlas_table: pd.DataFrame, *, space: str, res=None,
+                          model_meta: Optional[dict] = None,
+                          sources: Sequence[str] = ()) -> dict:
+    """Write one run's IG maps (on the source grid) and its region table.
+
+    Parameters
+    ----------
+    output_dir : path
+    source_entities : dict
+        Entities of the source BOLD (``sub``, ``ses``, ``task``, ``run``, ...).
+    ig : IGResult
+    geometry : TokenGeometry
+        The model's geometry (its ``labels`` are the atlas on the model grid).
+    reference : nibabel image or path
+        The source BOLD (or its reference image); maps get its shape and affine.
+    atlas_name, atlas_table : str, DataFrame
+    space, res : str
+        Space and resolution entities of the source (``res`` None when it has none).
+    model_meta : dict, optional
+        Model facts for the sidecars (checkpoint, name, preset, ...).
+    sources : sequence of str
+        Sidecar ``Sources`` (e.g. BIDS URIs of the BOLD and the model).
+
+    Returns
+    -------
+    dict
+        ``{"absmean": Path, "signedmean": Path, "table": Path}``.
+    """
+    from bids_roimae.io.derivatives import derivative_path, save_image, write_tsv
+
+    meta = {**ig.metadata(), "Model": dict(model_meta or {}), "Atlas": atlas_name,
+            "Sources": list(sources), "Space": space, **_resolution_meta(res, reference)}
+    paths = {}
+    for desc, values, what in (("absmean", ig.abs_mean, "mean |attribution|"),
+                               ("signedmean", ig.signed_mean, "mean signed attribution")):
+        img = to_source_grid(token_map(geometry, values), reference)
+        path = derivative_path(output_dir, source_entities, suffix="boldmap",
+                               extension=".nii.gz", space=space, res=res, stat="ig",
+                               desc=desc)
+        paths[desc] = save_image(img, path, {**meta, "Description":
+                                             f"Integrated Gradients: {what} per voxel"})
+    table = region_table(ig.abs_mean, geometry.labels, atlas_table,
+                         signed_values=ig.signed_mean, mask=geometry.voxel_mask)
+    tpath = derivative_path(output_dir, source_entities, suffix="bold", extension=".tsv",
+                            space=space, seg=atlas_name, stat="ig")
+    paths["table"] = write_tsv(tpath, table, _region_columns({
+        "mean_abs": "Mean |IG attribution| over the region's voxels",
+        "signed_mean": "Mean signed IG attribution over the region's voxels"}))
+    return paths
+
+
+def write_run_fidelity(output_dir, source_entities: dict, fidelity: pd.DataFrame,
+                       geometry: TokenGeometry, reference, atlas_name: str, *, space: str,
+                       res=None, model_meta: Optional[dict] = None,
+                       sources: Sequence[str] = ()) -> dict:
+    """Write one run's region-fidelity table and maps painting each region's score.
+
+    Parameters
+    ----------
+    fidelity : DataFrame
+        From :func:`bids_roimae.analysis.fidelity.region_fidelity`.
+    Other parameters as :func:`write_run_attribution`.
+
+    Returns
+    -------
+    dict
+        ``{"error": Path, "shift": Path, "table": Path}``.
+    """
+    from bids_roimae.io.derivatives import derivative_path, save_image, write_tsv
+
+    meta = {"Method": "region occlusion of the masked autoencoder (tube mask per region)",
+            "Model": dict(model_meta or {}), "Atlas": atlas_name, "Sources": list(sources),
+            "Space": space, "NumberOfRegions": int(len(fidelity)),
+            **_resolution_meta(res, reference)}
+    paths = {}
+    for desc, column, what in (("error", "error", "reconstruction error (MSE)"),
+                               ("shift", "embedding_shift", "embedding shift (L2)")):
+        scores = dict(zip(fidelity["index"].astype(int), fidelity[column].astype(float)))
+        img = to_source_grid(token_map(geometry, region_values(geometry, scores)), reference)
+        path = derivative_path(output_dir, source_entities, suffix="boldmap",
+                               extension=".nii.gz", space=space, res=res, seg=atlas_name,
+                               stat="fidelity", desc=desc)
+        paths[desc] = save_image(img, path, {**meta, "Description":
+                                             f"Each region painted with its {what} when "
+                                             "hidden from the encoder"})
+    tpath = derivative_path(output_dir, source_entities, suffix="bold", extension=".tsv",
+                            space=space, seg=atlas_name, stat="fidelity")
+    paths["table"] = write_tsv(tpath, fidelity, _region_columns({
+        "n_tokens": "Spatial tokens owned by the region",
+        "error": "Mean reconstruction MSE of the region's tokens when it is hidden",
+        "error_sd": "SD of error over windows",
+        "error_relative": "error over the mean error of all regions in the same window, "
+                          "averaged over windows (1 = a typical region)",
+        "embedding_shift": "L2 distance of the pooled embedding with vs without the region",
+        "embedding_shift_sd": "SD of embedding_shift over windows",
+        "relative_shift": "embedding_shift / norm of the unmasked embedding",
+        "embedding_cosine": "Cosine similarity of the embeddings with vs without the region",
+        "error_rank": "Rank by error (1 = largest)"}))
+    return paths
+
+
+def find_outputs(output_dir, *, stat: str, suffix: str, desc: Optional[str] = None,
+                 extension: str = ".tsv", subjects: Optional[Iterable[str]] = None
+                 ) -> list[tuple[dict, Path]]:
+    """Per-run files of the dataset with the given entities, as ``(entities, path)``."""
+    found = []
+    wanted = None if subjects is None else {str(s).removeprefix("sub-") for s in subjects}
+    for path in sorted(Path(output_dir).glob(f"sub-*/**/sub-*_stat-{stat}*_{suffix}{extension}")):
+        ents = name_entities(path)
+        if ents.get("stat") != stat or ents.get("suffix") != suffix:
+            continue
+        if desc is not None and ents.get("desc") != desc:
+            continue
+        if wanted is not None and ents.get("sub") not in wanted:
+            continue
+        found.append((ents, path))
+    return found
+
+
+def read_region_tables(output_dir, stat: str, subjects: Optional[Iterable[str]] = None
+                       ) -> pd.DataFrame:
+    """Every run's region table for ``stat`` ("ig" or "fidelity"), stacked.
+
+    Returns
+    -------
+    DataFrame
+        The tables' columns plus ``subject``, ``session``, ``run_key``.
+    """
+    frames = []
+    for ents, path in find_outputs(output_dir, stat=stat, suffix="bold", subjects=subjects):
+        table = pd.read_csv(path, sep="\t", na_values="n/a", keep_default_na=False)
+        table["subject"] = ents["sub"]
+        table["session"] = ents.get("ses")
+        table["run_key"] = path.name.split("_space-")[0]
+        frames.append(table)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+# -- group maps -------------------------------------------------------------------------
+def mean_sd_maps(paths_by_subject: dict, target_img):
+    """Group mean and SD maps on the template grid.
+
+    Each participant's runs are averaged first; maps on another grid are resampled.
+
+    Parameters
+    ----------
+    paths_by_subject : dict of str -> list of paths
+    target_img : nibabel image
+        The template brain mask (grid, affine; voxels outside it are 0).
+
+    Returns
+    -------
+    (mean_img, sd_img) : nibabel images
+    """
+    import nibabel as nib
+
+    mask = np.asarray(target_img.dataobj) > 0
+    per_subject = []
+    for paths in paths_by_subject.values():
+        runs = [np.asarray(to_source_grid(nib.load(str(p)), target_img).dataobj)
+                for p in paths]
+        per_subject.append(np.mean(runs, axis=0))
+    stack = np.stack(per_subject)
+    mean = np.where(mask, stack.mean(0), 0).astype(np.float32)
+    sd = stack.std(0, ddof=1) if len(stack) > 1 else np.zeros_like(mean)
+    sd = np.where(mask, sd, 0).astype(np.float32)
+    return nib.Nifti1Image(mean, target_img.affine), nib.Nifti1Image(sd, target_img.affine)
+
+
+__all__ = ["BIDSIGNORE", "build_participant_report", "find_outputs", "group_difference",
+           "mean_sd_maps", "name_entities", "pybids_config", "read_region_tables",
+           "write_run_attribution", "write_run_fidelity"]

@@ -1,0 +1,307 @@
+"""Participant-level fine-tuning: honest cross-validation, the refit model, prediction.
+
+:func:`run_finetune` cross-validates a strategy (see :mod:`bids_roimae.model.classifier`) over
+subjects (folds from :mod:`bids_roimae.analysis.evaluation`), writes every subject's out-of-fold
+prediction and the fold metrics, then refits on all labelled subjects and saves that
+model as ``OUTPUT_DIR/models/<pretrained>_ft-<target>_<strategy>/model.pt``: a checkpoint
+that :func:`load_finetuned` rebuilds with no other input (encoder configuration, geometry,
+head, standardisation, label mapping, target and positive codes).
+:func:`predict_subject` applies such a model to one subject's prepared runs. The
+cross-validation itself (inputs, embeddings, fitting, out-of-fold predictions) is in
+:mod:`bids_roimae.training.cross_validation`; :func:`cross_validate`, :func:`prepare_inputs` and
+:func:`frozen_embeddings` are re-exported here.
+
+Outputs of a fine-tuning run::
+
+    models/<name>/model.pt  fold_metrics.tsv  metrics.json  predictions.tsv
+    sub-<label>/func/sub-<label>_desc-finetune_predictions.tsv (+ .json)  one row per model
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import re
+from pathlib import Path
+from typing import Optional, Sequence
+
+import pandas as pd
+
+from bids_roimae.model.classifier import (Classifier, build_head, n_outputs, subject_output, subject_windows,
+                         window_logits)
+from bids_roimae.errors import BadDataError, MissingInputError, OutputError
+from bids_roimae.analysis.evaluation import (PREDICTION_COLUMNS, decode_output, make_folds, mean_sd,
+                         prediction_rows)
+from bids_roimae.training.cross_validation import cross_validate, fit_classifier, frozen_embeddings, prepare_inputs
+from bids_roimae.analysis.labels import label_attrs, parse_labels
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Classifier", "parse_labels", "run_finetune", "load_finetuned", "predict_subject",
+           "cross_validate", "finetuned_name", "load_pretrained",
+           "pretrained_config", "checkpoint_file"]
+
+
+# -- names and loading ------------------------------------------------------------------
+def checkpoint_file(path) -> Path:
+    """``path``, or ``path/model.pt`` for a model folder; MissingInputError if absent."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.pt"
+    if not path.is_file():
+        raise MissingInputError(f"model checkpoint not found: {path}")
+    return path
+
+
+def pretrained_name(path) -> str:
+    """Name of a pretrained model: its folder under ``models/``, else the file stem."""
+    path = Path(path)
+    return path.name if path.is_dir() else (path.parent.name if path.name == "model.pt"
+                                            else path.stem)
+
+
+def finetuned_name(pretrained, target: str, strategy: str) -> str:
+    """``<pretrained>_ft-<target>_<strategy>`` with the target reduced to letters/digits."""
+    clean = re.sub(r"[^0-9A-Za-z]+", "", str(target)) or "target"
+    return f"{pretrained_name(pretrained)}_ft-{clean}_{strategy}"
+
+
+def pretrained_config(path):
+    """Configuration and token geometry of a saved model, without building it."""
+    from bids_roimae.io.checkpoint import load_checkpoint
+
+    return _ckpt_cfg_geometry(load_checkpoint(checkpoint_file(path), mmap=True))
+
+
+def load_pretrained(path, device="cpu"):
+    """Pretrained encoder, its configuration, geometry and checkpoint dict."""
+    from bids_roimae.io.checkpoint import model_from_checkpoint
+
+    return model_from_checkpoint(checkpoint_file(path), device=device)
+
+
+def merged_config(pre_cfg, cfg):
+    """The pretrained model's architecture and geometry with this run's fine-tuning."""
+    out = copy.deepcopy(pre_cfg)
+    out.finetune = copy.deepcopy(cfg.finetune)
+    out.seed = cfg.seed
+    return out
+
+
+def check_entries(entries: Sequence, geometry) -> None:
+    expected = (geometry.n_tokens, geometry.patch_voxels)
+    for entry in entries[:1]:
+        shape = tuple(int(s) for s in entry.tokens().shape[1:])
+        if shape != expected:
+            raise BadDataError(f"{entry.run_key}: cached tokens are {shape} (N, P) but the "
+                               f"model expects {expected}; prepare with the model's geometry")
+
+
+# -- the participant-level workflow -----------------------------------------------------
+def run_finetune(entries: Sequence, labels: pd.Series, pretrained, cfg, output_dir, *,
+                 device="cpu", groups: Optional[pd.Series] = None,
+                 label_info: Optional[dict] = None, name: Optional[str] = None) -> dict:
+    """Cross-validate, write out-of-fold predictions and metrics, refit and save.
+
+    Parameters
+    ----------
+    entries : sequence of CacheEntry
+        Prepared runs (any subjects; those without a label are skipped).
+    labels : Series
+        From :func:`~bids_roimae.analysis.labels.parse_labels` (its ``attrs`` carry the label
+        mapping; or pass ``label_info``).
+    pretrained : path
+        Pretrained checkpoint (``model.pt``) or its folder.
+    cfg : AppConfig
+        This run's settings; ``finetune`` and ``seed`` are used, the architecture and
+        geometry come from the pretrained checkpoint.
+    output_dir : path
+        The derivative dataset.
+    groups : Series, optional
+        CV group per subject (``--cv-group``): leave-one-group-out.
+
+    Returns
+    -------
+    dict
+        ``model_path``, ``model_dir``, ``name``, ``metrics`` ({metric: {mean, sd}}),
+        ``n_subjects``, ``n_folds``, ``excluded`` (counts), ``predictions`` (DataFrame).
+    """
+    output_dir = Path(output_dir)
+    encoder, pre_cfg, geometry, ckpt = load_pretrained(pretrained, device)
+    run_cfg = merged_config(pre_cfg, cfg)
+    check_entries(list(entries), geometry)
+    labels, refs, groups, info, counts = prepare_inputs(entries, labels, run_cfg, groups,
+                                                        label_info)
+    task, strategy = info["task_type"], run_cfg.finetune.strategy
+    folds = make_folds(labels.to_numpy(), run_cfg.finetune.folds, run_cfg.seed, task,
+                       None if groups is None else groups.to_numpy())
+    log.info("fine-tuning %s (%s) on %d subjects, %d folds", info.get("target"), strategy,
+             labels.size, len(folds))
+    emb = frozen_embeddings(encoder, refs, run_cfg, device)
+    predictions, table = cross_validate(encoder, labels, refs, run_cfg, info, folds, device,
+                                        emb)
+    final = fit_classifier(encoder, strategy, list(labels.index), labels.to_numpy(), refs, emb,
+                 run_cfg, info, device, seed=run_cfg.seed)
+
+    name = name or finetuned_name(pretrained, info.get("target", "target"), strategy)
+    model_dir = output_dir / "models" / name
+    summary = {"name": name, "target": info.get("target"), "task_type": task,
+               "strategy": strategy, "pretrained": str(pretrained),
+               "cv": "leave-one-group-out" if groups is not None else "stratified-kfold",
+               "n_folds": len(folds), "n_subjects": int(labels.size),
+               "seed": run_cfg.seed, "label_info": info, "metrics": mean_sd(table),
+               "excluded": counts["counts"], "folds": table.reset_index().to_dict("records")}
+    _save_finetuned(model_dir / "model.pt", final, run_cfg, geometry, ckpt, info, summary)
+    _write_tsv(model_dir / "fold_metrics.tsv", table.reset_index())
+    _write_json(model_dir / "metrics.json", summary)
+    rows = prediction_rows(predictions, info, name)
+    _write_tsv(model_dir / "predictions.tsv", rows)
+    for subject, row in rows.groupby("participant_id", sort=False):
+        _write_subject_predictions(output_dir, subject, row)
+    return {"model_path": model_dir / "model.pt", "model_dir": model_dir, "name": name,
+            "metrics": summary["metrics"], "n_subjects": int(labels.size),
+            "n_folds": len(folds), "excluded": counts["counts"], "predictions": rows}
+
+
+# -- files ------------------------------------------------------------------------------
+def _write_json(path: Path, data) -> None:
+    from bids_roimae.io.derivatives import write_json
+
+    try:
+        write_json(path, data)
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc}") from exc
+
+
+def _write_tsv(path: Path, table: pd.DataFrame,
+               column_descriptions: Optional[dict] = None) -> None:
+    from bids_roimae.io.derivatives import write_tsv
+
+    try:
+        write_tsv(path, table, column_descriptions)
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc}") from exc
+
+
+def _write_subject_predictions(output_dir: Path, subject_id: str, rows: pd.DataFrame
+                               ) -> None:
+    """Merge this model's row into ``sub-X/func/sub-X_desc-finetune_predictions.tsv``."""
+    from bids_roimae.io.derivatives import derivative_path
+
+    path = derivative_path(output_dir, {"sub": subject_id.removeprefix("sub-")},
+                           suffix="predictions", extension=".tsv", desc="finetune")
+    table = rows
+    if path.is_file():
+        old = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+        old = old[~old["model"].isin(set(rows["model"]))]
+        table = pd.concat([old, rows.astype(object)], ignore_index=True)
+    _write_tsv(path, table, {c: PREDICTION_COLUMNS.get(
+        c, f"Probability of class {c.removeprefix('probability_')}") for c in table.columns})
+
+
+def _save_finetuned(path: Path, classifier: Classifier, cfg, geometry, pre_ckpt: dict,
+                    info: dict, summary: dict) -> None:
+    from bids_roimae.io.checkpoint import save_checkpoint
+
+    pre_extra = dict(pre_ckpt.get("extra") or {})
+    extra = dict(pre_extra, kind="finetune", label_info=label_attrs(info),
+                 head={"kind": cfg.finetune.head if cfg.finetune.strategy != "linear-probe"
+                       else "linear",
+                       "embed_dim": int(classifier.feature_mean.numel()),
+                       "n_outputs": n_outputs(info["task_type"],
+                                              len(info.get("classes", [])) or 2)},
+                 strategy=cfg.finetune.strategy, pretrained=summary["pretrained"],
+                 pretrained_kind=pre_extra.get("kind", "pretrain"),
+                 cv_metrics=summary["metrics"])
+    try:
+        save_checkpoint(path, model=classifier, cfg=cfg, geometry=geometry, extra=extra)
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc}") from exc
+
+
+def load_finetuned(path, device="cpu"):
+    """Rebuild a fine-tuned model saved by :func:`run_finetune`.
+
+    Returns
+    -------
+    classifier : Classifier (eval mode, on ``device``)
+    cfg : AppConfig
+    geometry : TokenGeometry
+    ckpt : dict
+        The raw checkpoint (``extra`` holds ``label_info``, ``head``, ``strategy``).
+    """
+    from bids_roimae.io.checkpoint import load_checkpoint
+    from bids_roimae.model.mae import build_model
+
+    path = checkpoint_file(path)
+    ckpt = load_checkpoint(path, map_location="cpu")
+    extra = ckpt.get("extra") or {}
+    if extra.get("kind") != "finetune":
+        raise BadDataError(f"{path} is not a fine-tuned model (kind "
+                           f"{extra.get('kind', 'pretrain')!r}); use --pretrained for it")
+    cfg, geometry = _ckpt_cfg_geometry(ckpt)
+    head_spec = extra["head"]
+    encoder = build_model(cfg, geometry)
+    head = build_head(head_spec["kind"], head_spec["embed_dim"], head_spec["n_outputs"])
+    classifier = Classifier(encoder, head, head_spec["embed_dim"],
+                            label_info=extra["label_info"])
+    try:
+        classifier.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        raise BadDataError(f"{path}: weights do not fit the stored model: {exc}") from exc
+    return classifier.to(device).eval(), cfg, geometry, ckpt
+
+
+def _ckpt_cfg_geometry(ckpt: dict):
+    from bids_roimae.io.checkpoint import geometry_from_checkpoint
+    from bids_roimae.config import AppConfig
+
+    return AppConfig.from_dict(ckpt["config"]), geometry_from_checkpoint(ckpt)
+
+
+# -- prediction -------------------------------------------------------------------------
+def predict_subject(classifier: Classifier, entries: Sequence, cfg, device="cpu") -> dict:
+    """Predict one subject from its prepared runs (no label needed).
+
+    Parameters
+    ----------
+    classifier : Classifier
+        From :func:`load_finetuned` or :func:`run_finetune`.
+    entries : sequence of CacheEntry
+        Runs of a single subject.
+    cfg : AppConfig
+        ``geometry.window`` and ``finetune.windows_per_run``/``batch_size`` (use the
+        configuration stored with the model).
+
+    Returns
+    -------
+    dict
+        ``prediction`` (class index or value), ``label`` (class name), ``probability``
+        (P(positive) for binary, of the predicted class for multi-class, None for
+        regression), ``probabilities`` ({class: p}), ``embedding`` (D,) mean window
+        embedding, ``n_windows``, ``window_logits`` (K, C).
+    """
+    subjects = sorted({str(e.subject) for e in entries})
+    if len(subjects) != 1:
+        raise ValueError(f"predict_subject needs the runs of one subject, got {subjects}")
+    refs = subject_windows(entries, cfg.geometry.window, cfg.finetune.windows_per_run)
+    if not refs:
+        raise BadDataError(f"sub-{subjects[0]}: no run has {cfg.geometry.window} frames "
+                           f"(one window)")
+    refs = refs[subjects[0]]
+    classifier = classifier.to(device).eval()
+    logits, emb = window_logits(classifier, refs, cfg.geometry.window,
+                                cfg.finetune.batch_size, device)
+    info = classifier.label_info
+    output = subject_output(logits, classifier.task_type)
+    decoded = decode_output(output, info)
+    result = {"embedding": emb.mean(axis=0), "n_windows": len(refs), "window_logits": logits}
+    if classifier.task_type == "regression":
+        return dict(result, prediction=decoded["predicted_value"], label=None,
+                    probability=None, probabilities={})
+    classes = list(info["classes"])
+    probs = [1.0 - float(output), float(output)] if classifier.task_type == "binary" \
+        else [float(p) for p in output]
+    return dict(result, prediction=classes.index(decoded["predicted_label"]),
+                label=decoded["predicted_label"], probability=decoded["probability"],
+                probabilities=dict(zip(classes, probs)))

@@ -1,0 +1,38 @@
+"""The optimisation schedule of pretraining: how many steps, the learning rate of each
+(linear warmup, then cosine decay to ``min_lr``), and which parameters get weight decay.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from bids_roimae.config import AppConfig
+
+
+def lr_at(step: int, total: int, cfg) -> float:
+    """Learning rate of optimiser step ``step`` (0-based): linear warmup, cosine to min_lr."""
+    warm = min(cfg.warmup_steps, max(total - 1, 0))
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    progress = (step - warm) / max(1, total - warm)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def total_steps(cfg: AppConfig, n_epoch_windows: int, world: int) -> int:
+    """Steps to run: ``train.steps``, or ``train.epochs`` passes over the windows."""
+    if cfg.train.epochs:
+        per_step = cfg.train.batch_size * world
+        return max(1, math.ceil(cfg.train.epochs * n_epoch_windows / per_step))
+    return int(cfg.train.steps)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases, norms, the mask token and other 1-D parameters."""
+    decay, plain = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else plain).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": plain, "weight_decay": 0.0}]

@@ -28,7 +28,8 @@ from _common import AFFINE, GRID, RESULTS, SPACE, template_mask
 
 from bids_roimae.io.discovery import BoldRun
 from bids_roimae.config import PrepConfig
-from bids_roimae.io.preparation import load_entries, prepare_run
+from bids_roimae.io.cache import load_entries
+from bids_roimae.io.preparation import prepare_run
 from bids_roimae.core.geometry import build_geometry
 
 def make_entries(workdir: Path, mask: np.ndarray, geometry, n_runs: int, n_frames: int):

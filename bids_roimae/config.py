@@ -26,6 +26,12 @@ except ModuleNotFoundError:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
 
+#: Template space of the model grid unless ``--space`` says otherwise.
+DEFAULT_SPACE = "MNI152NLin2009cAsym"
+#: TemplateFlow resolution index of the model grid (2 mm).
+MODEL_RESOLUTION = 2
+
+
 class ConfigError(ValueError):
     """A setting is unknown or out of range (a usage error, exit code 64)."""
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from bids_roimae.analysis.attribution import (COMPLETENESS_TOLERANCE, integrated_gradients,
-                                     region_table, region_values, to_source_grid, token_map)
+from bids_roimae.analysis.attribution import COMPLETENESS_TOLERANCE, integrated_gradients
+from bids_roimae.analysis.regions import region_table, region_values, to_source_grid, token_map
 from bids_roimae.analysis.fidelity import region_fidelity
 from bids_roimae.core.geometry import build_geometry
 
@@ -94,12 +94,20 @@ class TinyMAE(nn.Module):
             h = h * (~mask).unsqueeze(-1)
         return h
 
+    def group_time(self, x):
+        return self._tokens(x)
+
     def token_errors(self, x, mask):
         h = self.encode(x, mask)
         ctx = h.sum(2, keepdim=True) / (~mask).sum(2, keepdim=True).clamp_min(1)[..., None]
         pred = (ctx + self.pos) @ self.dec
         err = ((pred - self._tokens(x)) ** 2).mean(-1)
         return err * mask
+
+    def errors_and_embedding(self, x, mask):
+        visible = (~mask).unsqueeze(-1).float()
+        pooled = (self.encode(x, mask) * visible).sum((1, 2)) / visible.sum((1, 2))
+        return self.token_errors(x, mask), pooled
 
 
 # -- Integrated Gradients --------------------------------------------------------------
@@ -303,12 +311,10 @@ def test_ig_and_fidelity_with_roimae_and_classifier():
     assert (table["error"] > 0).all() and (table["embedding_shift"] > 0).all()
     # Hiding nothing would leave the embedding where it is: the pooled reference equals
     # the model's own embed() with every token visible.
-    from bids_roimae.analysis.fidelity import _pooled_visible
-
     none = torch.zeros(2, WINDOW // TEMPORAL_PATCH, geometry.n_tokens, dtype=torch.bool)
     with torch.no_grad():
-        np.testing.assert_allclose(_pooled_visible(mae, windows, none), mae.embed(windows),
-                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(mae.errors_and_embedding(windows, none)[1],
+                                   mae.embed(windows), rtol=1e-5, atol=1e-6)
 
 
 def test_adaptive_steps_and_captum_delta_agree():

@@ -12,12 +12,13 @@ import pytest
 
 from _grids import AFFINE, GRID, SPACE, WINDOW, template_grid
 
-from bids_roimae.io import cache
-from bids_roimae.io.discovery import BoldRun
 from bids_roimae.config import PrepConfig
-from bids_roimae.io.preparation import (CacheEntry, ScaledTokens, cache_key, cache_root, load_entries,
-                              lookup, prepare_run, prepare_runs)
 from bids_roimae.core.geometry import build_geometry
+from bids_roimae.io import cache, cache_keys
+from bids_roimae.io.cache import CacheEntry, ScaledTokens, cache_root, load_entries, lookup
+from bids_roimae.io.cache_keys import cache_key
+from bids_roimae.io.discovery import BoldRun
+from bids_roimae.io.preparation import prepare_run, prepare_runs
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,7 @@ def make_run(folder: Path, subject="01", n_frames=20, seed=0, run=None) -> BoldR
 
 def entry_files(out: Path) -> list[str]:
     return sorted(p.name for p in cache_root(out).rglob("*") if p.is_file()
-                  and cache.HASH_INDEX_DIRNAME not in p.parts)
+                  and cache_keys.HASH_INDEX_DIRNAME not in p.parts)
 
 
 def test_second_prepare_is_a_cache_hit(tmp_path, grid, caplog):
@@ -95,7 +96,7 @@ def test_content_hash_memo_is_keyed_by_size_and_mtime(tmp_path, grid):
     index = tmp_path / "index"
     key = cache_key(run, geometry, PrepConfig(), SPACE, index_dir=index)
     assert len(list(index.glob("*.json"))) == 1
-    cache._DIGEST_MEMO.clear()  # a new process: only the on-disk index remains
+    cache_keys.forget_digests()  # a new process: only the on-disk index remains
     st = run.path.stat()
     blob = bytearray(run.path.read_bytes())
     blob[-1] ^= 0xFF

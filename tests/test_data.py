@@ -17,7 +17,8 @@ from _grids import AFFINE, GRID, SPACE, WINDOW, template_grid
 
 from bids_roimae.io.discovery import BoldRun
 from bids_roimae.config import PrepConfig
-from bids_roimae.io.preparation import global_scale_inplace, prepare_run, prepare_runs, zscore_inplace
+from bids_roimae.core.scaling import global_scale_inplace, zscore_inplace
+from bids_roimae.io.preparation import prepare_run, prepare_runs
 from bids_roimae.errors import EXIT_BAD_DATA, AppError, BadDataError, OutputError
 
 

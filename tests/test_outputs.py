@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 
 from bids_roimae.errors import OutputError
+from bids_roimae.io.bids_names import derivative_path
 from bids_roimae.io.derivatives import (
-    derivative_path,
     ensure_output_dir,
     save_image,
     write_atlas_files,

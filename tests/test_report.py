@@ -13,14 +13,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bids_roimae.io.atlas import Atlas, Template
 from bids_roimae.analysis.attribution import IGResult, integrated_gradients
 from bids_roimae.analysis.fidelity import region_fidelity
-from bids_roimae.reports.group_report import build_group_report
+from bids_roimae.analysis.group_stats import group_difference
+from bids_roimae.io.atlas import Atlas
 from bids_roimae.io.derivatives import write_bidsignore, write_dataset_description
-from bids_roimae.reports.run_derivatives import (BIDSIGNORE, build_participant_report, group_difference,
-                                pybids_config, read_region_tables, write_run_attribution,
-                                write_run_fidelity)
+from bids_roimae.io.templates import Template
+from bids_roimae.reports.group_report import build_group_report
+from bids_roimae.reports.participant_report import build_participant_report
+from bids_roimae.reports.run_derivatives import (BIDSIGNORE, pybids_config, read_region_tables,
+                                                 write_run_attribution, write_run_fidelity)
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_attribution import (AFFINE, GRID, TinyClassifier, TinyMAE,  # noqa: E402

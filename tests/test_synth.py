@@ -13,7 +13,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bids_roimae.io.atlas import load_atlas, load_template, resample_labels
+from bids_roimae.io.atlas import load_atlas, resample_labels
+from bids_roimae.io.templates import load_template
 from bids_roimae.synth.dataset import main as synth_main
 from bids_roimae.synth.dataset import make_dataset
 

@@ -1,6 +1,6 @@
-"""Which brain voxels and regions drive a prediction, and which regions the model needs.
+"""Integrated Gradients: which input values drive a prediction.
 
-Two analyses, both on the model's token layout (``N`` spatial tokens of ``P`` voxels):
+One of two analyses, both on the model's token layout (``N`` spatial tokens of ``P`` voxels):
 
 Integrated Gradients (:func:`integrated_gradients`)
     attributions of the fine-tuned classifier's output to every input value of a window
@@ -9,26 +9,23 @@ Integrated Gradients (:func:`integrated_gradients`)
     Completeness (sum of attributions == F(x) - F(baseline)) is checked per window.
 
 Region reconstruction fidelity (:func:`bids_roimae.analysis.fidelity.region_fidelity`)
-    one atlas region at a time hidden from the pretrained masked autoencoder; it shares
-    this module's helpers and lives in :mod:`bids_roimae.analysis.fidelity`.
+    one atlas region at a time hidden from the pretrained masked autoencoder.
 
-Maps go back to voxels with :func:`token_map` (model grid) and :func:`to_source_grid` (the
-source BOLD's grid and affine); :func:`region_table` summarises a map per atlas region.
-Writing files is :mod:`bids_roimae.reports.run_derivatives`'s job; this module does no I/O.
+Maps go back to voxels and regions with :mod:`bids_roimae.analysis.regions`. Writing
+files is :mod:`bids_roimae.reports.run_derivatives`'s job; this module does no I/O.
 """
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Optional, Union
+from typing import Optional, Union
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
-from bids_roimae.core.geometry import TokenGeometry
+from bids_roimae.analysis.inference import device_of, frozen
 
 #: Documented completeness tolerance: with the Gauss-Legendre rule and ``steps >= 32`` the
 #: largest per-window ``|sum(attr) - (F(x) - F(b))| / |F(x) - F(b)|`` stays below this for
@@ -105,28 +102,6 @@ class IGResult:
         }
 
 
-@contextlib.contextmanager
-def _inference_setup(module: nn.Module) -> Iterator[None]:
-    """Eval mode and no parameter gradients (only input gradients are needed), restored."""
-    was_training = module.training
-    flags = [(p, p.requires_grad) for p in module.parameters()]
-    module.eval()
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        module.train(was_training)
-
-
-def _device_of(module: nn.Module) -> torch.device:
-    for p in module.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
 def _make_baseline(windows: torch.Tensor, baseline) -> torch.Tensor:
     if isinstance(baseline, torch.Tensor):
         return baseline.to(windows).expand_as(windows)
@@ -192,7 +167,7 @@ def integrated_gradients(classifier: nn.Module, windows: Union[torch.Tensor, np.
 
     if steps < 2 or batch_size < 1 or (min_steps is not None and min_steps < 2):
         raise ValueError("steps and min_steps must be >= 2, batch_size >= 1")
-    device = _device_of(classifier)
+    device = device_of(classifier)
     x_all = torch.as_tensor(np.asarray(windows) if not isinstance(windows, torch.Tensor)
                             else windows).to(device=device, dtype=torch.float32)
     if x_all.ndim != 4:
@@ -202,7 +177,7 @@ def integrated_gradients(classifier: nn.Module, windows: Union[torch.Tensor, np.
     abs_sum = torch.zeros(x_all.shape[2:], dtype=torch.float64, device=device)
     signed_sum = torch.zeros_like(abs_sum)
     base_outputs, deltas, used = [], [], []
-    with _inference_setup(classifier):
+    with frozen(classifier):
         logits = _batched_logits(classifier, x_all, chunk)
         if target is None:
             target = 0 if logits.shape[1] == 1 else int(logits.mean(0).argmax())
@@ -236,147 +211,3 @@ def integrated_gradients(classifier: nn.Module, windows: Union[torch.Tensor, np.
         delta=torch.cat(deltas).numpy(), steps=int(max(used)),
         baseline=baseline if isinstance(baseline, str) else "custom",
         target=target, method=method)
-
-
-# -- maps ------------------------------------------------------------------------------
-def token_map(geometry: TokenGeometry, values: np.ndarray, fill: float = 0.0):
-    """Paint per-token ``(N,)`` or per-voxel ``(N, P)`` values onto the model grid.
-
-    Returns
-    -------
-    nibabel.Nifti1Image
-        3D float32 image with the geometry's grid shape and affine.
-    """
-    import nibabel as nib
-
-    data = geometry.scatter(values, fill=fill)
-    return nib.Nifti1Image(data.astype(np.float32), np.asarray(geometry.affine, float))
-
-
-def _same_grid(shape_a, affine_a, shape_b, affine_b) -> bool:
-    return (tuple(shape_a[:3]) == tuple(shape_b[:3])
-            and np.allclose(affine_a, affine_b, atol=1e-4))
-
-
-def to_source_grid(img, reference, interpolation: str = "linear"):
-    """Put a 3D model-grid map on the source BOLD's grid and affine.
-
-    Parameters
-    ----------
-    img : nibabel.Nifti1Image
-        3D map on the model grid.
-    reference : nibabel image or path
-        The run's BOLD (3D or 4D; only its header is read) or its reference image.
-    interpolation : {"linear", "continuous", "nearest"}
-        ``linear`` keeps a non-negative map non-negative (splines overshoot).
-
-    Returns
-    -------
-    nibabel.Nifti1Image
-        Shape ``reference.shape[:3]`` and exactly ``reference.affine``; the data are
-        unchanged when the grids already agree.
-    """
-    import nibabel as nib
-
-    ref = nib.load(str(reference)) if not hasattr(reference, "affine") else reference
-    ref_shape, ref_affine = tuple(ref.shape[:3]), np.asarray(ref.affine, float)
-    if _same_grid(img.shape, img.affine, ref_shape, ref_affine):
-        data = np.asarray(img.dataobj, dtype=np.float32)
-    else:
-        from nilearn.image import resample_img
-
-        out = resample_img(img, target_affine=ref_affine, target_shape=ref_shape,
-                           interpolation=interpolation, force_resample=True,
-                           copy_header=True)
-        data = np.asarray(out.dataobj, dtype=np.float32)
-    return nib.Nifti1Image(data, ref_affine)
-
-
-# -- region summaries ------------------------------------------------------------------
-def _table_ids(table: pd.DataFrame) -> np.ndarray:
-    col = table["index"] if "index" in table.columns else table.index.to_series()
-    return np.asarray(col, dtype=np.int64)
-
-
-def region_table(values: np.ndarray, labels: np.ndarray, table: pd.DataFrame, *,
-                 signed_values: Optional[np.ndarray] = None,
-                 mask: Optional[np.ndarray] = None) -> pd.DataFrame:
-    """Summarise a voxel map per atlas region.
-
-    Parameters
-    ----------
-    values : ndarray
-        Attribution magnitudes, either a 3D map ``(X, Y, Z)`` or tokens ``(N, P)``;
-        ``|values|`` is averaged.
-    labels : ndarray of int, same shape as ``values``
-        Atlas label of each voxel (0 = unlabelled), e.g. ``geometry.labels`` for tokens
-        or the atlas resampled onto the map's grid.
-    table : DataFrame
-        Atlas table with columns ``index``, ``name`` and optionally ``system``.
-    signed_values : ndarray, same shape, optional
-        Signed map for ``signed_mean`` (default: ``values``).
-    mask : ndarray of bool, same shape, optional
-        Voxels to count (e.g. ``geometry.voxel_mask``); default every labelled voxel.
-
-    Returns
-    -------
-    DataFrame
-        One row per atlas region (plus any label on the grid that the table lacks) with
-        ``index, name, system, mean_abs, signed_mean, n_voxels, rank``; ``rank`` 1 is the
-        largest ``mean_abs`` among regions with voxels, NaN for empty regions. The sum of
-        ``mean_abs * n_voxels`` equals the sum of ``|values|`` over counted voxels.
-    """
-    values = np.asarray(values, dtype=np.float64)
-    labels = np.asarray(labels)
-    if labels.shape != values.shape:
-        raise ValueError(f"labels {labels.shape} and values {values.shape} differ in shape")
-    signed = values if signed_values is None else np.asarray(signed_values, np.float64)
-    keep = labels > 0
-    if mask is not None:
-        keep &= np.asarray(mask, bool)
-    lab = labels[keep].astype(np.int64)
-    ids = _table_ids(table)
-    extra = np.setdiff1d(np.unique(lab), ids)
-    all_ids = np.concatenate([ids, extra])
-    size = int(all_ids.max()) + 1 if all_ids.size else 1
-    counts = np.bincount(lab, minlength=size).astype(np.int64)
-    abs_sums = np.bincount(lab, weights=np.abs(values[keep]), minlength=size)
-    signed_sums = np.bincount(lab, weights=signed[keep], minlength=size)
-    n = counts[all_ids]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean_abs = np.where(n > 0, abs_sums[all_ids] / np.maximum(n, 1), np.nan)
-        signed_mean = np.where(n > 0, signed_sums[all_ids] / np.maximum(n, 1), np.nan)
-    meta = table.set_index(pd.Index(ids, name="index"))
-    names = [str(meta["name"].get(i, f"label-{i}")) if "name" in meta else f"label-{i}"
-             for i in all_ids]
-    systems = [str(meta["system"].get(i, "unknown")) if "system" in meta else "unknown"
-               for i in all_ids]
-    out = pd.DataFrame({"index": all_ids, "name": names, "system": systems,
-                        "mean_abs": mean_abs, "signed_mean": signed_mean, "n_voxels": n})
-    out["rank"] = out["mean_abs"].rank(ascending=False, method="min").astype("Int64")
-    return out
-
-
-def region_values(geometry: TokenGeometry, scores: Mapping[int, float]) -> np.ndarray:
-    """Per-voxel ``(N, P)`` array painting every labelled voxel with its region's score.
-
-    Voxels of regions without a score (and unlabelled voxels) are 0.
-    """
-    return paint_regions(geometry.labels, geometry.voxel_mask, scores)
-
-
-def paint_regions(labels: np.ndarray, mask: np.ndarray, scores: Mapping[int, float]
-                  ) -> np.ndarray:
-    """float32 array of ``labels``' shape: each voxel inside ``mask`` holds its region's
-    score; regions without a finite score, unlabelled voxels and voxels outside are 0."""
-    lut_size = int(max([int(labels.max())] + [int(k) for k in scores])) + 1
-    lut = np.zeros(lut_size, np.float32)
-    for region, score in scores.items():
-        if np.isfinite(score):
-            lut[int(region)] = score
-    return np.where(mask, lut[np.clip(labels, 0, None)], 0.0).astype(np.float32)
-
-
-__all__ = ["BASELINES", "COMPLETENESS_TOLERANCE", "IGResult", "integrated_gradients",
-           "paint_regions", "region_table", "region_values", "to_source_grid",
-           "token_map"]

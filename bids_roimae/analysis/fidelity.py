@@ -8,35 +8,30 @@ rest of the brain and how much the representation relies on it. No I/O.
 
 from __future__ import annotations
 
-import inspect
-from typing import Optional, Sequence, Union
+from typing import Optional, Protocol, Sequence, Union
 
 import numpy as np
 import pandas as pd
 import torch
-from torch import nn
 
-from bids_roimae.analysis.attribution import _device_of, _inference_setup, _table_ids
+from bids_roimae.analysis.inference import device_of, frozen
+from bids_roimae.analysis.regions import region_ids
 from bids_roimae.core.geometry import TokenGeometry
 
 
-def _pooled_visible(mae: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of the encoder output over visible tokens, ``(B, D)``.
+class ReconstructionModel(Protocol):
+    """What region fidelity needs of a masked autoencoder (:class:`RoiMAE` has it)."""
 
-    Uses ``mae.embed(x, mask=...)`` when the model offers a masked embedding, otherwise
-    pools ``mae.encode(x, mask)`` (``(B, T', N, D)``) over the tokens ``mask`` leaves visible.
-    """
-    embed = getattr(mae, "embed", None)
-    if embed is not None and "mask" in inspect.signature(embed).parameters:
-        return embed(x, mask=mask)
-    enc = mae.encode(x, mask)
-    if enc.ndim == 3:  # (B, L, D): visible tokens only
-        return enc.mean(dim=1)
-    visible = (~mask).to(enc.dtype).unsqueeze(-1)
-    return (enc * visible).sum(dim=(1, 2)) / visible.sum(dim=(1, 2)).clamp_min(1.0)
+    def errors_and_embedding(self, x: torch.Tensor, mask: torch.Tensor
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token reconstruction MSE ``(B, T', N)`` and the mean encoder output over
+        the tokens ``mask`` leaves visible ``(B, D)``, for windows ``x (B, W, N, P)``."""
+
+    def group_time(self, x: torch.Tensor) -> torch.Tensor:
+        """Windows ``(B, W, N, P)`` as tokens ``(B, T', N, temporal_patch * P)``."""
 
 
-def region_fidelity(mae: nn.Module, windows: Union[torch.Tensor, np.ndarray],
+def region_fidelity(mae: ReconstructionModel, windows: Union[torch.Tensor, np.ndarray],
                     geometry: TokenGeometry, *, regions: Optional[Sequence[int]] = None,
                     table: Optional[pd.DataFrame] = None, batch_size: int = 8
                     ) -> pd.DataFrame:
@@ -47,9 +42,9 @@ def region_fidelity(mae: nn.Module, windows: Union[torch.Tensor, np.ndarray],
 
     Parameters
     ----------
-    mae : nn.Module
-        Pretrained masked autoencoder with ``errors_and_embedding(x, mask)``, or with
-        ``encode(x, mask)`` (or ``embed(x, mask=)``) and ``token_errors(x, mask)``.
+    mae : ReconstructionModel
+        Pretrained masked autoencoder (an ``nn.Module`` with ``errors_and_embedding``
+        and ``group_time``).
     windows : tensor or ndarray, shape (K, W, N, P)
     geometry : TokenGeometry
         The model's geometry; regions come from ``geometry.region_patches()``.
@@ -74,7 +69,7 @@ def region_fidelity(mae: nn.Module, windows: Union[torch.Tensor, np.ndarray],
     missing = [r for r in regions if r not in owned]
     if missing:
         raise ValueError(f"regions own no patch in this geometry: {missing[:10]}")
-    device = _device_of(mae)
+    device = device_of(mae)
     x_all = torch.as_tensor(np.asarray(windows) if not isinstance(windows, torch.Tensor)
                             else windows).to(device=device, dtype=torch.float32)
     n_windows, n_tok = x_all.shape[0], x_all.shape[2]
@@ -97,11 +92,10 @@ def region_fidelity(mae: nn.Module, windows: Union[torch.Tensor, np.ndarray],
         current.append(pair)
     if current:
         batches.append(current)
-    both = getattr(mae, "errors_and_embedding", None)
-    with _inference_setup(mae), torch.inference_mode():
-        t_prime = mae.encode(x_all[:1]).shape[1]
+    with frozen(mae), torch.inference_mode():
+        t_prime = mae.group_time(x_all[:1]).shape[1]
         none_masked = torch.zeros((1, t_prime, n_tok), dtype=torch.bool, device=device)
-        reference = torch.cat([_pooled_visible(mae, x_all[k:k + 1], none_masked)
+        reference = torch.cat([mae.errors_and_embedding(x_all[k:k + 1], none_masked)[1]
                                for k in range(n_windows)])  # (K, D)
         ref_norm[:] = reference.norm(dim=1).double().cpu().numpy()
         for batch in batches:
@@ -110,10 +104,7 @@ def region_fidelity(mae: nn.Module, windows: Union[torch.Tensor, np.ndarray],
             for row, (_, j) in enumerate(batch):
                 mask[row, :, torch.as_tensor(owned[regions[j]], device=device)] = True
             x = x_all[ks]
-            if both is not None:  # one encoder pass for the error and the embedding
-                tok_err, emb = both(x, mask)  # (B, T', N), (B, D)
-            else:
-                tok_err, emb = mae.token_errors(x, mask), _pooled_visible(mae, x, mask)
+            tok_err, emb = mae.errors_and_embedding(x, mask)  # (B, T', N), (B, D)
             region_err = (tok_err * mask).sum(dim=(1, 2)) / mask.sum(dim=(1, 2))
             ref = reference[ks]
             shift = (emb - ref).norm(dim=1)
@@ -137,7 +128,7 @@ def region_fidelity(mae: nn.Module, windows: Union[torch.Tensor, np.ndarray],
     out["rank"] = out["embedding_shift"].rank(ascending=False, method="min").astype("Int64")
     out["error_rank"] = out["error"].rank(ascending=False, method="min").astype("Int64")
     if table is not None:
-        meta = table.set_index(pd.Index(_table_ids(table), name="index"))
+        meta = table.set_index(pd.Index(region_ids(table), name="index"))
         out.insert(1, "name", [str(meta["name"].get(r, f"label-{r}")) for r in regions])
         out.insert(2, "system", [str(meta["system"].get(r, "unknown"))
                                  if "system" in meta else "unknown" for r in regions])

@@ -40,7 +40,8 @@ def _start_output(ctx: RunContext) -> None:
 
 def _template_geometry(ctx: RunContext, cfg, with_atlas: bool):
     """Template, atlas (or None) and the token geometry for the model grid."""
-    from bids_roimae.io.atlas import load_atlas, load_template, resample_labels
+    from bids_roimae.io.atlas import load_atlas, resample_labels
+    from bids_roimae.io.templates import load_template
     from bids_roimae.core.geometry import build_geometry, describe_regions
 
     template = load_template(ctx.space, resolution=2)
@@ -124,7 +125,7 @@ def run_pretrain(ctx: RunContext) -> int:
 # -- participant --mode finetune ---------------------------------------------------------
 def _labelled_entries(ctx: RunContext, labels, geometry, prep_cfg):
     """Prepared runs (preparing what is missing) of the selected, labelled subjects."""
-    from bids_roimae.io.atlas import load_template
+    from bids_roimae.io.templates import load_template
 
     labelled = set(labels.index)
     runs = [r for r in ctx.discover() if r.subject in labelled]
@@ -189,7 +190,8 @@ def run_finetune(ctx: RunContext) -> int:
 def _write_prediction(ctx: RunContext, subject: str, pred: dict, model_path: Path) -> None:
     import pandas as pd
 
-    from bids_roimae.io.derivatives import derivative_path, write_sidecar, write_tsv
+    from bids_roimae.io.bids_names import derivative_path
+    from bids_roimae.io.derivatives import write_sidecar, write_tsv
 
     ents = {"subject": subject}
     row = {"participant_id": f"sub-{subject}", "model": model_path.parent.name,
@@ -217,12 +219,13 @@ def run_predict(ctx: RunContext) -> int:
     """Per subject: prediction, embedding, attribution and fidelity maps, HTML page."""
     import nibabel as nib
 
-    from bids_roimae.io.atlas import load_template
+    from bids_roimae.io.templates import load_template
     from bids_roimae.analysis.attribution import integrated_gradients
     from bids_roimae.model.classifier import load_windows, subject_windows
     from bids_roimae.analysis.fidelity import region_fidelity
     from bids_roimae.training.finetune import checkpoint_file, load_finetuned, predict_subject
-    from bids_roimae.reports.run_derivatives import build_participant_report, write_run_attribution, write_run_fidelity
+    from bids_roimae.reports.participant_report import build_participant_report
+    from bids_roimae.reports.run_derivatives import write_run_attribution, write_run_fidelity
 
     o = ctx.options
     model_path = checkpoint_file(pick_model(ctx, o.get("model_path"), "finetune", "--model"))
@@ -311,7 +314,7 @@ def _report_groups(ctx: RunContext, participants, target: str, label_info: dict)
 
 def run_report(ctx: RunContext) -> int:
     """Group summary of the attribution and fidelity outputs, with figures and HTML."""
-    from bids_roimae.io.atlas import load_template
+    from bids_roimae.io.templates import load_template
     from bids_roimae.io.discovery import read_participants
     from bids_roimae.io.checkpoint import load_checkpoint
     from bids_roimae.reports.group_report import build_group_report

@@ -47,10 +47,9 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
+from bids_roimae.config import DEFAULT_SPACE
 from bids_roimae.errors import BadDataError, MissingInputError
-# The template API is re-exported: callers load the grid and the atlas from one module.
-from bids_roimae.io.templates import (DEFAULT_SPACE, FETCH_HINT, Template, _load_nifti,  # noqa: F401
-                        _templateflow_file, load_template)
+from bids_roimae.io.templates import FETCH_HINT, load_nifti, load_template, templateflow_file
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +113,7 @@ def _load_aal3() -> Atlas:
             f"AAL3 atlas (aal_3v2/AAL3/{AAL3_FILES[0]} + {AAL3_FILES[1]}) is not in the "
             f"nilearn cache {where} and could not be downloaded ({type(exc).__name__}): "
             f"{FETCH_HINT}") from exc
-    img = _load_nifti(Path(bunch["maps"]), "AAL3 atlas")
+    img = load_nifti(Path(bunch["maps"]), "AAL3 atlas")
     rows = [(int(i), str(n)) for i, n in zip(bunch["indices"], bunch["labels"]) if int(i) != 0]
     table = pd.DataFrame(rows, columns=["index", "name"])
     reference = aal3_systems()
@@ -175,7 +174,7 @@ def _load_atlas_file(atlas_file: Path, labels_file: Optional[Path]) -> Atlas:
     atlas_file = Path(atlas_file)
     if not atlas_file.is_file():
         raise MissingInputError(f"--atlas-file {atlas_file}: file not found")
-    img = _load_nifti(atlas_file, "atlas file")
+    img = load_nifti(atlas_file, "atlas file")
     stem = _file_stem(atlas_file)
     if labels_file is not None:
         labels_file = Path(labels_file)
@@ -196,18 +195,18 @@ def _load_templateflow_atlas(name: str, desc: Optional[str], space: str) -> Atla
     for res in (2, 1):  # 2 mm is the model grid; 1 mm is resampled later
         filename = f"tpl-{space}_res-{res:02d}_atlas-{name}{desc_part}_dseg.nii.gz"
         try:
-            img_path = _templateflow_file(space, filename, what)
+            img_path = templateflow_file(space, filename, what)
             break
         except MissingInputError as exc:
             errors.append(exc)
     else:  # prefer the error about a file TemplateFlow has (a failed download)
         raise next((e for e in errors if "does not provide" not in str(e)), errors[0])
-    img = _load_nifti(img_path, f"TemplateFlow {what}")
+    img = load_nifti(img_path, f"TemplateFlow {what}")
     table = None
     for tsv in (f"tpl-{space}_atlas-{name}{desc_part}_dseg.tsv",
                 f"tpl-{space}_res-{res:02d}_atlas-{name}{desc_part}_dseg.tsv"):
         try:
-            tsv_path = _templateflow_file(space, tsv, what)
+            tsv_path = templateflow_file(space, tsv, what)
         except MissingInputError:
             continue
         table = _read_label_table(tsv_path)

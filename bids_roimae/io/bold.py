@@ -18,9 +18,9 @@ from typing import Optional
 import numpy as np
 
 from bids_roimae.io.cache import brain_voxels
+from bids_roimae.config import DEFAULT_SPACE
 from bids_roimae.errors import BadDataError, one_line
 
-DEFAULT_SPACE = "MNI152NLin2009cAsym"
 
 
 class BoldSource:
@@ -199,7 +199,7 @@ def template_space(template_img, space: Optional[str]) -> str:
     -------
     str
         ``space``, ``template_img.space``, the ``tpl-<space>`` of its file name, or
-        :data:`DEFAULT_SPACE`.
+        :data:`bids_roimae.config.DEFAULT_SPACE`.
     """
     if space:
         return space

@@ -32,8 +32,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from bids_roimae.io import atomic
-from bids_roimae.io.cache_keys import (_DIGEST_MEMO, FORMAT_VERSION, HASH_INDEX_DIRNAME,  # noqa: F401
-                         cache_key, prep_settings)
+from bids_roimae.io.cache_keys import FORMAT_VERSION, HASH_INDEX_DIRNAME, cache_key, prep_settings
 
 logger = logging.getLogger(__name__)
 
@@ -181,6 +180,12 @@ def lookup(output_dir, run, geometry, prep_cfg, space: str) -> Optional[CacheEnt
     """The cached entry for ``run`` under these settings, or ``None`` when it must be made."""
     key = cache_key(run, geometry, prep_cfg, space,
                     index_dir=cache_root(output_dir) / HASH_INDEX_DIRNAME)
+    return cached_entry(output_dir, run, key)
+
+
+def cached_entry(output_dir, run, key: str) -> Optional[CacheEntry]:
+    """The complete entry of ``run`` under cache ``key`` (its meta and ``.npy`` header
+    agree), or ``None``."""
     entry = read_entry(entry_path(output_dir, run, key))
     if entry is None or entry.meta.get("key") != key or not _header_matches(entry):
         return None

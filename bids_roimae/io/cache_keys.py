@@ -43,6 +43,11 @@ def prep_settings(prep_cfg) -> Optional[dict]:
             "normalize": raw.get("normalize", "global")}
 
 
+def forget_digests() -> None:
+    """Drop the in-process digest memo (only the on-disk index is then consulted)."""
+    _DIGEST_MEMO.clear()
+
+
 def file_digest(path, index_dir=None) -> str:
     """blake2b digest of a file's bytes, memoised by (absolute path, size, mtime_ns).
 

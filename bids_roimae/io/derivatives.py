@@ -1,6 +1,7 @@
 """Write OUTPUT_DIR as a BIDS derivatives dataset.
 
-Every file name is built from BIDS entities (:func:`derivative_path`), never by joining
+Every file name is built from BIDS entities
+(:func:`bids_roimae.io.bids_names.derivative_path`), never by joining
 user text; every write is atomic (a unique temporary file in the same folder, then
 ``os.replace``; :mod:`bids_roimae.io.atomic`), so concurrent participant jobs never leave a
 half-written file.
@@ -38,95 +39,15 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import tempfile
 from pathlib import Path
 
 from bids_roimae.io import atomic
+from bids_roimae.io.bids_names import check_label
 from bids_roimae.errors import OutputError
 
 CODE_URL = "https://github.com/bidsroimae/bids_roimae"
 BIDS_VERSION = "1.10.0"
-_LABEL_RE = re.compile(r"^[A-Za-z0-9]+$")
-_EXT_RE = re.compile(r"^(\.[A-Za-z0-9]+)+$")
-# entity order of the BIDS schema (stat-, not in the schema, before desc- as XCP-D does)
-ENTITY_ORDER = ("sub", "ses", "task", "acq", "ce", "rec", "dir", "run", "echo", "part",
-                "space", "atlas", "seg", "res", "den", "label", "stat", "desc")
-_SOURCE_ENTITIES = ("sub", "ses", "task", "acq", "ce", "rec", "dir", "run", "echo", "part")
-_LONG_NAMES = {"subject": "sub", "session": "ses", "acquisition": "acq", "ceagent": "ce",
-               "reconstruction": "rec", "direction": "dir", "segmentation": "seg",
-               "resolution": "res", "density": "den", "description": "desc",
-               "statistic": "stat"}
-
-
-def _short(key: str) -> str:
-    return _LONG_NAMES.get(key, key)
-
-
-def _label(key: str, value) -> str:
-    text = str(value)
-    if not _LABEL_RE.match(text):
-        raise ValueError(f"{key}-{text!r} is not a BIDS label (letters and digits only)")
-    return text
-
-
-def derivative_path(output_dir, source_entities: dict, *, suffix: str, extension: str,
-                    datatype: str = "func", **entities) -> Path:
-    """Path of a derivative file named from the source run's entities.
-
-    Parameters
-    ----------
-    output_dir : path
-        Root of the derivative dataset.
-    source_entities : dict
-        Entities of the source file (pybids names such as ``subject``/``acquisition`` or
-        BIDS keys such as ``sub``/``acq``); only ``sub ses task acq ce rec dir run echo
-        part`` are taken from it.
-    suffix : str
-        E.g. ``"boldmap"``, ``"dseg"``.
-    extension : str
-        E.g. ``".nii.gz"``, ``".tsv"``, ``".json"``.
-    datatype : str
-        Folder under the subject/session (``func``).
-    **entities
-        ``space``, ``res``, ``atlas``, ``seg``, ``stat``, ``desc``, ... added or
-        overriding the source's; ``None`` removes an entity.
-
-    Returns
-    -------
-    Path
-        ``OUTPUT_DIR/sub-<s>/[ses-<ss>/]<datatype>/sub-<s>[_ses-..]..._<suffix><extension>``.
-
-    Raises
-    ------
-    ValueError
-        A value, suffix, datatype or extension that is not a valid BIDS token, an unknown
-        entity, or no subject.
-    """
-    values = {}
-    for key, value in source_entities.items():
-        if _short(key) in _SOURCE_ENTITIES and value is not None:
-            values[_short(key)] = value
-    for key, value in entities.items():
-        short = _short(key)
-        if short not in ENTITY_ORDER:
-            raise ValueError(f"unknown BIDS entity {key!r} (known: {', '.join(ENTITY_ORDER)})")
-        if value is None:
-            values.pop(short, None)
-        else:
-            values[short] = value
-    if "sub" not in values:
-        raise ValueError("derivative_path needs a subject entity")
-    labels = {k: _label(k, values[k]) for k in ENTITY_ORDER if k in values}
-    _label("suffix", suffix)
-    _label("datatype", datatype)
-    if not _EXT_RE.match(extension):
-        raise ValueError(f"{extension!r} is not a file extension such as '.nii.gz'")
-    folder = Path(output_dir) / f"sub-{labels['sub']}"
-    if "ses" in labels:
-        folder = folder / f"ses-{labels['ses']}"
-    name = "_".join(f"{k}-{v}" for k, v in labels.items()) + f"_{suffix}{extension}"
-    return folder / datatype / name
 
 
 def write_text(path, text: str) -> Path:
@@ -339,7 +260,7 @@ def write_atlas_files(output_dir, atlas_name, labels_img, table, space, res) -> 
     import nibabel as nib
     import numpy as np
 
-    name, space, res = _label("atlas", atlas_name), _label("space", space), _label("res", res)
+    name, space, res = check_label("atlas", atlas_name), check_label("space", space), check_label("res", res)
     missing = {"index", "name"} - set(table.columns)
     if missing:
         raise ValueError(f"atlas table lacks column(s) {', '.join(sorted(missing))}")

@@ -19,15 +19,15 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bids_roimae.io.run_files import (PYBIDS_TO_SHORT, SHORT_TO_PYBIDS, SOURCE_KEYS, FolderListings,
-                         mask_and_confounds, parse_name, repetition_time)
+from bids_roimae.io.bids_names import (LABEL_RE, PYBIDS_TO_SHORT, SHORT_TO_PYBIDS, SOURCE_KEYS,
+                                      parse_name)
+from bids_roimae.io.run_files import FolderListings, mask_and_confounds, repetition_time
 from bids_roimae.io.bids_index import layout_query, open_layout
+from bids_roimae.config import DEFAULT_SPACE, MODEL_RESOLUTION
 from bids_roimae.errors import BadDataError, MissingInputError, NoDataSelected, UsageError
 
 log = logging.getLogger(__name__)
 
-MODEL_RESOLUTION = "2"
-_LABEL_RE = re.compile(r"^[A-Za-z0-9]+$")
 # filter-file keys this module sets itself
 _RESERVED_FILTERS = {"space", "desc", "extension", "res", "den"}
 _FIXED_FILTERS = {"suffix": "bold", "datatype": "func"}
@@ -97,7 +97,7 @@ def normalise_labels(values, prefix) -> list[str]:
                 part = part[len(head):]
             if not part:
                 continue
-            if not _LABEL_RE.match(part):
+            if not LABEL_RE.match(part):
                 raise UsageError(f"{head}{part!s} is not a valid BIDS label (letters and digits only)")
             if part not in labels:
                 labels.append(part)
@@ -252,7 +252,7 @@ def _res_rank(res: str | None) -> tuple:
 
 
 def discover(bids_dir, *, derivatives=None, participant_labels=None, session_labels=None,
-             task_labels=None, space="MNI152NLin2009cAsym", bids_filters=None,
+             task_labels=None, space=DEFAULT_SPACE, bids_filters=None,
              database_dir=None) -> list[BoldRun]:
     """Select the fMRIPrep BOLD runs to work on.
 

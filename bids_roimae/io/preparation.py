@@ -18,15 +18,16 @@ import logging
 import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from fractions import Fraction
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 
-from bids_roimae.io.cache import (HASH_INDEX_DIRNAME, CacheEntry, ScaledTokens,  # noqa: F401
-                    cache_key, cache_root, entry_path, load_entries, lookup, prep_settings,
-                    read_entry, remove_stale_temps, write_tokens)
+from bids_roimae.core.scaling import (global_scale_inplace, resample_time, resampled_length,
+                                      zscore_inplace)
+from bids_roimae.io.cache import (CacheEntry, cache_root, cached_entry, entry_path,
+                                  remove_stale_temps, write_tokens)
+from bids_roimae.io.cache_keys import HASH_INDEX_DIRNAME, cache_key, prep_settings
 from bids_roimae.io.bold import (BoldSource, check_template_grid,  # noqa: F401
                       model_grid_matrix, outside_run_mask, template_space)
 from bids_roimae.config import PrepConfig
@@ -34,8 +35,6 @@ from bids_roimae.errors import AppError, BadDataError, OutputError, one_line
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CacheEntry", "ScaledTokens", "cache_root", "cache_key", "lookup", "load_entries",
-           "prepare_run", "prepare_runs"]
 
 
 def prepare_run(run, geometry, template_img, prep_cfg: Optional[PrepConfig], output_dir, *,
@@ -92,7 +91,7 @@ def prepare_run(run, geometry, template_img, prep_cfg: Optional[PrepConfig], out
     key = cache_key(run, geometry, prep, space, index_dir=root / HASH_INDEX_DIRNAME)
     final = entry_path(output_dir, run, key)
     if not overwrite:
-        entry = read_entry(final)
+        entry = cached_entry(output_dir, run, key)
         if entry is not None:
             _check_length(name, entry.n_frames, window, entry.meta.get("target_tr"))
             logger.info("%s: cached (%s)", run.key, final.name)
@@ -103,7 +102,7 @@ def prepare_run(run, geometry, template_img, prep_cfg: Optional[PrepConfig], out
     source = BoldSource(run.path)
     tr_in, tr_source = _input_tr(run, source, needed=prep.target_tr is not None
                                  or prep.confounds != "none")
-    expected = (_resampled_length(source.n_frames, tr_in, prep.target_tr)
+    expected = (resampled_length(source.n_frames, tr_in, prep.target_tr)
                 if prep.target_tr else source.n_frames)
     _check_length(name, expected, window, prep.target_tr)
     if prep.confounds != "none":
@@ -122,7 +121,7 @@ def prepare_run(run, geometry, template_img, prep_cfg: Optional[PrepConfig], out
         brain, confound_info = _regress_confounds(run, brain, prep.confounds, tr_in)
     tr_out = tr_in
     if prep.target_tr is not None:
-        brain = _resample_time(brain, tr_in, prep.target_tr)
+        brain = resample_time(brain, tr_in, prep.target_tr)
         tr_out = float(prep.target_tr)
     _check_length(name, brain.shape[0], window, prep.target_tr)
     if prep.normalize == "voxel":
@@ -203,84 +202,6 @@ def prepare_runs(runs: Sequence, geometry, template_img, prep_cfg, output_dir, *
     return entries, failures
 
 
-def _demean_inplace(brain: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Remove each column's mean over time, in place; returns (mean, SD), float64."""
-    mean = brain.mean(axis=0, dtype=np.float64)
-    brain -= mean.astype(np.float32)
-    # einsum squares and sums without a (T, V) temporary.
-    var = np.einsum("tv,tv->v", brain, brain, dtype=np.float64) / brain.shape[0]
-    return mean, np.sqrt(var)
-
-
-def zscore_inplace(brain: np.ndarray) -> int:
-    """Z-score each column of ``brain`` (T, V) over time, in place.
-
-    Columns with (numerically) zero variance become 0. Returns their count.
-    """
-    mean, std = _demean_inplace(brain)
-    flat = std <= 1e-6 * np.maximum(np.abs(mean), 1e-6)
-    inv = np.where(flat, 0.0, 1.0 / np.where(flat, 1.0, std)).astype(np.float32)
-    brain *= inv
-    return int(flat.sum())
-
-
-def global_scale_inplace(brain: np.ndarray, baseline: np.ndarray,
-                         floor_fraction: float = 0.1, min_snr: float = 10.0,
-                         ignore: Optional[np.ndarray] = None) -> dict:
-    """Percent signal change per voxel, then one scale for the whole run, in place.
-
-    Unlike a per-voxel z-score this keeps how strongly each voxel fluctuates relative to
-    the others (a region with twice the fluctuation amplitude stays twice as large), while
-    differences in scanner units between runs and sites are removed.
-
-    Parameters
-    ----------
-    brain : numpy.ndarray
-        ``(T, V)`` float32 time series of the brain voxels, modified in place.
-    baseline : numpy.ndarray
-        ``(V,)`` mean intensity of each voxel in the raw signal (before any confound
-        regression, which may remove it).
-    floor_fraction : float
-        Baselines below this fraction of the median baseline (signal dropout, the edge of
-        the field of view) are raised to it, so near-zero means cannot blow a voxel up.
-    min_snr : float
-        Percent signal change is used only when the median baseline exceeds ``min_snr``
-        times the median temporal SD, i.e. when the input is raw positive intensities;
-        otherwise (demeaned or standardised input) only the run-wide scale is applied.
-    ignore : numpy.ndarray of bool, optional
-        ``(V,)`` voxels left out of the medians (outside the participant's own brain mask,
-        where the signal is background).
-
-    Returns
-    -------
-    dict
-        ``normalize`` (``"global-psc"`` or ``"global-sd"``), ``global_scale`` (what the
-        demeaned signal was divided by), ``median_baseline``, ``n_zero_variance_voxels``.
-    """
-    _, sd = _demean_inplace(brain)
-    live = sd > 1e-6 * np.maximum(np.abs(baseline), 1e-6)
-    counted = live if ignore is None else live & ~ignore
-    counted = counted if counted.any() else live
-    if not counted.any():  # nothing fluctuates: every voxel becomes 0
-        brain[:] = 0.0
-        return {"normalize": "global-sd", "global_scale": 1.0, "median_baseline": 0.0,
-                "n_zero_variance_voxels": int(live.size)}
-    median_base = float(np.median(baseline[counted]))
-    median_sd = float(np.median(sd[counted]))
-    psc = median_base > 0 and median_base > min_snr * median_sd
-    if psc:
-        per_voxel = 100.0 / np.maximum(baseline, floor_fraction * median_base)
-        sd_scaled = sd * per_voxel
-    else:
-        per_voxel, sd_scaled = np.ones_like(sd), sd
-    scale = float(np.median(sd_scaled[counted]))
-    scale = scale if scale > 0 else 1.0
-    factor = np.where(live, per_voxel / scale, 0.0).astype(np.float32)
-    brain *= factor
-    return {"normalize": "global-psc" if psc else "global-sd", "global_scale": scale,
-            "median_baseline": median_base, "n_zero_variance_voxels": int((~live).sum())}
-
-
 # -- steps ---------------------------------------------------------------------------------
 
 
@@ -338,27 +259,6 @@ def _regress_confounds(run, brain: np.ndarray, strategy: str, tr: Optional[float
             "n_frames_scrubbed": 0 if sample_mask is None
             else int(brain.shape[0] - len(sample_mask))}
     return np.ascontiguousarray(cleaned, dtype=np.float32), info
-
-
-def _resampled_length(n_frames: int, tr_in: float, tr_out: float) -> int:
-    up, down = _tr_ratio(tr_in, tr_out)
-    return -(-n_frames * up // down)
-
-
-def _tr_ratio(tr_in: float, tr_out: float) -> tuple[int, int]:
-    ratio = Fraction(tr_in / tr_out).limit_denominator(64)
-    return ratio.numerator, ratio.denominator
-
-
-def _resample_time(brain: np.ndarray, tr_in: float, tr_out: float) -> np.ndarray:
-    """Resample (T, V) from TR ``tr_in`` to ``tr_out`` with a polyphase anti-alias filter."""
-    from scipy.signal import resample_poly
-
-    up, down = _tr_ratio(tr_in, tr_out)
-    if up == down:
-        return brain
-    out = resample_poly(brain, up, down, axis=0, padtype="line")
-    return np.ascontiguousarray(out, dtype=np.float32)
 
 
 def _as_app_error(run, exc: BaseException) -> AppError:

@@ -1,9 +1,8 @@
-"""BIDS file names, and the files found beside a preprocessed BOLD run.
+"""The files found beside a preprocessed BOLD run.
 
-Entity tables (BIDS short keys and pybids names), file-name parsing, and for one run: its
-RepetitionTime, read from JSON sidecars by the BIDS inheritance principle over the
-derivatives folder and, when it is a separate dataset, the raw BIDS folder; and its
-companion brain mask and confounds table, found by name in the run's folder. Folder
+For one run: its RepetitionTime, read from JSON sidecars by the BIDS inheritance principle
+over the derivatives folder and, when it is a separate dataset, the raw BIDS folder; and
+its companion brain mask and confounds table, found by name in the run's folder. Folder
 listings are cached so each folder is read at most once per discovery.
 """
 
@@ -15,29 +14,9 @@ import os
 from pathlib import Path
 from typing import Iterable
 
+from bids_roimae.io.bids_names import SOURCE_KEYS, parse_name
+
 log = logging.getLogger(__name__)
-
-# BIDS short keys -> pybids entity names (the names `entities` and filter files use)
-SHORT_TO_PYBIDS = {
-    "sub": "subject", "ses": "session", "task": "task", "acq": "acquisition",
-    "ce": "ceagent", "rec": "reconstruction", "dir": "direction", "run": "run",
-    "echo": "echo", "part": "part", "chunk": "chunk", "space": "space", "cohort": "cohort",
-    "res": "res", "den": "den", "atlas": "atlas", "seg": "segmentation", "label": "label",
-    "desc": "desc", "trc": "tracer", "mod": "modality", "inv": "inv", "flip": "flip",
-    "mt": "mt", "hemi": "hemi",
-}
-PYBIDS_TO_SHORT = {v: k for k, v in SHORT_TO_PYBIDS.items()}
-# entities that identify an acquisition (the run key); space/res/desc describe a derivative
-SOURCE_KEYS = ("sub", "ses", "task", "acq", "ce", "rec", "dir", "run", "echo", "part")
-
-
-def parse_name(name: str):
-    """``(pairs [(short key, value)], suffix, extension)`` of a BIDS file name."""
-    stem, _, ext = name.partition(".")
-    parts = stem.split("_")
-    pairs = [tuple(p.split("-", 1)) for p in parts[:-1] if "-" in p]
-    return pairs, parts[-1], "." + ext if ext else ""
-
 
 class FolderListings(dict):
     """Cached folder listings, so each folder is read at most once per discovery."""

@@ -18,11 +18,11 @@ from typing import Optional
 
 import nibabel as nib
 
+from bids_roimae.config import DEFAULT_SPACE, MODEL_RESOLUTION
 from bids_roimae.errors import BadDataError, MissingInputError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SPACE = "MNI152NLin2009cAsym"
 #: Seconds a TemplateFlow download waits on the network, so an offline call fails quickly.
 TEMPLATEFLOW_TIMEOUT = 10
 TEMPLATEFLOW_S3 = "https://templateflow.s3.amazonaws.com"  # TemplateFlow's file store
@@ -96,7 +96,7 @@ def _download(url: str, target: Path) -> None:
         write_via(target, write, fsync=False)
 
 
-def _templateflow_file(space: str, filename: str, what: str) -> Path:
+def templateflow_file(space: str, filename: str, what: str) -> Path:
     """Return ``tpl-<space>/<filename>`` from the TemplateFlow cache, downloading it if needed.
 
     A non-empty cached file is used as is (TemplateFlow leaves 0-byte placeholders for
@@ -123,7 +123,8 @@ def _templateflow_file(space: str, filename: str, what: str) -> Path:
     return cached
 
 
-def _load_nifti(path: Path, what: str) -> nib.Nifti1Image:
+def load_nifti(path: Path, what: str) -> nib.Nifti1Image:
+    """Open a NIfTI image (header read, data left on disk); BadDataError names ``what``."""
     try:
         img = nib.load(str(path))
         img.header.get_data_shape()
@@ -132,7 +133,7 @@ def _load_nifti(path: Path, what: str) -> nib.Nifti1Image:
         raise BadDataError(f"{what} {path} cannot be read as NIfTI ({exc})") from exc
 
 
-def load_template(space: str = DEFAULT_SPACE, resolution: int = 2) -> Template:
+def load_template(space: str = DEFAULT_SPACE, resolution: int = MODEL_RESOLUTION) -> Template:
     """Load the template brain mask that defines the model grid.
 
     Parameters
@@ -154,13 +155,13 @@ def load_template(space: str = DEFAULT_SPACE, resolution: int = 2) -> Template:
         The mask is neither cached nor downloadable.
     """
     res = f"res-{int(resolution):02d}"
-    mask_path = _templateflow_file(space, f"tpl-{space}_{res}_desc-brain_mask.nii.gz",
+    mask_path = templateflow_file(space, f"tpl-{space}_{res}_desc-brain_mask.nii.gz",
                                    f"template brain mask of {space}")
-    mask_img = _load_nifti(mask_path, "template brain mask")
+    mask_img = load_nifti(mask_path, "template brain mask")
     if len(mask_img.shape) != 3:
         raise BadDataError(f"template brain mask {mask_path} is not 3D ({mask_img.shape})")
     try:
-        t1w_path: Optional[Path] = _templateflow_file(
+        t1w_path: Optional[Path] = templateflow_file(
             space, f"tpl-{space}_{res}_T1w.nii.gz", f"template T1w of {space}")
     except MissingInputError as exc:  # only figures need it
         log.warning("%s", exc)

@@ -18,23 +18,20 @@ import logging
 from pathlib import Path
 from typing import Iterable, Optional
 
+import nibabel as nib
 import numpy as np
 import pandas as pd
 
 from bids_roimae.analysis.group_stats import group_difference, region_ranking, system_ranking, system_tables
-from bids_roimae.reports.run_derivatives import find_outputs, mean_sd_maps, read_region_tables
+from bids_roimae.analysis.regions import paint_regions, to_source_grid
+from bids_roimae.io.atlas import Atlas, resample_labels
+from bids_roimae.io.bids_names import group_path
+from bids_roimae.io.derivatives import save_image, write_text, write_tsv
+from bids_roimae.reports.figures import brain_png
+from bids_roimae.reports.html import figure_html, html_page, html_table, ranking_section
+from bids_roimae.reports.run_derivatives import find_outputs, read_region_tables
 
 logger = logging.getLogger(__name__)
-
-
-def _group_path(output_dir, suffix: str, extension: str, **entities) -> Path:
-    """``OUTPUT_DIR/group/<entities>_<suffix><ext>`` in the schema's entity order."""
-    from bids_roimae.io.derivatives import ENTITY_ORDER, _label
-
-    parts = [f"{k}-{_label(k, entities[k])}" for k in ENTITY_ORDER
-             if entities.get(k) is not None]
-    return Path(output_dir) / "group" / ("_".join(parts + [_label("suffix", suffix)])
-                                         + extension)
 
 
 def _top_differences_html(differences, html_table, n_top: int = 5) -> str:
@@ -54,10 +51,6 @@ def _top_differences_html(differences, html_table, n_top: int = 5) -> str:
 def _template_labels(output_dir, atlas, template):
     """Atlas labels on the template grid: from the atlas image when the caller has it, else
     the ``dseg`` the pretraining wrote into the dataset; ``False`` when neither exists."""
-    import nibabel as nib
-
-    from bids_roimae.io.atlas import Atlas, resample_labels
-
     if getattr(atlas, "img", None) is None:
         found = sorted(Path(output_dir).glob(f"space-{template.space}_atlas-{atlas.name}_"
                                              "*dseg.nii.gz"))
@@ -82,13 +75,37 @@ def region_value_image(labels: np.ndarray, mask: np.ndarray, affine, indices, va
     indices, values : sequences
         Region labels and their values (NaN values paint 0).
     """
-    import nibabel as nib
-
-    from bids_roimae.analysis.attribution import paint_regions
-
     values = np.nan_to_num(np.asarray(values, dtype=np.float32))  # an infinite t stays big
     scores = dict(zip(np.asarray(indices, dtype=np.int64).tolist(), values.tolist()))
     return nib.Nifti1Image(paint_regions(labels, mask, scores), affine)
+
+
+def mean_sd_maps(paths_by_subject: dict, target_img):
+    """Group mean and SD maps on the template grid.
+
+    Each participant's runs are averaged first; maps on another grid are resampled.
+
+    Parameters
+    ----------
+    paths_by_subject : dict of str -> list of paths
+    target_img : nibabel image
+        The template brain mask (grid, affine; voxels outside it are 0).
+
+    Returns
+    -------
+    (mean_img, sd_img) : nibabel images
+    """
+    mask = np.asarray(target_img.dataobj) > 0
+    per_subject = []
+    for paths in paths_by_subject.values():
+        runs = [np.asarray(to_source_grid(nib.load(str(p)), target_img).dataobj)
+                for p in paths]
+        per_subject.append(np.mean(runs, axis=0))
+    stack = np.stack(per_subject)
+    mean = np.where(mask, stack.mean(0), 0).astype(np.float32)
+    sd = stack.std(0, ddof=1) if len(stack) > 1 else np.zeros_like(mean)
+    sd = np.where(mask, sd, 0).astype(np.float32)
+    return nib.Nifti1Image(mean, target_img.affine), nib.Nifti1Image(sd, target_img.affine)
 
 
 def build_group_report(output_dir, participants: Optional[pd.DataFrame], atlas, template,
@@ -121,9 +138,6 @@ def build_group_report(output_dir, participants: Optional[pd.DataFrame], atlas, 
     dict
         Paths written, keyed by what they hold; ``"html"`` is the report.
     """
-    from bids_roimae.reports.figures import brain_png, figure_html, html_page, html_table, ranking_section
-    from bids_roimae.io.derivatives import save_image, write_text, write_tsv
-
     out, seg = {}, atlas.name
     sections, differences, figures, labels = [], [], [], None
     res = getattr(template, "resolution", None)
@@ -146,7 +160,7 @@ def build_group_report(output_dir, participants: Optional[pd.DataFrame], atlas, 
             ranking["error_sd"] = ranking["index"].map(err["sd"])
         systems = system_ranking(tables, value)
         for key, table in (("regions", ranking), ("systems", systems)):
-            path = _group_path(output_dir, "stats", ".tsv", seg=seg, stat=stat, desc=key)
+            path = group_path(output_dir, suffix="stats", extension=".tsv", seg=seg, stat=stat, desc=key)
             out[f"{stat}_{key}"] = write_tsv(path, table, {c: c for c in table.columns})
         inner = [f"<p class='meta'>{n_sub} participants, {len(tables)} region rows.</p>"]
         maps = {}
@@ -157,7 +171,7 @@ def build_group_report(output_dir, participants: Optional[pd.DataFrame], atlas, 
             mean_img, sd_img = mean_sd_maps(maps, template.mask_img)
             for what, img in (("mean", mean_img), ("sd", sd_img)):
                 desc = what if stat == "ig" else f"{map_desc}{what}"
-                path = _group_path(output_dir, "boldmap", ".nii.gz", space=template.space,
+                path = group_path(output_dir, suffix="boldmap", extension=".nii.gz", space=template.space,
                                    res=res, seg=None if stat == "ig" else seg, stat=stat,
                                    desc=desc)
                 out[f"{stat}_{what}_map"] = save_image(img, path, {
@@ -184,7 +198,7 @@ def build_group_report(output_dir, participants: Optional[pd.DataFrame], atlas, 
         for column, desc in compared if groups is not None else []:
             diff = group_difference(tables, column, groups)
             if diff is not None:
-                path = _group_path(output_dir, "stats", ".tsv", seg=seg, stat=stat,
+                path = group_path(output_dir, suffix="stats", extension=".tsv", seg=seg, stat=stat,
                                    desc=desc)
                 out[f"{stat}_{desc}"] = write_tsv(path, diff, {c: c for c in diff})
                 differences.append((f"{stat} {column}", diff))
@@ -195,7 +209,7 @@ def build_group_report(output_dir, participants: Optional[pd.DataFrame], atlas, 
                 else:
                     img = region_value_image(labels, brain, template.mask_img.affine,
                                              diff["index"], diff["statistic"])
-                    path = _group_path(output_dir, "boldmap", ".nii.gz",
+                    path = group_path(output_dir, suffix="boldmap", extension=".nii.gz",
                                        space=template.space, res=res, seg=seg, stat=stat,
                                        desc=desc)
                     source = Path(out[f"{stat}_{desc}"]).relative_to(Path(output_dir))
@@ -216,7 +230,7 @@ def build_group_report(output_dir, participants: Optional[pd.DataFrame], atlas, 
                 if sys_diff is not None:
                     sys_diff = sys_diff.drop(columns=["index", "name"])
                     sys_desc = desc.replace("groupdiff", "systemgroupdiff")
-                    path = _group_path(output_dir, "stats", ".tsv", seg=seg, stat=stat,
+                    path = group_path(output_dir, suffix="stats", extension=".tsv", seg=seg, stat=stat,
                                        desc=sys_desc)
                     out[f"{stat}_{sys_desc}"] = write_tsv(path, sys_diff,
                                                           {c: c for c in sys_diff})

@@ -18,22 +18,21 @@ the tree.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
 import pandas as pd
 
-from bids_roimae.analysis.attribution import IGResult, region_table, region_values, to_source_grid, token_map
-from bids_roimae.reports.figures import build_participant_report  # the per-participant page, re-exported
+from bids_roimae.analysis.attribution import IGResult
+from bids_roimae.analysis.regions import region_table, region_values, to_source_grid, token_map
 from bids_roimae.core.geometry import TokenGeometry
-from bids_roimae.analysis.group_stats import group_difference  # noqa: F401 - re-exported
+from bids_roimae.io.bids_names import derivative_path, name_entities
+from bids_roimae.io.derivatives import save_image, write_tsv
 
 #: Patterns the dataset's ``.bidsignore`` needs for what this module writes.
 BIDSIGNORE = ["*_stat-*", "*_boldmap.*", "*.html", "group"]
 STAT_ENTITY_PATTERN = r"[_/\\]+stat-([a-zA-Z0-9]+)"
-_NAME_RE = re.compile(r"([a-zA-Z]+)-([a-zA-Z0-9]+)")
 
 
 def pybids_config() -> dict:
@@ -44,15 +43,6 @@ def pybids_config() -> dict:
     """
     return {"name": "bids_roimae",
             "entities": [{"name": "stat", "pattern": STAT_ENTITY_PATTERN}]}
-
-
-def name_entities(path) -> dict:
-    """BIDS key-value pairs and suffix of a file name (``{"sub": "01", ..., "suffix": ..}``)."""
-    stem = Path(path).name.split(".", 1)[0]
-    parts = stem.split("_")
-    out = {m.group(1): m.group(2) for p in parts[:-1] if (m := _NAME_RE.fullmatch(p))}
-    out["suffix"] = parts[-1]
-    return out
 
 
 def _resolution_meta(res, reference) -> dict:
@@ -103,8 +93,6 @@ def write_run_attribution(output_dir, source_entities: dict, ig: IGResult,
     dict
         ``{"absmean": Path, "signedmean": Path, "table": Path}``.
     """
-    from bids_roimae.io.derivatives import derivative_path, save_image, write_tsv
-
     meta = {**ig.metadata(), "Model": dict(model_meta or {}), "Atlas": atlas_name,
             "Sources": list(sources), "Space": space, **_resolution_meta(res, reference)}
     paths = {}
@@ -143,8 +131,6 @@ def write_run_fidelity(output_dir, source_entities: dict, fidelity: pd.DataFrame
     dict
         ``{"error": Path, "shift": Path, "table": Path}``.
     """
-    from bids_roimae.io.derivatives import derivative_path, save_image, write_tsv
-
     meta = {"Method": "region occlusion of the masked autoencoder (tube mask per region)",
             "Model": dict(model_meta or {}), "Atlas": atlas_name, "Sources": list(sources),
             "Space": space, "NumberOfRegions": int(len(fidelity)),
@@ -211,39 +197,3 @@ def read_region_tables(output_dir, stat: str, subjects: Optional[Iterable[str]] 
         table["run_key"] = path.name.split("_space-")[0]
         frames.append(table)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-
-
-# -- group maps -------------------------------------------------------------------------
-def mean_sd_maps(paths_by_subject: dict, target_img):
-    """Group mean and SD maps on the template grid.
-
-    Each participant's runs are averaged first; maps on another grid are resampled.
-
-    Parameters
-    ----------
-    paths_by_subject : dict of str -> list of paths
-    target_img : nibabel image
-        The template brain mask (grid, affine; voxels outside it are 0).
-
-    Returns
-    -------
-    (mean_img, sd_img) : nibabel images
-    """
-    import nibabel as nib
-
-    mask = np.asarray(target_img.dataobj) > 0
-    per_subject = []
-    for paths in paths_by_subject.values():
-        runs = [np.asarray(to_source_grid(nib.load(str(p)), target_img).dataobj)
-                for p in paths]
-        per_subject.append(np.mean(runs, axis=0))
-    stack = np.stack(per_subject)
-    mean = np.where(mask, stack.mean(0), 0).astype(np.float32)
-    sd = stack.std(0, ddof=1) if len(stack) > 1 else np.zeros_like(mean)
-    sd = np.where(mask, sd, 0).astype(np.float32)
-    return nib.Nifti1Image(mean, target_img.affine), nib.Nifti1Image(sd, target_img.affine)
-
-
-__all__ = ["BIDSIGNORE", "build_participant_report", "find_outputs", "group_difference",
-           "mean_sd_maps", "name_entities", "pybids_config", "read_region_tables",
-           "write_run_attribution", "write_run_fidelity"]

@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 
 from bids_roimae.io.atlas import resample_labels
+from bids_roimae.config import DEFAULT_SPACE
 from bids_roimae.errors import MissingInputError
 from bids_roimae.synth.resources import template_and_atlas, write_synthetic_resources
 from bids_roimae.synth.signal import (COUPLING, EFFECTS, SignalGrid, confounds_table, planted_factors,
@@ -109,7 +110,7 @@ def _assign_participants(n_subjects: int, n_sites: int, rng) -> pd.DataFrame:
 def make_dataset(out: Path, *, n_subjects: int = 12, n_frames: int = 60, tr: float = 2.0,
                  seed: int = 0, sessions: int = 1, runs: int = 1,
                  tasks: Sequence[str] = ("rest",), planted_regions=None,
-                 effect_size: float = 0.5, space: str = "MNI152NLin2009cAsym",
+                 effect_size: float = 0.5, space: str = DEFAULT_SPACE,
                  n_sites: int = 2, n_jobs: int = 1, effect: str = "both") -> dict:
     """Write the example dataset (raw BIDS root + ``derivatives/fmriprep``).
 
@@ -308,7 +309,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                   type=click.Choice(list(EFFECTS)),
                   help="Planted difference: amplitude, coupling to the network, or both.")
     @click.option("--n-sites", default=2, show_default=True, type=click.IntRange(1))
-    @click.option("--space", default="MNI152NLin2009cAsym", show_default=True)
+    @click.option("--space", default=DEFAULT_SPACE, show_default=True)
     @click.option("--n-jobs", default=2, show_default=True, type=click.IntRange(1),
                   help="Runs written in parallel.")
     def command(out, n_subjects, n_frames, tr, seed, sessions, runs, tasks, planted,

@@ -20,7 +20,9 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from bids_roimae.io.atlas import aal3_systems, load_atlas, load_template
+from bids_roimae.io.atlas import aal3_systems, load_atlas
+from bids_roimae.io.templates import load_template
+from bids_roimae.config import DEFAULT_SPACE
 from bids_roimae.errors import MissingInputError
 
 log = logging.getLogger(__name__)
@@ -69,7 +71,7 @@ def _synthetic_parcellation(coords, brain):
 
 def write_synthetic_resources(templateflow_home: Path, nilearn_data: Path, *,
                               shape: Sequence[int] = (13, 17, 11),
-                              space: str = "MNI152NLin2009cAsym") -> None:
+                              space: str = DEFAULT_SPACE) -> None:
     """Write a synthetic template and AAL3-like atlas where TemplateFlow and nilearn look.
 
     The template (``tpl-<space>_res-02_desc-brain_mask`` ellipsoid and ``_res-02_T1w``)

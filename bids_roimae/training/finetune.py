@@ -186,7 +186,7 @@ def _write_tsv(path: Path, table: pd.DataFrame,
 def _write_subject_predictions(output_dir: Path, subject_id: str, rows: pd.DataFrame
                                ) -> None:
     """Merge this model's row into ``sub-X/func/sub-X_desc-finetune_predictions.tsv``."""
-    from bids_roimae.io.derivatives import derivative_path
+    from bids_roimae.io.bids_names import derivative_path
 
     path = derivative_path(output_dir, {"sub": subject_id.removeprefix("sub-")},
                            suffix="predictions", extension=".tsv", desc="finetune")

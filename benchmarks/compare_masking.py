@@ -35,14 +35,12 @@ RESULTS = Path(__file__).parent / "results"
 
 def find_pretrained(output_dir: Path) -> dict:
     """``{"random": path, "roi": path}`` from the models' stored masking strategy."""
-    from bids_roimae.io.checkpoint import load_checkpoint
+    from bids_roimae.io.checkpoint import read_model_info
+    from bids_roimae.io.model_store import find_models
 
     by_strategy: dict[str, list[Path]] = {}
-    for path in sorted((output_dir / "models").glob("*/model.pt")):
-        ckpt = load_checkpoint(path)
-        if (ckpt.get("extra") or {}).get("kind", "pretrain") != "pretrain":
-            continue
-        by_strategy.setdefault(ckpt["config"]["masking"]["strategy"], []).append(path)
+    for path in find_models(output_dir, "pretrain"):
+        by_strategy.setdefault(read_model_info(path)[0].masking.strategy, []).append(path)
     if sorted(by_strategy) != ["random", "roi"] or any(len(v) != 1 for v in by_strategy.values()):
         found = {k: [p.parent.name for p in v] for k, v in by_strategy.items()}
         raise SystemExit(f"need exactly one pretrained model per masking strategy in "
@@ -122,7 +120,7 @@ def main(argv=None) -> int:
     from bids_roimae.io.cache import load_entries
     from bids_roimae.config import AppConfig
     from bids_roimae.training.comparison import compare_masking
-    from bids_roimae.training.finetune import load_pretrained
+    from bids_roimae.io.checkpoint import read_model_info
     from bids_roimae.analysis.labels import parse_groups, parse_labels
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" \
@@ -139,7 +137,7 @@ def main(argv=None) -> int:
 
             models = dict(m.split("=", 1) for m in args.models) if args.models \
                 else find_pretrained(args.output_dir)
-            _, _, geometry, _ = load_pretrained(next(iter(models.values())))
+            geometry = read_model_info(next(iter(models.values())))[1]
             entries = load_entries(args.output_dir, geometry)
             participants = read_participants(args.bids_dir)
         pretrain_s = time.perf_counter() - started

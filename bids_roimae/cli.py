@@ -218,7 +218,10 @@ def cli(**options):
     derivatives folder; OUTPUT_DIR receives a BIDS derivatives dataset;
     ANALYSIS_LEVEL is participant or group.
     """
-    from bids_roimae.app.context import build_context, run
+    # The app (torch, nilearn, pybids) loads only when a command runs, so --help, --version
+    # and usage errors answer at once.
+    from bids_roimae.app.context import build_context
+    from bids_roimae.app.dispatch import run
 
     ctx = build_context(options)
     return run(ctx)

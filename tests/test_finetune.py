@@ -12,15 +12,17 @@ import pytest
 import torch
 
 from bids_roimae.io.cache import write_entry
-from bids_roimae.io.checkpoint import load_checkpoint, save_checkpoint
-from bids_roimae.model.classifier import (embed_windows, fit_linear_probe, load_windows,
-                                    probe_classifier, subject_windows, window_starts)
+from bids_roimae.io.checkpoint import (AtlasMeta, ModelMeta, load_checkpoint, load_model,
+                                       save_checkpoint)
+from bids_roimae.training.classifier_fit import fit_linear_probe, probe_classifier
+from bids_roimae.training.windows import (embed_windows, load_windows, subject_windows,
+                                          window_starts)
 from bids_roimae.config import AppConfig
 from bids_roimae.errors import BadDataError
 from bids_roimae.training.comparison import compare_masking
 from bids_roimae.analysis.evaluation import make_folds
-from bids_roimae.training.finetune import (cross_validate, frozen_embeddings, load_finetuned,
-                                  load_pretrained, predict_subject, run_finetune)
+from bids_roimae.training.cross_validation import cross_validate, frozen_embeddings
+from bids_roimae.training.finetune import predict_subject, run_finetune
 from bids_roimae.core.geometry import build_geometry
 from bids_roimae.analysis.labels import parse_labels
 from bids_roimae.model.mae import build_model
@@ -53,7 +55,7 @@ def save_pretrained(path, geometry, seed):
     cfg = make_cfg()
     torch.manual_seed(seed)
     save_checkpoint(path, model=build_model(cfg, geometry), cfg=cfg, geometry=geometry,
-                    extra={"kind": "pretrain", "atlas": {"name": "toy"}})
+                    meta=ModelMeta(kind="pretrain", atlas=AtlasMeta(name="toy")))
     return path
 
 
@@ -107,7 +109,7 @@ def probe_run(study):
 @pytest.fixture(scope="module")
 def frozen(study):
     """Pretrained encoder, windows per subject and their frozen embeddings."""
-    encoder, _, _, _ = load_pretrained(study["pretrained"])
+    encoder = load_model(study["pretrained"], kind="pretrain").model
     refs = subject_windows(study["entries"], 8, 2)
     return encoder, refs, frozen_embeddings(encoder, refs, make_cfg(), "cpu")
 
@@ -179,7 +181,7 @@ def test_shuffled_labels_stay_at_chance(study, frozen):
 def test_probe_classifier_reproduces_scikit_learn_and_is_differentiable(study):
     from sklearn.linear_model import LogisticRegression
 
-    encoder, _, _, _ = load_pretrained(study["pretrained"])
+    encoder = load_model(study["pretrained"], kind="pretrain").model
     refs = subject_windows(study["entries"], 8, 2)
     subjects = sorted(refs)
     y = np.array([int(s) % 2 for s in subjects])
@@ -203,8 +205,10 @@ def test_probe_classifier_reproduces_scikit_learn_and_is_differentiable(study):
 
 def test_load_finetuned_rebuilds_the_model_and_predicts_a_new_subject(probe_run, study,
                                                                       tmp_path):
-    clf, cfg, geometry, ckpt = load_finetuned(probe_run["model_path"])
-    assert ckpt["extra"]["kind"] == "finetune" and ckpt["extra"]["atlas"] == {"name": "toy"}
+    loaded = load_model(probe_run["model_path"], kind="finetune")
+    clf, cfg, geometry = loaded.model, loaded.cfg, loaded.geometry
+    assert loaded.meta.kind == "finetune" and loaded.meta.atlas.name == "toy"
+    assert loaded.meta.head is not None and loaded.meta.strategy == "linear-probe"
     assert clf.label_info["positive"] == ["1"] and clf.label_info["target"] == "DX"
     assert geometry.n_tokens == study["geometry"].n_tokens
     rng = np.random.default_rng(42)  # unseen subjects in a dataset of their own
@@ -215,8 +219,10 @@ def test_load_finetuned_rebuilds_the_model_and_predicts_a_new_subject(probe_run,
         assert out["label"] == expected
         assert out["n_windows"] == 4 and out["embedding"].shape == (32,)
         assert out["probabilities"]["positive"] == pytest.approx(out["probability"])
-    with pytest.raises(BadDataError):
-        load_finetuned(study["pretrained"])  # a pretrained model is not a fine-tuned one
+    with pytest.raises(BadDataError, match="pretrained model: pass it with --pretrained"):
+        load_model(study["pretrained"], kind="finetune")  # not a fine-tuned one
+    with pytest.raises(BadDataError, match="fine-tuned model: pass it with --model"):
+        load_model(probe_run["model_path"], kind="pretrain")
 
 
 def test_head_and_full_strategies(study):
@@ -234,7 +240,8 @@ def test_head_and_full_strategies(study):
         after = load_checkpoint(result["model_path"])["model"]
         changed = any(not torch.equal(before[k], after[f"encoder.{k}"]) for k in before)
         assert changed == (strategy == "full")
-        clf, cfg2, _, _ = load_finetuned(result["model_path"])
+        loaded = load_model(result["model_path"], kind="finetune")
+        clf, cfg2 = loaded.model, loaded.cfg
         out = predict_subject(clf, [e for e in subset if e.subject == "03"], cfg2, "cpu")
         assert out["n_windows"] == 1 and 0.0 <= out["probability"] <= 1.0
 

@@ -195,7 +195,8 @@ def group_tree(tmp_path_factory):
     participants = pd.DataFrame({"dx": pd.Categorical(pd.Series(dx),
                                                       categories=["TDC", "ADHD"])})
     participants.index = list(dx)
-    written = build_group_report(out, participants, atlas, template, label_column="dx")
+    written = build_group_report(out, participants, atlas.name, atlas.table, template,
+                                 atlas_img=atlas.img, label_column="dx")
     return out, written
 
 

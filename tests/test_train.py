@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from bids_roimae.io.checkpoint import load_checkpoint, model_from_checkpoint
+from bids_roimae.io.checkpoint import AtlasMeta, load_checkpoint, load_model
 from bids_roimae.errors import AppError, BadDataError, UsageError
 from bids_roimae.model.mae import build_model
 from bids_roimae.training.sampling import split_subjects, step_plan, window_index
@@ -20,7 +20,7 @@ from ddp_worker import FakeEntry, make_entries, make_geometry, tiny_config
 
 torch.set_num_threads(1)
 HERE = Path(__file__).resolve().parent
-ATLAS_META = {"name": "synthetic", "hash": "abc", "index": [1, 2], "names": ["a", "b"]}
+ATLAS = AtlasMeta(name="synthetic", hash="abc", index=(1, 2), names=("a", "b"))
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def _weights(path):
 def test_loss_falls_and_outputs_are_written(geometry, entries, tmp_path):
     cfg = tiny_config(steps=60, log_every=20, checkpoint_every=60, val_batches=2)
     final = run_pretraining(entries, geometry, cfg, tmp_path / "m", device="cpu",
-                            atlas_meta=ATLAS_META)
+                            atlas=ATLAS)
     assert final == tmp_path / "m" / "model.pt" and final.is_file()
     log = pd.read_csv(tmp_path / "m" / "log.tsv", sep="\t")
     assert list(log.columns) == ["step", "loss", "val_loss", "lr", "tokens_per_s",
@@ -65,7 +65,8 @@ def test_checkpoint_round_trip(geometry, entries, tmp_path):
     final = run_pretraining(entries, geometry, cfg, tmp_path / "m", device="cpu",
                             step_callback=lambda step, model: live.update(model.state_dict()))
     torch.load(final, weights_only=True)  # loadable without unpickling code
-    model, cfg2, geom2, ckpt = model_from_checkpoint(final)
+    loaded = load_model(final)
+    model, cfg2, geom2 = loaded.model, loaded.cfg, loaded.geometry
     assert cfg2.to_dict() == cfg.to_dict()
     assert np.array_equal(geom2.voxel_mask, geometry.voxel_mask)
     assert np.array_equal(geom2.centres_mm, geometry.centres_mm)

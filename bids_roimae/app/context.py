@@ -1,24 +1,25 @@
-"""One function per (analysis level, mode), and the context they share.
+"""The run context: every option a step needs, validated once and typed.
 
-The CLI turns options into a :class:`RunContext` (validating them), then :func:`run`
-dispatches. Each workflow returns the process exit code: 0, or the code of the first
-problem when some runs were skipped (the others still finish).
+The CLI hands its parsed options to :func:`build_context`, which raises usage errors
+(exit 64) and missing inputs (exit 66) before any work starts; the steps read fields,
+never the raw options.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import shutil
-import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from bids_roimae.config import AppConfig, ConfigError, load_config
-from bids_roimae.errors import (EXIT_OK, AppError, MissingInputError, UsageError, ValidationFailed)
+import torch
+
+from bids_roimae.config import DEFAULT_SPACE, AppConfig, ConfigError, load_config
+from bids_roimae.errors import MissingInputError, UsageError
+from bids_roimae.io.discovery import BoldRun, discover, load_filter_file, normalise_labels
 
 log = logging.getLogger("bids_roimae")
 
@@ -31,7 +32,7 @@ DEFAULT_MODE = {"participant": "prepare", "group": "pretrain"}
 
 @dataclass
 class RunContext:
-    """Everything a workflow needs, validated."""
+    """Everything a step needs, validated."""
 
     bids_dir: Path
     output_dir: Path
@@ -39,26 +40,34 @@ class RunContext:
     mode: str
     cfg: AppConfig
     work_dir: Path
-    participant_labels: list = field(default_factory=list)
-    session_labels: list = field(default_factory=list)
-    task_labels: list = field(default_factory=list)
+    participant_labels: list[str] = field(default_factory=list)
+    session_labels: list[str] = field(default_factory=list)
+    task_labels: list[str] = field(default_factory=list)
     derivatives: Optional[Path] = None
     bids_filters: Optional[dict] = None
     database_dir: Optional[Path] = None
     skip_validation: bool = False
-    space: str = "MNI152NLin2009cAsym"
+    space: str = DEFAULT_SPACE
     atlas: str = "AAL3"
     atlas_desc: Optional[str] = None
     atlas_file: Optional[Path] = None
     atlas_labels: Optional[Path] = None
     device: str = "cpu"
     nprocs: int = 1
-    options: dict = field(default_factory=dict)
+    # pretraining
+    model_name: Optional[str] = None
+    resume: bool = True
+    # fine-tuning and prediction
+    target: Optional[str] = None
+    positive: list[str] = field(default_factory=list)
+    cv_group: Optional[str] = None
+    pretrained: Optional[Path] = None
+    model_path: Optional[Path] = None
+    compare_masking: bool = False
+    fidelity: bool = True
 
-    def discover(self, participant_labels: Optional[list] = None):
+    def discover(self, participant_labels: Optional[list] = None) -> list[BoldRun]:
         """BOLD runs selected by the labels and filters."""
-        from bids_roimae.io.discovery import discover
-
         return discover(
             self.bids_dir, derivatives=self.derivatives,
             participant_labels=participant_labels if participant_labels is not None
@@ -102,8 +111,6 @@ def setup_logging(verbose: int) -> None:
 
 
 def _resolve_device(requested: str) -> str:
-    import torch
-
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda" and not torch.cuda.is_available():
@@ -113,17 +120,26 @@ def _resolve_device(requested: str) -> str:
 
 
 def _set_threads(nthreads: Optional[int], nprocs: int) -> None:
-    import torch
-
     n = nthreads or max(1, (os.cpu_count() or 1) // max(1, nprocs))
     os.environ.setdefault("OMP_NUM_THREADS", str(n))
     torch.set_num_threads(n)
 
 
 def build_context(o: dict) -> RunContext:
-    """Validate CLI options (usage errors exit 64, missing inputs 66)."""
-    from bids_roimae.io.discovery import load_filter_file, normalise_labels
+    """Validate the CLI's options and build the run context.
 
+    Parameters
+    ----------
+    o : dict
+        The options as the click command received them (keys are parameter names).
+
+    Raises
+    ------
+    UsageError
+        Options that do not make sense together or are out of range (exit 64).
+    MissingInputError
+        BIDS_DIR or a given input file does not exist (exit 66).
+    """
     setup_logging(int(o.get("verbose") or 0))
     level = o["analysis_level"]
     mode = o.get("mode") or DEFAULT_MODE[level]
@@ -165,60 +181,14 @@ def build_context(o: dict) -> RunContext:
         task_labels=normalise_labels(o.get("task_label") or [], "task"),
         derivatives=o.get("derivatives"), bids_filters=filters,
         database_dir=o.get("bids_database_dir"),
-        skip_validation=bool(o.get("skip_bids_validation")), space=o.get("space"),
-        atlas=o.get("atlas"), atlas_desc=o.get("atlas_desc"),
-        atlas_file=o.get("atlas_file"), atlas_labels=o.get("atlas_labels"),
+        skip_validation=bool(o.get("skip_bids_validation")),
+        space=o.get("space") or DEFAULT_SPACE, atlas=o.get("atlas") or "AAL3",
+        atlas_desc=o.get("atlas_desc"), atlas_file=o.get("atlas_file"),
+        atlas_labels=o.get("atlas_labels"),
         device=_resolve_device(o.get("device") or "auto"), nprocs=o.get("nprocs") or 1,
-        options=o,
+        model_name=o.get("model_name"), resume=bool(o.get("resume", True)),
+        target=o.get("target"), positive=[str(v) for v in o.get("positive") or ()],
+        cv_group=o.get("cv_group"), pretrained=o.get("pretrained"),
+        model_path=o.get("model_path"), compare_masking=bool(o.get("compare_masking")),
+        fidelity=bool(o.get("fidelity", True)),
     )
-
-
-def validate_bids(ctx: RunContext) -> None:
-    """Run the BIDS validator on a raw BIDS_DIR (not on a derivatives-only input)."""
-    if ctx.skip_validation:
-        return
-    from bids_roimae.io.discovery import find_derivatives
-
-    if find_derivatives(ctx.bids_dir, ctx.derivatives).resolve() == ctx.bids_dir.resolve():
-        log.info("BIDS_DIR is the fMRIPrep derivatives folder: raw BIDS validation does "
-                 "not apply")
-        return
-    exe = shutil.which("bids-validator-deno") or str(
-        Path(sys.executable).with_name("bids-validator-deno"))
-    if not Path(exe).exists() and shutil.which(exe) is None:
-        log.warning("bids-validator-deno is not installed: BIDS validation skipped "
-                    "(pip install bids-validator-deno, or pass --skip-bids-validation)")
-        return
-    cmd = [exe, str(ctx.bids_dir), "--ignoreWarnings", "--ignoreNiftiHeaders"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
-        log.error("BIDS validation of %s failed:\n%s", ctx.bids_dir, tail)
-        raise ValidationFailed(f"{ctx.bids_dir} is not a valid BIDS dataset (details "
-                               "above); fix it or pass --skip-bids-validation")
-
-
-def run(ctx: RunContext) -> int:
-    """Dispatch to the workflow of ``(ctx.level, ctx.mode)``."""
-    from bids_roimae.app import steps
-
-    table = {
-        ("participant", "prepare"): steps.run_prepare,
-        ("group", "pretrain"): steps.run_pretrain,
-        ("participant", "finetune"): steps.run_finetune,
-        ("participant", "predict"): steps.run_predict,
-        ("group", "report"): steps.run_report,
-    }
-    log.info("bids_roimae %s level, mode %s: %s -> %s", ctx.level, ctx.mode, ctx.bids_dir,
-             ctx.output_dir)
-    validate_bids(ctx)
-    code = table[(ctx.level, ctx.mode)](ctx)
-    return EXIT_OK if code is None else code
-
-
-def exit_code_for(failures: list) -> int:
-    """The exit code when some runs failed: that of the first failure (0 if none)."""
-    for _, err in failures:
-        if isinstance(err, AppError):
-            return err.exit_code
-    return 1 if failures else EXIT_OK

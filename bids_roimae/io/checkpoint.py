@@ -6,24 +6,136 @@ shared model file cannot run code on load. Keys:
 
 ``model`` (state_dict), ``config`` (``AppConfig.to_dict()``), ``geometry``
 (``TokenGeometry.to_arrays()`` with arrays as tensors), ``step``, ``optimizer``,
-``scheduler``, ``rng`` (torch CPU/CUDA generator states), ``versions`` and ``extra``
-(atlas name/hash/table, ``kind``, ...).
+``scheduler``, ``rng`` (torch CPU/CUDA generator states), ``versions`` and ``extra``:
+what :class:`ModelMeta` holds (kind, atlas, labels, head, fine-tuning strategy), stored
+as flat plain values so checkpoints written before the dataclass existed still load.
+
+:func:`load_model` rebuilds a pretrained autoencoder or a fine-tuned classifier from the
+file alone; :func:`read_model_info` gives its configuration, geometry and metadata
+without building it.
 """
 
 from __future__ import annotations
 
 import platform
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 
-from bids_roimae.io import atomic
 from bids_roimae.config import AppConfig
-from bids_roimae.errors import BadDataError, MissingInputError, OutputError
 from bids_roimae.core.geometry import TokenGeometry
+from bids_roimae.errors import BadDataError, MissingInputError, OutputError
+from bids_roimae.io import atomic
+from bids_roimae.model.classifier import Classifier, build_head
+from bids_roimae.model.mae import build_model
+
+ModelKind = Literal["pretrain", "finetune"]
+
+
+@dataclass(frozen=True)
+class AtlasMeta:
+    """The atlas a model was trained with: its name and region table."""
+
+    name: str = "atlas"
+    desc: Optional[str] = None
+    source: str = ""
+    hash: str = ""
+    index: tuple[int, ...] = ()
+    names: tuple[str, ...] = ()
+    systems: tuple[str, ...] = ()
+
+    @property
+    def table(self) -> pd.DataFrame:
+        """Columns ``index``, ``name``, ``system`` (as :class:`~bids_roimae.io.atlas.Atlas`)."""
+        index = list(self.index)
+        return pd.DataFrame({"index": index,
+                             "name": list(self.names) or [f"region-{i}" for i in index],
+                             "system": list(self.systems) or [""] * len(index)})
+
+    @classmethod
+    def from_table(cls, name: str, table: pd.DataFrame, *, desc: Optional[str] = None,
+                   source: str = "", atlas_hash: str = "") -> "AtlasMeta":
+        """From an atlas region table (``index``, ``name``[, ``system``])."""
+        return cls(name=str(name), desc=desc, source=str(source), hash=str(atlas_hash),
+                   index=tuple(int(v) for v in table["index"]),
+                   names=tuple(str(v) for v in table["name"]),
+                   systems=tuple(str(v) for v in table.get("system", [""] * len(table))))
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """The classifier head of a fine-tuned model."""
+
+    kind: str
+    embed_dim: int
+    n_outputs: int
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """What a checkpoint says about its model beyond weights, configuration and geometry.
+
+    ``kind`` is ``"pretrain"`` (the masked autoencoder) or ``"finetune"`` (a classifier
+    with ``head``, ``label_info``, ``strategy`` and the ``pretrained`` model it started
+    from, a name relative to the models folder or a path).
+    """
+
+    kind: ModelKind = "pretrain"
+    atlas: AtlasMeta = field(default_factory=AtlasMeta)
+    label_info: dict = field(default_factory=dict)
+    head: Optional[HeadSpec] = None
+    strategy: Optional[str] = None
+    pretrained: Optional[str] = None
+    pretrained_kind: Optional[str] = None
+    cv_metrics: dict = field(default_factory=dict)
+
+    def to_extra(self) -> dict:
+        """The flat plain mapping stored under the checkpoint's ``extra``."""
+        a = self.atlas
+        extra = {"kind": self.kind, "name": a.name, "desc": a.desc, "source": a.source,
+                 "hash": a.hash, "index": list(a.index), "names": list(a.names),
+                 "systems": list(a.systems)}
+        if self.kind == "finetune":
+            extra.update(label_info=dict(self.label_info), strategy=self.strategy,
+                         pretrained=self.pretrained, pretrained_kind=self.pretrained_kind,
+                         cv_metrics=dict(self.cv_metrics),
+                         head=None if self.head is None else vars(self.head).copy())
+        return extra
+
+    @classmethod
+    def from_extra(cls, extra: Optional[dict]) -> "ModelMeta":
+        """Read a checkpoint's ``extra`` (keys it does not know are ignored)."""
+        extra = dict(extra or {})
+        atlas = AtlasMeta(name=str(extra.get("name") or "atlas"), desc=extra.get("desc"),
+                          source=str(extra.get("source") or ""),
+                          hash=str(extra.get("hash") or ""),
+                          index=tuple(int(v) for v in extra.get("index") or ()),
+                          names=tuple(str(v) for v in extra.get("names") or ()),
+                          systems=tuple(str(v) for v in extra.get("systems") or ()))
+        head = extra.get("head")
+        return cls(kind="finetune" if extra.get("kind") == "finetune" else "pretrain",
+                   atlas=atlas, label_info=dict(extra.get("label_info") or {}),
+                   head=HeadSpec(str(head["kind"]), int(head["embed_dim"]),
+                                 int(head["n_outputs"])) if head else None,
+                   strategy=extra.get("strategy"), pretrained=extra.get("pretrained"),
+                   pretrained_kind=extra.get("pretrained_kind"),
+                   cv_metrics=dict(extra.get("cv_metrics") or {}))
+
+
+@dataclass
+class LoadedModel:
+    """A model rebuilt from its checkpoint alone (no CLI flags needed)."""
+
+    model: nn.Module  # RoiMAE (pretrain) or Classifier (finetune), eval mode
+    cfg: AppConfig
+    geometry: TokenGeometry
+    meta: ModelMeta
+    path: Path
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -67,8 +179,7 @@ def rng_states() -> dict:
 
 
 def save_checkpoint(path, *, model: nn.Module, cfg: AppConfig, geometry: TokenGeometry,
-                    step: int = 0, optimizer=None, scheduler=None,
-                    extra: Optional[dict] = None) -> Path:
+                    meta: ModelMeta, step: int = 0, optimizer=None, scheduler=None) -> Path:
     """Write a checkpoint atomically (temporary file, then ``os.replace``).
 
     Parameters
@@ -81,10 +192,10 @@ def save_checkpoint(path, *, model: nn.Module, cfg: AppConfig, geometry: TokenGe
     geometry : TokenGeometry
     step : int
         Optimiser steps done.
+    meta : ModelMeta
+        Kind, atlas and (fine-tuned models) head and labels.
     optimizer : torch.optim.Optimizer, optional
     scheduler : object with ``state_dict()`` or a plain dict, optional
-    extra : dict, optional
-        Atlas name/hash/table (plain lists), ``kind`` ("pretrain", ...), anything plain.
 
     Returns
     -------
@@ -101,7 +212,7 @@ def save_checkpoint(path, *, model: nn.Module, cfg: AppConfig, geometry: TokenGe
                       else scheduler.state_dict()),
         "rng": rng_states(),
         "versions": versions(),
-        "extra": _to_plain(dict(extra or {})),
+        "extra": _to_plain(meta.to_extra()),
     }
     try:
         atomic.write_via(path, lambda tmp: torch.save(payload, tmp), fsync=False)
@@ -142,25 +253,66 @@ def geometry_from_checkpoint(ckpt: dict) -> TokenGeometry:
     return TokenGeometry.from_arrays(arrays)
 
 
-def model_from_checkpoint(path, device="cpu"):
-    """Rebuild the pretrained model from a checkpoint alone (no CLI flags needed).
+def checkpoint_file(path) -> Path:
+    """``path``, or ``path/model.pt`` for a model folder; MissingInputError if absent."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.pt"
+    if not path.is_file():
+        raise MissingInputError(f"model checkpoint not found: {path}")
+    return path
+
+
+def read_model_info(path) -> tuple[AppConfig, TokenGeometry, ModelMeta]:
+    """Configuration, geometry and metadata of a saved model, without building it."""
+    ckpt = load_checkpoint(checkpoint_file(path), mmap=True)
+    return (AppConfig.from_dict(ckpt["config"]), geometry_from_checkpoint(ckpt),
+            ModelMeta.from_extra(ckpt.get("extra")))
+
+
+_HINT = {"pretrain": "it is a pretrained model: pass it with --pretrained",
+         "finetune": "it is a fine-tuned model: pass it with --model"}
+
+
+def load_model(path, device="cpu", *, kind: Optional[ModelKind] = None) -> LoadedModel:
+    """Rebuild a pretrained autoencoder or a fine-tuned classifier from its checkpoint.
+
+    Parameters
+    ----------
+    path : path
+        ``model.pt`` or the model's folder.
+    device : str or torch.device
+    kind : {"pretrain", "finetune"}, optional
+        The kind the caller needs; another kind is refused with a message saying which
+        option takes it.
 
     Returns
     -------
-    model : RoiMAE
-        In eval mode, on ``device``.
-    cfg : AppConfig
-    geometry : TokenGeometry
-    ckpt : dict
-    """
-    from bids_roimae.model.mae import build_model
+    LoadedModel
+        The model in eval mode on ``device`` with its configuration, geometry and meta.
 
+    Raises
+    ------
+    MissingInputError, BadDataError
+    """
+    path = checkpoint_file(path)
     ckpt = load_checkpoint(path)
+    meta = ModelMeta.from_extra(ckpt.get("extra"))
+    if kind is not None and meta.kind != kind:
+        raise BadDataError(f"{path} is not a {'fine-tuned' if kind == 'finetune' else 'pretrained'}"
+                           f" model: {_HINT[meta.kind]}")
     cfg = AppConfig.from_dict(ckpt["config"])
     geometry = geometry_from_checkpoint(ckpt)
     model = build_model(cfg, geometry)
+    if meta.kind == "finetune":
+        if meta.head is None:
+            raise BadDataError(f"{path}: a fine-tuned model without its head description")
+        model = Classifier(model, build_head(meta.head.kind, meta.head.embed_dim,
+                                             meta.head.n_outputs),
+                           meta.head.embed_dim, label_info=meta.label_info)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as exc:
-        raise BadDataError(f"{path}: weights do not fit the stored configuration: {exc}") from exc
-    return model.to(device).eval(), cfg, geometry, ckpt
+        raise BadDataError(f"{path}: weights do not fit the stored configuration "
+                           f"({' '.join(str(exc).split())[:200]})") from exc
+    return LoadedModel(model.to(device).eval(), cfg, geometry, meta, path)

@@ -27,6 +27,7 @@ from bids_roimae.analysis.regions import paint_regions, to_source_grid
 from bids_roimae.io.atlas import Atlas, resample_labels
 from bids_roimae.io.bids_names import group_path
 from bids_roimae.io.derivatives import save_image, write_text, write_tsv
+from bids_roimae.io.templates import Template
 from bids_roimae.reports.figures import brain_png
 from bids_roimae.reports.html import figure_html, html_page, html_table, ranking_section
 from bids_roimae.reports.run_derivatives import find_outputs, read_region_tables
@@ -48,17 +49,20 @@ def _top_differences_html(differences, html_table, n_top: int = 5) -> str:
             + html_table(table[["measure"] + [c for c in table if c != "measure"]]))
 
 
-def _template_labels(output_dir, atlas, template):
-    """Atlas labels on the template grid: from the atlas image when the caller has it, else
+def _template_labels(output_dir, atlas_name: str, atlas_table: pd.DataFrame,
+                     atlas_img, template):
+    """Atlas labels on the template grid: from ``atlas_img`` when the caller has it, else
     the ``dseg`` the pretraining wrote into the dataset; ``False`` when neither exists."""
-    if getattr(atlas, "img", None) is None:
-        found = sorted(Path(output_dir).glob(f"space-{template.space}_atlas-{atlas.name}_"
+    source = "caller"
+    if atlas_img is None:
+        found = sorted(Path(output_dir).glob(f"space-{template.space}_atlas-{atlas_name}_"
                                              "*dseg.nii.gz"))
         if not found:
             logger.warning("no %s label image in %s: group difference maps skipped",
-                           atlas.name, output_dir)
+                           atlas_name, output_dir)
             return False
-        atlas = Atlas(atlas.name, None, nib.load(str(found[0])), atlas.table, str(found[0]))
+        atlas_img, source = nib.load(str(found[0])), str(found[0])
+    atlas = Atlas(atlas_name, None, atlas_img, atlas_table, source)
     return resample_labels(atlas, template.mask_img)[0]
 
 
@@ -108,8 +112,9 @@ def mean_sd_maps(paths_by_subject: dict, target_img):
     return nib.Nifti1Image(mean, target_img.affine), nib.Nifti1Image(sd, target_img.affine)
 
 
-def build_group_report(output_dir, participants: Optional[pd.DataFrame], atlas, template,
-                       *, label_column: Optional[str] = None,
+def build_group_report(output_dir, participants: Optional[pd.DataFrame], atlas_name: str,
+                       atlas_table: pd.DataFrame, template: Template, *, atlas_img=None,
+                       label_column: Optional[str] = None,
                        subjects: Optional[Iterable[str]] = None) -> dict:
     """Group summary of attribution and fidelity outputs (``group --mode report``).
 
@@ -124,10 +129,14 @@ def build_group_report(output_dir, participants: Optional[pd.DataFrame], atlas, 
     output_dir : path
     participants : DataFrame or None
         ``participants.tsv`` indexed by label without ``sub-``.
-    atlas : Atlas
-        For its name (the ``seg-`` entity).
+    atlas_name : str
+        The ``seg-`` entity of the outputs.
+    atlas_table : DataFrame
+        Region ``index``, ``name``, ``system``.
     template : Template
         Grid of the group maps (``mask_img``) and background (``t1w_path``).
+    atlas_img : nibabel image, optional
+        Atlas labels (any grid); default: the ``dseg`` image in OUTPUT_DIR.
     label_column : str, optional
         Diagnostic group column of ``participants``.
     subjects : iterable of str, optional
@@ -138,7 +147,7 @@ def build_group_report(output_dir, participants: Optional[pd.DataFrame], atlas, 
     dict
         Paths written, keyed by what they hold; ``"html"`` is the report.
     """
-    out, seg = {}, atlas.name
+    out, seg = {}, atlas_name
     sections, differences, figures, labels = [], [], [], None
     res = getattr(template, "resolution", None)
     brain = np.asarray(template.mask_img.dataobj) > 0
@@ -203,7 +212,8 @@ def build_group_report(output_dir, participants: Optional[pd.DataFrame], atlas, 
                 out[f"{stat}_{desc}"] = write_tsv(path, diff, {c: c for c in diff})
                 differences.append((f"{stat} {column}", diff))
                 if labels is None:
-                    labels = _template_labels(output_dir, atlas, template)
+                    labels = _template_labels(output_dir, atlas_name, atlas_table, atlas_img,
+                                              template)
                 if labels is False:
                     img = None
                 else:

@@ -17,7 +17,9 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from bids_roimae.training import finetune as ft
+from bids_roimae.io.checkpoint import load_model
+from bids_roimae.training.cross_validation import cross_validate, prepare_inputs
+from bids_roimae.training.finetune import check_entries, merged_config
 from bids_roimae.errors import OutputError, UsageError
 from bids_roimae.analysis.evaluation import make_folds, mean_sd, metric_names
 
@@ -57,9 +59,9 @@ def compare_masking(models: dict, entries, labels: pd.Series, cfg, out_dir, devi
         raise UsageError("compare_masking needs at least two pretrained models")
     out_dir = Path(out_dir)
     names = list(models)
-    loaded = {n: ft.load_pretrained(p, device) for n, p in models.items()}
-    run_cfgs = {n: ft.merged_config(loaded[n][1], cfg) for n in names}
-    prepared = {n: ft.prepare_inputs(entries, labels, run_cfgs[n], groups, label_info)
+    loaded = {n: load_model(p, device, kind="pretrain") for n, p in models.items()}
+    run_cfgs = {n: merged_config(loaded[n].cfg, cfg) for n in names}
+    prepared = {n: prepare_inputs(entries, labels, run_cfgs[n], groups, label_info)
                 for n in names}
     # The same subjects for every model, so the folds (and the pairing) are identical.
     common = sorted(set.intersection(*(set(p[0].index) for p in prepared.values())))
@@ -70,10 +72,10 @@ def compare_masking(models: dict, entries, labels: pd.Series, cfg, out_dir, devi
                        None if ref_groups is None else ref_groups.loc[common].to_numpy())
     per_model, tables = {}, {}
     for n in names:
-        encoder, _, geometry, _ = loaded[n]
-        ft.check_entries(list(entries), geometry)
+        encoder, geometry = loaded[n].model, loaded[n].geometry
+        check_entries(list(entries), geometry)
         refs = prepared[n][1]
-        per_model[n], tables[n] = ft.cross_validate(encoder, ref_labels, refs, run_cfgs[n],
+        per_model[n], tables[n] = cross_validate(encoder, ref_labels, refs, run_cfgs[n],
                                                     info, folds, device)
     metrics = list(metric_names(task))
     side = pd.concat({n: tables[n][metrics] for n in names}, axis=1)

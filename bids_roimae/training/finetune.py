@@ -4,12 +4,11 @@
 subjects (folds from :mod:`bids_roimae.analysis.evaluation`), writes every subject's out-of-fold
 prediction and the fold metrics, then refits on all labelled subjects and saves that
 model as ``OUTPUT_DIR/models/<pretrained>_ft-<target>_<strategy>/model.pt``: a checkpoint
-that :func:`load_finetuned` rebuilds with no other input (encoder configuration, geometry,
+that :func:`bids_roimae.io.checkpoint.load_model` rebuilds with no other input (encoder configuration, geometry,
 head, standardisation, label mapping, target and positive codes).
 :func:`predict_subject` applies such a model to one subject's prepared runs. The
 cross-validation itself (inputs, embeddings, fitting, out-of-fold predictions) is in
-:mod:`bids_roimae.training.cross_validation`; :func:`cross_validate`, :func:`prepare_inputs` and
-:func:`frozen_embeddings` are re-exported here.
+:mod:`bids_roimae.training.cross_validation`.
 
 Outputs of a fine-tuning run::
 
@@ -27,32 +26,19 @@ from typing import Optional, Sequence
 
 import pandas as pd
 
-from bids_roimae.model.classifier import (Classifier, build_head, n_outputs, subject_output, subject_windows,
-                         window_logits)
-from bids_roimae.errors import BadDataError, MissingInputError, OutputError
+from bids_roimae.model.classifier import Classifier, n_outputs, subject_output
+from bids_roimae.training.classifier_fit import window_logits
+from bids_roimae.training.windows import subject_windows
+from bids_roimae.errors import BadDataError, OutputError
+from bids_roimae.io.checkpoint import HeadSpec, ModelMeta, load_model, save_checkpoint
 from bids_roimae.analysis.evaluation import (PREDICTION_COLUMNS, decode_output, make_folds, mean_sd,
                          prediction_rows)
 from bids_roimae.training.cross_validation import cross_validate, fit_classifier, frozen_embeddings, prepare_inputs
-from bids_roimae.analysis.labels import label_attrs, parse_labels
+from bids_roimae.analysis.labels import label_attrs
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Classifier", "parse_labels", "run_finetune", "load_finetuned", "predict_subject",
-           "cross_validate", "finetuned_name", "load_pretrained",
-           "pretrained_config", "checkpoint_file"]
-
-
 # -- names and loading ------------------------------------------------------------------
-def checkpoint_file(path) -> Path:
-    """``path``, or ``path/model.pt`` for a model folder; MissingInputError if absent."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "model.pt"
-    if not path.is_file():
-        raise MissingInputError(f"model checkpoint not found: {path}")
-    return path
-
-
 def pretrained_name(path) -> str:
     """Name of a pretrained model: its folder under ``models/``, else the file stem."""
     path = Path(path)
@@ -64,20 +50,6 @@ def finetuned_name(pretrained, target: str, strategy: str) -> str:
     """``<pretrained>_ft-<target>_<strategy>`` with the target reduced to letters/digits."""
     clean = re.sub(r"[^0-9A-Za-z]+", "", str(target)) or "target"
     return f"{pretrained_name(pretrained)}_ft-{clean}_{strategy}"
-
-
-def pretrained_config(path):
-    """Configuration and token geometry of a saved model, without building it."""
-    from bids_roimae.io.checkpoint import load_checkpoint
-
-    return _ckpt_cfg_geometry(load_checkpoint(checkpoint_file(path), mmap=True))
-
-
-def load_pretrained(path, device="cpu"):
-    """Pretrained encoder, its configuration, geometry and checkpoint dict."""
-    from bids_roimae.io.checkpoint import model_from_checkpoint
-
-    return model_from_checkpoint(checkpoint_file(path), device=device)
 
 
 def merged_config(pre_cfg, cfg):
@@ -127,8 +99,9 @@ def run_finetune(entries: Sequence, labels: pd.Series, pretrained, cfg, output_d
         ``n_subjects``, ``n_folds``, ``excluded`` (counts), ``predictions`` (DataFrame).
     """
     output_dir = Path(output_dir)
-    encoder, pre_cfg, geometry, ckpt = load_pretrained(pretrained, device)
-    run_cfg = merged_config(pre_cfg, cfg)
+    loaded = load_model(pretrained, device, kind="pretrain")
+    encoder, geometry = loaded.model, loaded.geometry
+    run_cfg = merged_config(loaded.cfg, cfg)
     check_entries(list(entries), geometry)
     labels, refs, groups, info, counts = prepare_inputs(entries, labels, run_cfg, groups,
                                                         label_info)
@@ -151,7 +124,8 @@ def run_finetune(entries: Sequence, labels: pd.Series, pretrained, cfg, output_d
                "n_folds": len(folds), "n_subjects": int(labels.size),
                "seed": run_cfg.seed, "label_info": info, "metrics": mean_sd(table),
                "excluded": counts["counts"], "folds": table.reset_index().to_dict("records")}
-    _save_finetuned(model_dir / "model.pt", final, run_cfg, geometry, ckpt, info, summary)
+    _save_finetuned(model_dir / "model.pt", final, run_cfg, geometry, loaded.meta, info,
+                    summary)
     _write_tsv(model_dir / "fold_metrics.tsv", table.reset_index())
     _write_json(model_dir / "metrics.json", summary)
     rows = prediction_rows(predictions, info, name)
@@ -199,64 +173,19 @@ def _write_subject_predictions(output_dir: Path, subject_id: str, rows: pd.DataF
         c, f"Probability of class {c.removeprefix('probability_')}") for c in table.columns})
 
 
-def _save_finetuned(path: Path, classifier: Classifier, cfg, geometry, pre_ckpt: dict,
+def _save_finetuned(path: Path, classifier: Classifier, cfg, geometry, pre_meta: ModelMeta,
                     info: dict, summary: dict) -> None:
-    from bids_roimae.io.checkpoint import save_checkpoint
-
-    pre_extra = dict(pre_ckpt.get("extra") or {})
-    extra = dict(pre_extra, kind="finetune", label_info=label_attrs(info),
-                 head={"kind": cfg.finetune.head if cfg.finetune.strategy != "linear-probe"
-                       else "linear",
-                       "embed_dim": int(classifier.feature_mean.numel()),
-                       "n_outputs": n_outputs(info["task_type"],
-                                              len(info.get("classes", [])) or 2)},
-                 strategy=cfg.finetune.strategy, pretrained=summary["pretrained"],
-                 pretrained_kind=pre_extra.get("kind", "pretrain"),
-                 cv_metrics=summary["metrics"])
+    head_kind = cfg.finetune.head if cfg.finetune.strategy != "linear-probe" else "linear"
+    meta = ModelMeta(
+        kind="finetune", atlas=pre_meta.atlas, label_info=label_attrs(info),
+        head=HeadSpec(head_kind, int(classifier.feature_mean.numel()),
+                      n_outputs(info["task_type"], len(info.get("classes", [])) or 2)),
+        strategy=cfg.finetune.strategy, pretrained=summary["pretrained"],
+        pretrained_kind=pre_meta.kind, cv_metrics=summary["metrics"])
     try:
-        save_checkpoint(path, model=classifier, cfg=cfg, geometry=geometry, extra=extra)
+        save_checkpoint(path, model=classifier, cfg=cfg, geometry=geometry, meta=meta)
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {exc}") from exc
-
-
-def load_finetuned(path, device="cpu"):
-    """Rebuild a fine-tuned model saved by :func:`run_finetune`.
-
-    Returns
-    -------
-    classifier : Classifier (eval mode, on ``device``)
-    cfg : AppConfig
-    geometry : TokenGeometry
-    ckpt : dict
-        The raw checkpoint (``extra`` holds ``label_info``, ``head``, ``strategy``).
-    """
-    from bids_roimae.io.checkpoint import load_checkpoint
-    from bids_roimae.model.mae import build_model
-
-    path = checkpoint_file(path)
-    ckpt = load_checkpoint(path, map_location="cpu")
-    extra = ckpt.get("extra") or {}
-    if extra.get("kind") != "finetune":
-        raise BadDataError(f"{path} is not a fine-tuned model (kind "
-                           f"{extra.get('kind', 'pretrain')!r}); use --pretrained for it")
-    cfg, geometry = _ckpt_cfg_geometry(ckpt)
-    head_spec = extra["head"]
-    encoder = build_model(cfg, geometry)
-    head = build_head(head_spec["kind"], head_spec["embed_dim"], head_spec["n_outputs"])
-    classifier = Classifier(encoder, head, head_spec["embed_dim"],
-                            label_info=extra["label_info"])
-    try:
-        classifier.load_state_dict(ckpt["model"])
-    except RuntimeError as exc:
-        raise BadDataError(f"{path}: weights do not fit the stored model: {exc}") from exc
-    return classifier.to(device).eval(), cfg, geometry, ckpt
-
-
-def _ckpt_cfg_geometry(ckpt: dict):
-    from bids_roimae.io.checkpoint import geometry_from_checkpoint
-    from bids_roimae.config import AppConfig
-
-    return AppConfig.from_dict(ckpt["config"]), geometry_from_checkpoint(ckpt)
 
 
 # -- prediction -------------------------------------------------------------------------
@@ -266,7 +195,7 @@ def predict_subject(classifier: Classifier, entries: Sequence, cfg, device="cpu"
     Parameters
     ----------
     classifier : Classifier
-        From :func:`load_finetuned` or :func:`run_finetune`.
+        A fine-tuned model (:func:`bids_roimae.io.checkpoint.load_model`).
     entries : sequence of CacheEntry
         Runs of a single subject.
     cfg : AppConfig

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from bids_roimae import interrupt
-from bids_roimae.io.checkpoint import geometry_from_checkpoint, load_checkpoint, save_checkpoint
+from bids_roimae.io.checkpoint import (AtlasMeta, ModelMeta, geometry_from_checkpoint,
+                                       load_checkpoint, save_checkpoint)
 from bids_roimae.config import AppConfig
 from bids_roimae.training.distributed import DistContext, setup_distributed
 from bids_roimae.errors import AppError, BadDataError, Terminated, UsageError
@@ -93,7 +94,7 @@ def _check_resume(ckpt: dict, cfg: AppConfig, geometry, path: Path) -> None:
 
 
 def run_pretraining(entries: Sequence, geometry, cfg: AppConfig, model_dir, *, device="cpu",
-                    resume: bool = True, atlas_meta: Optional[dict] = None,
+                    resume: bool = True, atlas: Optional[AtlasMeta] = None,
                     step_callback: Optional[Callable[[int, torch.nn.Module], None]] = None
                     ) -> Path:
     """Pretrain the masked autoencoder and return the final model file.
@@ -112,8 +113,8 @@ def run_pretraining(entries: Sequence, geometry, cfg: AppConfig, model_dir, *, d
     resume : bool
         Continue from ``model_dir/checkpoint.pt`` when present (same settings required);
         ``False`` starts over and overwrites it.
-    atlas_meta : dict, optional
-        Atlas name/hash/table stored in the checkpoint's ``extra``.
+    atlas : AtlasMeta, optional
+        The atlas the masking used, stored in the checkpoint's metadata.
     step_callback : callable, optional
         ``callback(steps_done, model)`` on every rank after each optimiser step.
 
@@ -140,13 +141,13 @@ def run_pretraining(entries: Sequence, geometry, cfg: AppConfig, model_dir, *, d
     dist = setup_distributed(device)
     try:
         with interrupt.deferred():  # SIGTERM stops after a step, with a checkpoint
-            return _train(entries, geometry, cfg, model_dir, dist, resume, atlas_meta,
+            return _train(entries, geometry, cfg, model_dir, dist, resume, atlas,
                           step_callback)
     finally:
         dist.close()
 
 
-def _train(entries, geometry, cfg, model_dir, dist: DistContext, resume, atlas_meta,
+def _train(entries, geometry, cfg, model_dir, dist: DistContext, resume, atlas,
            step_callback) -> Path:
     device, rank, world = dist.device, dist.rank, dist.world
     window, tp = cfg.geometry.window, cfg.geometry.temporal_patch
@@ -243,7 +244,7 @@ def _train(entries, geometry, cfg, model_dir, dist: DistContext, resume, atlas_m
     if start == 0:
         initial_val = validate()
         tsv.add(step=0, val_loss=initial_val, lr=lr_at(0, steps, cfg.train))
-    extra = dict(atlas_meta or {}, kind="pretrain")
+    meta = ModelMeta(kind="pretrain", atlas=atlas or AtlasMeta())
     sched_state = lambda done: {"total_steps": steps, "world_size": world,  # noqa: E731
                                 "initial_val_loss": initial_val,
                                 "seconds": elapsed_before + (time.perf_counter() - t_start)}
@@ -316,7 +317,7 @@ def _train(entries, geometry, cfg, model_dir, dist: DistContext, resume, atlas_m
             stop = interrupt.requested()  # SIGTERM: keep this step, then stop
             if (is_ckpt or stop) and rank == 0:
                 save_checkpoint(ckpt_path, model=model, cfg=cfg, geometry=geometry, step=done,
-                                optimizer=optimizer, scheduler=sched_state(done), extra=extra)
+                                optimizer=optimizer, scheduler=sched_state(done), meta=meta)
                 last_saved = done
             if stop:
                 raise Terminated(f"stopped by SIGTERM after step {done} of {steps}; "
@@ -327,7 +328,7 @@ def _train(entries, geometry, cfg, model_dir, dist: DistContext, resume, atlas_m
     seconds = elapsed_before + time.perf_counter() - t_start
     if rank == 0:
         save_checkpoint(final_path, model=model, cfg=cfg, geometry=geometry, step=steps,
-                        scheduler=sched_state(steps), extra=extra)
+                        scheduler=sched_state(steps), meta=meta)
         plot_loss(tsv, model_dir / "loss.png")
         summary = {
             "steps": steps, "final_loss": last_loss, "final_val_loss": last_val,
@@ -341,7 +342,7 @@ def _train(entries, geometry, cfg, model_dir, dist: DistContext, resume, atlas_m
             "val_subjects": val_subjects, "n_runs": len(usable),
             "n_train_windows": len(train_index), "n_val_windows": len(val_index),
             "n_epoch_windows": train_index.n_epoch_windows,
-            "atlas": (atlas_meta or {}).get("name"),
+            "atlas": None if atlas is None else atlas.name,
         }
         (model_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         log.info("pretraining done: %d steps, loss %s, val loss %s -> %s", steps, last_loss,

@@ -1,0 +1,139 @@
+"""``participant --mode predict``: per subject a prediction, embedding, attribution and
+fidelity maps, and the participant page."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+from torch import nn
+
+from bids_roimae.analysis.attribution import integrated_gradients
+from bids_roimae.analysis.fidelity import region_fidelity
+from bids_roimae.app.common import exit_code_for, prepare, start_output, with_prep
+from bids_roimae.app.context import RunContext
+from bids_roimae.config import MODEL_RESOLUTION
+from bids_roimae.io.bids_names import derivative_path
+from bids_roimae.io.checkpoint import LoadedModel, load_model
+from bids_roimae.io.derivatives import write_sidecar, write_tsv
+from bids_roimae.io.model_store import models_dir, pick_model
+from bids_roimae.io.templates import load_template
+from bids_roimae.reports.participant_report import build_participant_report
+from bids_roimae.reports.run_derivatives import write_run_attribution, write_run_fidelity
+from bids_roimae.training.finetune import predict_subject
+from bids_roimae.training.windows import load_windows, subject_windows
+
+log = logging.getLogger("bids_roimae")
+
+
+def _write_prediction(ctx: RunContext, subject: str, pred: dict, model_path: Path) -> None:
+    ents = {"subject": subject}
+    row = {"participant_id": f"sub-{subject}", "model": model_path.parent.name,
+           "predicted_label": pred["label"], "prediction": pred["prediction"],
+           "probability": pred["probability"], "n_windows": pred["n_windows"]}
+    row.update({f"probability_{k}": v for k, v in pred["probabilities"].items()})
+    tsv = derivative_path(ctx.output_dir, ents, suffix="predictions", extension=".tsv",
+                          desc="predict")
+    write_tsv(tsv, pd.DataFrame([row]))
+    write_sidecar(tsv, {
+        "Description": "Prediction of the fine-tuned model (mean of window logits)",
+        "Model": str(model_path), "participant_id": "Participant",
+        "predicted_label": "Predicted class (or value for regression)"})
+    emb = derivative_path(ctx.output_dir, ents, suffix="embedding", extension=".tsv",
+                          desc="predict")
+    vec = pd.DataFrame([pred["embedding"]],
+                       columns=[f"dim{i:04d}" for i in range(len(pred["embedding"]))])
+    write_tsv(emb, vec)
+    write_sidecar(emb, {
+        "Description": "Subject embedding: the encoder's pooled output averaged over "
+                       "windows", "Model": str(model_path), "Dimensions": len(vec.columns)})
+
+
+def _pretrained_path(ctx: RunContext, recorded: Optional[str]) -> Optional[Path]:
+    """The pretrained checkpoint a fine-tuned model names: where it was, else the folder
+    of the same name in this OUTPUT_DIR/models (a copied output folder)."""
+    if not recorded:
+        return None
+    path = Path(recorded)
+    path = path / "model.pt" if path.is_dir() else path
+    if path.is_file():
+        return path
+    name = path.parent.name if path.name == "model.pt" else path.name
+    local = models_dir(ctx.output_dir) / name / "model.pt"
+    return local if local.is_file() else None
+
+
+def _fidelity_model(ctx: RunContext, finetuned: LoadedModel) -> Optional[nn.Module]:
+    """The masked autoencoder for region fidelity: the pretrained checkpoint when it is
+    still there, else the classifier's encoder when fine-tuning left it frozen."""
+    path = _pretrained_path(ctx, finetuned.meta.pretrained)
+    if path is not None:
+        return load_model(path, ctx.device, kind="pretrain").model
+    if finetuned.meta.strategy != "full":
+        return finetuned.model.encoder
+    log.warning("region fidelity skipped: the pretrained model %s is gone and full "
+                "fine-tuning changed the encoder", finetuned.meta.pretrained)
+    return None
+
+
+def run_predict(ctx: RunContext) -> int:
+    """Per subject: prediction, embedding, attribution and fidelity maps, HTML page."""
+    model_path = pick_model(ctx.output_dir, ctx.model_path, "finetune", "--model")
+    finetuned = load_model(model_path, ctx.device, kind="finetune")
+    classifier, cfg, geometry, meta = (finetuned.model, finetuned.cfg, finetuned.geometry,
+                                       finetuned.meta)
+    atlas = meta.atlas
+    start_output(ctx)
+    runs = ctx.discover()
+    template = load_template(ctx.space, resolution=MODEL_RESOLUTION)
+    entries, failures = prepare(ctx, runs, geometry, template,
+                                with_prep(ctx.cfg, cfg.prep, cfg.geometry.window))
+    mae = _fidelity_model(ctx, finetuned) if ctx.fidelity else None
+    by_subject: dict[str, list] = {}
+    for entry in entries:
+        by_subject.setdefault(str(entry.subject), []).append(entry)
+    model_meta = {"Checkpoint": str(model_path), "Name": model_path.parent.name,
+                  "Preset": cfg.model.preset, "Strategy": meta.strategy,
+                  "Target": meta.label_info.get("target")}
+    window, attr = cfg.geometry.window, ctx.cfg.attribution
+    if mae is not None:
+        n_regions = len(geometry.region_patches())
+        log.info("region fidelity: up to %d windows x %d regions = %d forward passes per run "
+                 "on %s (--fidelity-windows or --no-fidelity to change)",
+                 attr.fidelity_windows, n_regions, attr.fidelity_windows * n_regions,
+                 ctx.device)
+    for subject, subj_entries in sorted(by_subject.items()):
+        pred = predict_subject(classifier, subj_entries, cfg, ctx.device)
+        _write_prediction(ctx, subject, pred, model_path)
+        log.info("sub-%s: predicted %s (p=%s) from %d windows", subject, pred["label"],
+                 None if pred["probability"] is None else f"{pred['probability']:.3f}",
+                 pred["n_windows"])
+        for entry in subj_entries:
+            refs = subject_windows([entry], window, attr.windows).get(subject)
+            if not refs:
+                continue
+            windows = load_windows(refs, window)
+            ents = dict(entry.meta.get("entities") or {})
+            reference = nib.load(str(entry.source))
+            sources = [f"bids:fmriprep:{Path(entry.source).name}",
+                       f"models/{model_path.parent.name}"]
+            ig = integrated_gradients(classifier, windows, steps=attr.steps,
+                                      min_steps=attr.min_steps,
+                                      baseline=attr.baseline, batch_size=attr.batch_size)
+            write_run_attribution(ctx.output_dir, ents, ig, geometry, reference, atlas.name,
+                                  atlas.table, space=ctx.space, res=ents.get("res"),
+                                  model_meta=model_meta, sources=sources)
+            if mae is not None:
+                n_fid = min(len(windows), attr.fidelity_windows)
+                some = windows[np.linspace(0, len(windows) - 1, n_fid).round().astype(int)]
+                fid = region_fidelity(mae, some, geometry, table=atlas.table,
+                                      batch_size=attr.batch_size)
+                write_run_fidelity(ctx.output_dir, ents, fid, geometry, reference, atlas.name,
+                                   space=ctx.space, res=ents.get("res"),
+                                   model_meta=model_meta, sources=sources)
+        build_participant_report(ctx.output_dir, subject, template=template)
+    return exit_code_for(failures)

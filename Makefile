@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 DEMO   ?= demo
 
-.PHONY: venv demo test clean
+.PHONY: venv demo test lint clean
 
 $(BIN)/bids_roimae: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,9 @@ venv: $(BIN)/bids_roimae
 
 test: venv
 	$(BIN)/python -m pytest -n 2 -q
+
+lint: venv
+	$(BIN)/ruff check .
 
 demo: venv
 	PATH=$(abspath $(BIN)):$$PATH bash scripts/demo.sh $(DEMO)

@@ -23,8 +23,8 @@ from torch import nn
 
 
 def build(n_tokens: int, patch_voxels: int, window: int, temporal_patch: int, preset: str):
-    from bids_roimae.model.classifier import Classifier
     from bids_roimae.config import ModelConfig
+    from bids_roimae.model.classifier import Classifier
     from bids_roimae.model.mae import RoiMAE, resolve_model_config
 
     side = int(np.ceil(n_tokens ** (1 / 3)))
@@ -78,7 +78,8 @@ def main(argv=None) -> dict:
         "windows": args.windows, "steps": args.steps, "min_steps": args.min_steps,
         "steps_used": result.steps, "batch_size": args.batch_size,
         "ig_seconds": ig_s, "ig_cpu_seconds": ig_cpu,
-        "load_average": list(__import__("os").getloadavg()), "ig_window_steps_per_s": args.windows * result.steps / ig_s,
+        "load_average": list(__import__("os").getloadavg()),
+        "ig_window_steps_per_s": args.windows * result.steps / ig_s,
         "ig_max_relative_error": result.max_relative_error,
     }
     if args.fidelity_regions:

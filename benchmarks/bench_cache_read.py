@@ -23,14 +23,14 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from harness import AFFINE, GRID, RESULTS, SPACE, template_mask
 
-from _common import AFFINE, GRID, RESULTS, SPACE, template_mask
-
-from bids_roimae.io.discovery import BoldRun
 from bids_roimae.config import PrepConfig
-from bids_roimae.io.cache import load_entries
-from bids_roimae.io.preparation import prepare_run
 from bids_roimae.core.geometry import build_geometry
+from bids_roimae.io.cache import load_entries
+from bids_roimae.io.discovery import BoldRun
+from bids_roimae.io.preparation import prepare_run
+
 
 def make_entries(workdir: Path, mask: np.ndarray, geometry, n_runs: int, n_frames: int):
     template = nib.Nifti1Image(mask.astype(np.uint8), AFFINE)

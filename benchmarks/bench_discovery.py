@@ -28,7 +28,8 @@ SPACE = "MNI152NLin2009cAsym"
 def make_tree(root: Path, n_subjects: int) -> Path:
     """Raw root + derivatives/fmriprep with ``n_subjects`` single-run subjects."""
     root.mkdir(parents=True, exist_ok=True)
-    (root / "dataset_description.json").write_text(json.dumps({"Name": "bench", "BIDSVersion": "1.10.0"}))
+    (root / "dataset_description.json").write_text(json.dumps({"Name": "bench",
+                                                               "BIDSVersion": "1.10.0"}))
     (root / "task-rest_bold.json").write_text(json.dumps({"RepetitionTime": 2.0}))
     deriv = root / "derivatives" / "fmriprep"
     deriv.mkdir(parents=True)
@@ -44,7 +45,8 @@ def make_tree(root: Path, n_subjects: int) -> Path:
         prefix = f"{sub}_task-rest_run-1"
         for space_part in (f"_space-{SPACE}_res-2", "_space-T1w"):
             (func / f"{prefix}{space_part}_desc-preproc_bold.nii.gz").touch()
-            (func / f"{prefix}{space_part}_desc-preproc_bold.json").write_text('{"RepetitionTime": 2.0}')
+            (func / f"{prefix}{space_part}_desc-preproc_bold.json").write_text(
+                '{"RepetitionTime": 2.0}')
             (func / f"{prefix}{space_part}_desc-brain_mask.nii.gz").touch()
             (func / f"{prefix}{space_part}_boldref.nii.gz").touch()
         (func / f"{prefix}_desc-confounds_timeseries.tsv").touch()
@@ -85,7 +87,8 @@ def main(argv=None) -> dict:
     targets = {"first (fresh index)": 30.0, "reused index": 3.0}
     for label, seconds, cpu, n in rows:
         target = targets.get(label)
-        print(f"{label:<22}{seconds:>9.2f}{cpu:>9.2f}{n:>7}{(f'< {target:g}' if target else '-'):>9}")
+        print(f"{label:<22}{seconds:>9.2f}{cpu:>9.2f}{n:>7}"
+              f"{(f'< {target:g}' if target else '-'):>9}")
     # wall time on a shared 2-core machine depends on the load; CPU time does not
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     print(f"load average during the run: {load}")

@@ -23,13 +23,13 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from harness import AFFINE, GRID, RESULTS, SPACE, template_mask
 
-from _common import AFFINE, GRID, RESULTS, SPACE, template_mask
-
-from bids_roimae.io.discovery import BoldRun
 from bids_roimae.config import PrepConfig
-from bids_roimae.io.preparation import prepare_run
 from bids_roimae.core.geometry import build_geometry
+from bids_roimae.io.discovery import BoldRun
+from bids_roimae.io.preparation import prepare_run
+
 
 def write_run(path: Path, mask: np.ndarray, n_frames: int) -> float:
     """Write the synthetic run (reused when already there); returns seconds spent."""

@@ -50,9 +50,9 @@ def find_pretrained(output_dir: Path) -> dict:
 
 def make_demo(root: Path, n_subjects: int, steps: int, seed: int, device: str):
     """Synthetic cache + two tiny pretrained models; returns (models, entries, table)."""
-    from bids_roimae.io.cache import write_entry
     from bids_roimae.config import AppConfig
     from bids_roimae.core.geometry import build_geometry
+    from bids_roimae.io.cache import write_entry
     from bids_roimae.training.pretrain import model_name, run_pretraining
 
     shape = (23, 27, 21)
@@ -117,11 +117,11 @@ def main(argv=None) -> int:
 
     import torch
 
-    from bids_roimae.io.cache import load_entries
-    from bids_roimae.config import AppConfig
-    from bids_roimae.training.comparison import compare_masking
-    from bids_roimae.io.checkpoint import read_model_info
     from bids_roimae.analysis.labels import parse_groups, parse_labels
+    from bids_roimae.config import AppConfig
+    from bids_roimae.io.cache import load_entries
+    from bids_roimae.io.checkpoint import read_model_info
+    from bids_roimae.training.comparison import compare_masking
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" \
         else args.device

@@ -15,10 +15,20 @@ from typing import Optional, Sequence
 
 import click
 
-from bids_roimae import __version__
+from bids_roimae import __version__, interrupt
+from bids_roimae.config import (
+    LEVEL_MODES,
+    AttributionConfig,
+    FinetuneConfig,
+    GeometryConfig,
+    MaskingConfig,
+    ModelConfig,
+    PrepConfig,
+    TrainConfig,
+    choices,
+    default,
+)
 from bids_roimae.errors import EXIT_FAILURE, EXIT_USAGE, AppError, UnknownLevelError
-
-LEVELS = ("participant", "group")
 
 # Options that accept several values after one flag; expanded to repeated flags before
 # click parses (click options take one value per occurrence).
@@ -53,6 +63,22 @@ class GroupedCommand(click.Command):
 def _opt(*decls, section, **kwargs):
     return click.option(*decls, cls=GroupedOption, section=section, show_default=True,
                         **kwargs)
+
+
+def _setting(*decls, setting: tuple, section: str, help: str, **kwargs):
+    """An option that overrides a configuration setting: its choices and the default
+    shown in ``--help`` come from the config dataclass, so they are written once.
+
+    The option's own default stays ``None`` (not given), so a ``--config`` file value is
+    only replaced by what the user typed.
+    """
+    cls, name = setting
+    try:
+        kwargs.setdefault("type", click.Choice(list(choices(cls, name))))
+    except TypeError:  # not a choice: the caller gave the type
+        pass
+    return _opt(*decls, default=None, section=section,
+                help=f"{help} [default: {default(cls, name)}]", **kwargs)
 
 
 def expand_multi_values(argv: Sequence[str]) -> list[str]:
@@ -131,34 +157,34 @@ RES = "Resources and run control"
       help="Your own label NIfTI in --space (overrides --atlas).")
 @_opt("--atlas-labels", type=click.Path(path_type=Path), default=None, section=ATLAS,
       help="TSV (index, name[, system]) for --atlas-file.")
-@_opt("--roi-assign", type=click.Choice(["majority", "any", "pure"]), default=None,
-      section=ATLAS, help="Which patches belong to a region. [default: majority]")
-@_opt("--confounds", type=click.Choice(["none", "simple", "scrubbing"]), default=None,
-      section=PREP, help="Confound regression with fMRIPrep's confounds. [default: none]")
-@_opt("--normalize", type=click.Choice(["global", "voxel"]), default=None, section=PREP,
-      help="Signal scaling: percent signal change with one scale per run, which keeps "
-           "regional amplitude differences (global), or a z-score per voxel (voxel). "
-           "[default: global]")
+@_setting("--roi-assign", setting=(GeometryConfig, "roi_assign"), section=ATLAS,
+          help="Which patches belong to a region.")
+@_setting("--confounds", setting=(PrepConfig, "confounds"), section=PREP,
+          help="Confound regression with fMRIPrep's confounds.")
+@_setting("--normalize", setting=(PrepConfig, "normalize"), section=PREP,
+          help="Signal scaling: percent signal change with one scale per run, which keeps "
+               "regional amplitude differences (global), or a z-score per voxel (voxel).")
 @_opt("--target-tr", type=float, default=None, section=PREP,
       help="Resample every run to this repetition time (seconds).")
-@_opt("--patch-size", type=click.IntRange(1, 32), default=None, section=PREP,
-      help="Spatial patch edge in voxels. [default: 6]")
-@_opt("--window", type=click.IntRange(1, 1000), default=None, section=PREP,
-      help="Frames per model window. [default: 20]")
-@_opt("--temporal-patch", type=click.IntRange(1, 100), default=None, section=PREP,
-      help="Frames per token. [default: 4]")
-@_opt("--masking", type=click.Choice(["roi", "random"]), default=None, section=PRETRAIN,
-      help="Masking strategy: atlas regions (roi) or random patches. [default: roi]")
-@_opt("--mask-ratio", type=click.FloatRange(0, 1, min_open=True, max_open=True),
-      default=None, section=PRETRAIN, help="Fraction of brain tokens masked. [default: 0.5]")
-@_opt("--model-preset", type=click.Choice(["tiny", "small", "base"]), default=None,
-      section=PRETRAIN, help="Model size. [default: tiny]")
-@_opt("--steps", type=click.IntRange(1), default=None, section=PRETRAIN,
-      help="Optimisation steps. [default: 200]")
+@_setting("--patch-size", type=click.IntRange(1, 32), setting=(GeometryConfig, "patch_size"),
+          section=PREP, help="Spatial patch edge in voxels.")
+@_setting("--window", type=click.IntRange(1, 1000), setting=(GeometryConfig, "window"),
+          section=PREP, help="Frames per model window.")
+@_setting("--temporal-patch", type=click.IntRange(1, 100),
+          setting=(GeometryConfig, "temporal_patch"), section=PREP, help="Frames per token.")
+@_setting("--masking", setting=(MaskingConfig, "strategy"), section=PRETRAIN,
+          help="Masking strategy: atlas regions (roi) or random patches.")
+@_setting("--mask-ratio", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+          setting=(MaskingConfig, "ratio"), section=PRETRAIN,
+          help="Fraction of brain tokens masked.")
+@_setting("--model-preset", setting=(ModelConfig, "preset"), section=PRETRAIN,
+          help="Model size.")
+@_setting("--steps", type=click.IntRange(1), setting=(TrainConfig, "steps"),
+          section=PRETRAIN, help="Optimisation steps.")
 @_opt("--epochs", type=click.FloatRange(0, min_open=True), default=None, section=PRETRAIN,
       help="Train for this many passes over the windows instead of --steps.")
-@_opt("--batch-size", type=click.IntRange(1), default=None, section=PRETRAIN,
-      help="Windows per step (per GPU under torchrun). [default: 8]")
+@_setting("--batch-size", type=click.IntRange(1), setting=(TrainConfig, "batch_size"),
+          section=PRETRAIN, help="Windows per step (per GPU under torchrun).")
 @_opt("--lr", type=click.FloatRange(0, min_open=True), default=None, section=PRETRAIN,
       help="Peak learning rate.")
 @_opt("--resume/--no-resume", default=True, section=PRETRAIN,
@@ -171,14 +197,14 @@ RES = "Resources and run control"
       help="participants.tsv column to predict (matched ignoring case and spaces).")
 @_opt("--positive", multiple=True, section=FINETUNE,
       help="Values of --target that form the positive class (e.g. 1 2 3 for ADHD-200 dx).")
-@_opt("--task-type", type=click.Choice(["binary", "multiclass", "regression"]),
-      default=None, section=FINETUNE, help="Kind of target. [default: binary]")
-@_opt("--finetune", "finetune_strategy",
-      type=click.Choice(["linear-probe", "head", "full"]), default=None, section=FINETUNE,
-      help="Frozen encoder + logistic regression, frozen encoder + torch head, or full "
-           "fine-tuning. [default: linear-probe]")
-@_opt("--folds", type=click.IntRange(2), default=None, section=FINETUNE,
-      help="Cross-validation folds (subject level). [default: 5]")
+@_setting("--task-type", setting=(FinetuneConfig, "task_type"), section=FINETUNE,
+          help="Kind of target.")
+@_setting("--finetune", "finetune_strategy", setting=(FinetuneConfig, "strategy"),
+          section=FINETUNE,
+          help="Frozen encoder + logistic regression, frozen encoder + torch head, or full "
+               "fine-tuning.")
+@_setting("--folds", type=click.IntRange(2), setting=(FinetuneConfig, "folds"),
+          section=FINETUNE, help="Cross-validation folds (subject level).")
 @_opt("--cv-group", default=None, section=FINETUNE,
       help="participants.tsv column for leave-group-out CV (e.g. site).")
 @_opt("--pretrained", type=click.Path(path_type=Path), default=None, section=FINETUNE,
@@ -188,14 +214,16 @@ RES = "Resources and run control"
 @_opt("--compare-masking", is_flag=True, section=FINETUNE,
       help="Fine-tune every pretrained model in OUTPUT_DIR/models on the same folds and "
            "compare them (roi vs random masking).")
-@_opt("--ig-steps", type=click.IntRange(2), default=None, section=ATTR,
-      help="Most Integrated Gradients steps (fewer are used while the completeness check "
-           "passes). [default: 32]")
+@_setting("--ig-steps", type=click.IntRange(2), setting=(AttributionConfig, "steps"),
+          section=ATTR,
+          help="Most Integrated Gradients steps (fewer are used while the completeness "
+               "check passes).")
 @_opt("--fidelity/--no-fidelity", default=True, section=ATTR,
       help="Region reconstruction fidelity maps in predict.")
-@_opt("--fidelity-windows", type=click.IntRange(1), default=None, section=ATTR,
-      help="Windows per run for region fidelity (one forward pass per window and region: "
-           "fewer is faster on a CPU, more is less noisy). [default: 4]")
+@_setting("--fidelity-windows", type=click.IntRange(1),
+          setting=(AttributionConfig, "fidelity_windows"), section=ATTR,
+          help="Windows per run for region fidelity (one forward pass per window and "
+               "region: fewer is faster on a CPU, more is less noisy).")
 @_opt("-w", "--work-dir", type=click.Path(path_type=Path), default=None, section=RES,
       help="Scratch folder. Default: a temporary folder.")
 @_opt("--nprocs", type=click.IntRange(1), default=1, section=RES,
@@ -229,14 +257,14 @@ def cli(**options):
 
 def _check_level(argv: list[str]) -> None:
     """Exit 17 for an unknown analysis level before anything else happens."""
-    level = options_free_third(argv)
-    if level is not None and level not in LEVELS:
+    level = analysis_level_argument(argv)
+    if level is not None and level not in LEVEL_MODES:
         raise UnknownLevelError(
             f"unknown analysis level {level!r}: choose participant or group")
 
 
-def options_free_third(argv: list[str]) -> Optional[str]:
-    """The third positional argument (analysis level), skipping option values."""
+def analysis_level_argument(argv: list[str]) -> Optional[str]:
+    """The third positional argument (ANALYSIS_LEVEL), skipping option values."""
     takes_value = set()
     for param in cli.params:
         if isinstance(param, click.Option) and not param.is_flag and not param.count:
@@ -259,8 +287,6 @@ def options_free_third(argv: list[str]) -> Optional[str]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Console-script entry point; returns the BIDS-Apps exit code (the script exits with it)."""
-    from bids_roimae import interrupt
-
     interrupt.install()
     argv = expand_multi_values(sys.argv[1:] if argv is None else argv)
     log = logging.getLogger("bids_roimae")

@@ -16,7 +16,8 @@ explicitly (no module globals). A TOML file mirrors the sections::
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import asdict, dataclass, field, fields
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -30,10 +31,44 @@ except ModuleNotFoundError:  # pragma: no cover - exercised on 3.10 only
 DEFAULT_SPACE = "MNI152NLin2009cAsym"
 #: TemplateFlow resolution index of the model grid (2 mm).
 MODEL_RESOLUTION = 2
+#: The modes each analysis level runs (BIDS-Apps: participant and group), the first one
+#: being the level's default.
+LEVEL_MODES = {"participant": ("prepare", "finetune", "predict"),
+               "group": ("pretrain", "report")}
 
 
 class ConfigError(ValueError):
     """A setting is unknown or out of range (a usage error, exit code 64)."""
+
+
+def choices(section: type, name: str) -> tuple:
+    """The values a ``Literal`` setting allows, e.g. ``choices(PrepConfig, "normalize")``."""
+    hint = typing.get_type_hints(section)[name]
+    if typing.get_origin(hint) is not Literal:
+        raise TypeError(f"{section.__name__}.{name} is not a choice")
+    return typing.get_args(hint)
+
+
+def default(section: type, name: str) -> Any:
+    """The default value of a setting, e.g. ``default(GeometryConfig, "patch_size")``."""
+    for f in fields(section):
+        if f.name == name:
+            return f.default_factory() if f.default is MISSING else f.default
+    raise KeyError(f"{section.__name__} has no setting {name!r}")
+
+
+def _check_choices(section) -> None:
+    """Every ``Literal`` setting of ``section`` holds one of its values."""
+    prefix = {"GeometryConfig": "geometry", "PrepConfig": "prep", "MaskingConfig": "masking",
+              "ModelConfig": "model", "TrainConfig": "train", "FinetuneConfig": "finetune",
+              "AttributionConfig": "attribution"}[type(section).__name__]
+    for f in fields(section):
+        hint = typing.get_type_hints(type(section))[f.name]
+        if typing.get_origin(hint) is Literal:
+            allowed = typing.get_args(hint)
+            if getattr(section, f.name) not in allowed:
+                raise ConfigError(f"{prefix}.{f.name} must be "
+                                  f"{', '.join(map(str, allowed[:-1]))} or {allowed[-1]}")
 
 
 @dataclass
@@ -53,6 +88,7 @@ class GeometryConfig:
     min_brain_fraction: float = 0.0
 
     def validate(self) -> None:
+        _check_choices(self)
         if self.patch_size < 1:
             raise ConfigError("geometry.patch_size must be >= 1")
         if self.temporal_patch < 1 or self.window < 1:
@@ -62,8 +98,6 @@ class GeometryConfig:
                 f"geometry.window ({self.window}) must be a multiple of "
                 f"geometry.temporal_patch ({self.temporal_patch})"
             )
-        if self.roi_assign not in ("majority", "any", "pure"):
-            raise ConfigError("geometry.roi_assign must be majority, any or pure")
         if not 0.0 <= self.min_brain_fraction < 1.0:
             raise ConfigError("geometry.min_brain_fraction must be in [0, 1)")
 
@@ -81,14 +115,9 @@ class PrepConfig:
     normalize: Literal["global", "voxel"] = "global"
 
     def validate(self) -> None:
-        if self.normalize not in ("global", "voxel"):
-            raise ConfigError("prep.normalize must be global or voxel")
-        if self.confounds not in ("none", "simple", "scrubbing"):
-            raise ConfigError("prep.confounds must be none, simple or scrubbing")
+        _check_choices(self)
         if self.target_tr is not None and self.target_tr <= 0:
             raise ConfigError("prep.target_tr must be positive")
-        if self.dtype not in ("float16", "int8"):
-            raise ConfigError("prep.dtype must be float16 or int8")
 
 
 @dataclass
@@ -101,19 +130,16 @@ class MaskingConfig:
     per_chunk: bool = False
 
     def validate(self) -> None:
-        if self.strategy not in ("roi", "random"):
-            raise ConfigError("masking.strategy must be roi or random")
+        _check_choices(self)
         if not 0.0 < self.ratio < 1.0:
             raise ConfigError("masking.ratio must be in (0, 1)")
-        if self.region_weighting not in ("uniform", "size"):
-            raise ConfigError("masking.region_weighting must be uniform or size")
 
 
 @dataclass
 class ModelConfig:
     """Transformer sizes. ``preset`` fills the sizes left at ``None``."""
 
-    preset: str = "tiny"
+    preset: Literal["tiny", "small", "base"] = "tiny"
     embed_dim: Optional[int] = None
     depth: Optional[int] = None
     num_heads: Optional[int] = None
@@ -126,8 +152,7 @@ class ModelConfig:
     dropout: float = 0.0
 
     def validate(self) -> None:
-        if self.attention not in ("divided", "joint"):
-            raise ConfigError("model.attention must be divided or joint")
+        _check_choices(self)
 
 
 @dataclass
@@ -151,6 +176,7 @@ class TrainConfig:
     gpu_resident: Literal["auto", "always", "never"] = "auto"
 
     def validate(self) -> None:
+        _check_choices(self)
         if self.steps < 1 and not self.epochs:
             raise ConfigError("train.steps must be >= 1")
         if self.batch_size < 1:
@@ -175,10 +201,9 @@ class FinetuneConfig:
     head: Literal["linear", "mlp"] = "linear"
 
     def validate(self) -> None:
+        _check_choices(self)
         if self.folds < 2:
             raise ConfigError("finetune.folds must be >= 2")
-        if self.strategy not in ("linear-probe", "head", "full"):
-            raise ConfigError("finetune.strategy must be linear-probe, head or full")
 
 
 @dataclass
@@ -199,13 +224,12 @@ class AttributionConfig:
     batch_size: int = 8
 
     def validate(self) -> None:
+        _check_choices(self)
         if self.steps < 2 or self.min_steps < 2:
             raise ConfigError("attribution.steps and attribution.min_steps must be >= 2")
         if self.windows < 1 or self.fidelity_windows < 1 or self.batch_size < 1:
             raise ConfigError("attribution.windows, fidelity_windows and batch_size must "
                               "be >= 1")
-        if self.baseline not in ("zeros", "mean"):
-            raise ConfigError("attribution.baseline must be zeros or mean")
 
 
 @dataclass

@@ -28,7 +28,7 @@ if [ ! -s "$tpl/tpl-MNI152NLin2009cAsym_res-02_desc-brain_mask.nii.gz" ]; then
     echo "demo: fetched the template and AAL3 into $TEMPLATEFLOW_HOME and $NILEARN_DATA"
   else
     echo "demo: offline; writing a synthetic template and atlas on the real 2 mm grid"
-    python -c "from bids_roimae.synth.dataset import write_synthetic_resources as w; \
+    python -c "from bids_roimae.synth.resources import write_synthetic_resources as w; \
 w('$TEMPLATEFLOW_HOME', '$NILEARN_DATA', shape=(97, 115, 97))"
   fi
 fi

@@ -82,7 +82,7 @@ def resources(tmp_path_factory) -> SyntheticResources:
     """Synthetic TemplateFlow + nilearn caches, exported through the environment."""
     import nibabel as nib
 
-    from bids_roimae.synth.dataset import write_synthetic_resources
+    from bids_roimae.synth.resources import write_synthetic_resources
 
     base = tmp_path_factory.mktemp("resources")
     tf_home, nl_data = base / "templateflow", base / "nilearn_data"

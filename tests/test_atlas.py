@@ -14,12 +14,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from bids_roimae.errors import MissingInputError
 from bids_roimae.io import atlas as atlas_mod
 from bids_roimae.io import templates as templates_mod
-from bids_roimae.io.atlas import (aal3_systems, fetch_main, fetch_resources, load_atlas,
-                                  resample_labels)
+from bids_roimae.io.atlas import (
+    aal3_systems,
+    fetch_main,
+    fetch_resources,
+    load_atlas,
+    resample_labels,
+)
 from bids_roimae.io.templates import load_template
-from bids_roimae.errors import MissingInputError
 
 SPACE = "MNI152NLin2009cAsym"
 SYSTEMS = {"frontal", "parietal", "temporal", "occipital", "limbic", "insula", "thalamus",

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from bids_roimae.analysis.attribution import COMPLETENESS_TOLERANCE, integrated_gradients
-from bids_roimae.analysis.regions import region_table, region_values, to_source_grid, token_map
 from bids_roimae.analysis.fidelity import region_fidelity
+from bids_roimae.analysis.regions import region_table, region_values, to_source_grid, token_map
 from bids_roimae.core.geometry import build_geometry
 
 torch.set_num_threads(1)
@@ -184,7 +184,7 @@ def test_map_on_model_grid_keeps_data_and_source_affine(tmp_path):
     assert img.shape == GRID
     source = nib.Nifti1Image(np.zeros(GRID + (5,), np.float32), AFFINE)
     nib.save(source, tmp_path / "bold.nii.gz")
-    out = to_source_grid(img, tmp_path / "bold.nii.gz")
+    out = to_source_grid(img, nib.load(tmp_path / "bold.nii.gz"))  # a 4D BOLD's header
     assert out.shape == GRID
     np.testing.assert_array_equal(out.affine, AFFINE)
     np.testing.assert_array_equal(np.asarray(out.dataobj), np.asarray(img.dataobj))

@@ -9,6 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from bids_roimae.errors import BadDataError, MissingInputError, NoDataSelected, UsageError
 from bids_roimae.io.discovery import (
     discover,
     find_derivatives,
@@ -16,7 +17,6 @@ from bids_roimae.io.discovery import (
     normalise_labels,
     read_participants,
 )
-from bids_roimae.errors import BadDataError, MissingInputError, NoDataSelected, UsageError
 
 SPACE = "MNI152NLin2009cAsym"
 AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
@@ -107,7 +107,8 @@ def test_discover_finds_runs_with_companions_and_tr(dataset):
     assert nback.tr == pytest.approx(0.8) and nback.tr_source == "sidecar"
     assert nback.mask_path.name == (
         "sub-01_ses-1_task-nback_acq-mb4_run-01_space-MNI152NLin2009cAsym_res-2_desc-brain_mask.nii.gz")
-    assert nback.confounds_path.name == "sub-01_ses-1_task-nback_acq-mb4_run-01_desc-confounds_timeseries.tsv"
+    assert nback.confounds_path.name == (
+        "sub-01_ses-1_task-nback_acq-mb4_run-01_desc-confounds_timeseries.tsv")
     assert all(r.path.is_file() and r.path.is_absolute() for r in runs)
     assert all(r.entities["space"] == SPACE for r in runs)  # T1w run left out
     # inherited from the raw root's task-rest_bold.json
@@ -115,10 +116,12 @@ def test_discover_finds_runs_with_companions_and_tr(dataset):
 
 
 def test_filters_by_labels_and_filter_file(dataset, tmp_path):
-    runs = discover(dataset, participant_labels=["sub-01"], session_labels="ses-1", task_labels=["rest"])
+    runs = discover(dataset, participant_labels=["sub-01"], session_labels="ses-1",
+                    task_labels=["rest"])
     assert [r.key for r in runs] == ["sub-01_ses-1_task-rest_run-1", "sub-01_ses-1_task-rest_run-2"]
     filter_file = tmp_path / "filter.json"
-    filter_file.write_text(json.dumps({"bold": {"session": ["2", "1"], "acquisition": None, "run": 1}}))
+    filter_file.write_text(json.dumps({"bold": {"session": ["2", "1"], "acquisition": None,
+                                                "run": 1}}))
     filters = load_filter_file(filter_file)
     runs = discover(dataset, bids_filters=filters)
     # acquisition null drops the acq-mb4 run; run 1 matches run-1 and not run-2
@@ -144,8 +147,8 @@ def test_unknown_participant_names_the_labels(dataset):
 
 
 def test_only_other_spaces_is_bad_data(dataset):
-    with pytest.raises(BadDataError, match=r"only in spaces MNI152NLin2009cAsym, T1w.*--output-spaces "
-                                           r"MNI152NLin6Asym:res-2") as info:
+    with pytest.raises(BadDataError, match=r"only in spaces MNI152NLin2009cAsym, T1w.*"
+                                           r"--output-spaces MNI152NLin6Asym:res-2") as info:
         discover(dataset, space="MNI152NLin6Asym")
     assert info.value.exit_code == 65
 
@@ -158,7 +161,8 @@ def test_resolution_preference_and_optional_res(tmp_path):
     add_run(deriv, "sub-02_task-rest", res=None, ext=".nii", confounds=False)
     add_run(deriv, "sub-03_task-rest", res="1", mask=False)
     runs = discover(deriv)  # BIDS_DIR is the derivatives dataset itself
-    assert [(r.subject, r.entities.get("res")) for r in runs] == [("01", "2"), ("02", None), ("03", "1")]
+    assert [(r.subject, r.entities.get("res")) for r in runs] == [("01", "2"), ("02", None),
+                                                                  ("03", "1")]
     assert runs[1].path.suffix == ".nii" and runs[1].mask_path.suffix == ".nii"
     assert runs[1].confounds_path is None and runs[2].mask_path is None
     assert runs[0].key == "sub-01_task-rest" and runs[0].run is None and runs[0].session is None
@@ -173,8 +177,8 @@ def test_echo_entities_and_legacy_names(tmp_path):
     _nifti(legacy.parent / f"sub-02_task-rest_space-{SPACE}_label-brain_mask.nii.gz")
     (legacy.parent / "sub-02_task-rest_desc-confounds_regressors.tsv").write_text("a\n1\n")
     runs = discover(deriv)
-    assert [r.key for r in runs] == ["sub-01_task-rest_run-1_echo-1", "sub-01_task-rest_run-1_echo-2",
-                                     "sub-02_task-rest"]
+    assert [r.key for r in runs] == ["sub-01_task-rest_run-1_echo-1",
+                                     "sub-01_task-rest_run-1_echo-2", "sub-02_task-rest"]
     assert runs[0].entities["echo"] == "1"
     assert runs[0].confounds_path.name == "sub-01_task-rest_run-1_desc-confounds_timeseries.tsv"
     assert runs[2].mask_path.name.endswith("_label-brain_mask.nii.gz")

@@ -9,8 +9,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-
-from _grids import AFFINE, GRID, SPACE, WINDOW, template_grid
+from grids import AFFINE, GRID, SPACE, WINDOW, template_grid
 
 from bids_roimae.config import PrepConfig
 from bids_roimae.core.geometry import build_geometry

@@ -3,7 +3,7 @@
 import pytest
 
 from bids_roimae import __version__
-from bids_roimae.cli import expand_multi_values, main, options_free_third
+from bids_roimae.cli import analysis_level_argument, expand_multi_values, main
 
 
 def test_version(capsys):
@@ -73,5 +73,5 @@ def test_list_options_take_several_values():
 
 
 def test_level_found_past_option_values():
-    assert options_free_third(["--atlas", "AAL3", "/d", "/o", "group", "-v"]) == "group"
-    assert options_free_third(["/d", "/o"]) is None
+    assert analysis_level_argument(["--atlas", "AAL3", "/d", "/o", "group", "-v"]) == "group"
+    assert analysis_level_argument(["/d", "/o"]) is None

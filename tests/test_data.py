@@ -12,15 +12,13 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+from grids import AFFINE, GRID, SPACE, WINDOW, template_grid
 
-from _grids import AFFINE, GRID, SPACE, WINDOW, template_grid
-
-from bids_roimae.io.discovery import BoldRun
 from bids_roimae.config import PrepConfig
 from bids_roimae.core.scaling import global_scale_inplace, zscore_inplace
-from bids_roimae.io.preparation import prepare_run, prepare_runs
 from bids_roimae.errors import EXIT_BAD_DATA, AppError, BadDataError, OutputError
-
+from bids_roimae.io.discovery import BoldRun
+from bids_roimae.io.preparation import prepare_run, prepare_runs
 
 VOXEL = PrepConfig(normalize="voxel")  # exact per-voxel z-scores: layout checks
 

@@ -4,9 +4,16 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
+from bids_roimae.analysis.evaluation import (
+    binary_metrics,
+    fold_assignment,
+    make_folds,
+    mean_sd,
+    multiclass_metrics,
+    regression_metrics,
+    summarise_folds,
+)
 from bids_roimae.errors import BadDataError, UsageError
-from bids_roimae.analysis.evaluation import (binary_metrics, fold_assignment, make_folds, mean_sd,
-                                    multiclass_metrics, regression_metrics, summarise_folds)
 
 
 def test_stratified_folds_partition_subjects_and_keep_class_balance():

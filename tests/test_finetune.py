@@ -11,21 +11,25 @@ import pandas as pd
 import pytest
 import torch
 
-from bids_roimae.io.cache import write_entry
-from bids_roimae.io.checkpoint import (AtlasMeta, ModelMeta, load_checkpoint, load_model,
-                                       save_checkpoint)
-from bids_roimae.training.classifier_fit import fit_linear_probe, probe_classifier
-from bids_roimae.training.windows import (embed_windows, load_windows, subject_windows,
-                                          window_starts)
-from bids_roimae.config import AppConfig
-from bids_roimae.errors import BadDataError
-from bids_roimae.training.comparison import compare_masking
 from bids_roimae.analysis.evaluation import make_folds
+from bids_roimae.analysis.labels import parse_labels
+from bids_roimae.config import AppConfig
+from bids_roimae.core.geometry import build_geometry
+from bids_roimae.errors import BadDataError
+from bids_roimae.io.cache import write_entry
+from bids_roimae.io.checkpoint import (
+    AtlasMeta,
+    ModelMeta,
+    load_checkpoint,
+    load_model,
+    save_checkpoint,
+)
+from bids_roimae.model.mae import build_model
+from bids_roimae.training.classifier_fit import fit_linear_probe, probe_classifier
+from bids_roimae.training.comparison import compare_masking
 from bids_roimae.training.cross_validation import cross_validate, frozen_embeddings
 from bids_roimae.training.finetune import predict_subject, run_finetune
-from bids_roimae.core.geometry import build_geometry
-from bids_roimae.analysis.labels import parse_labels
-from bids_roimae.model.mae import build_model
+from bids_roimae.training.windows import embed_windows, load_windows, subject_windows, window_starts
 
 torch.set_num_threads(1)
 N_SUBJECTS = 24

@@ -6,9 +6,14 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 
+from bids_roimae.analysis.labels import (
+    align_labels,
+    find_column,
+    normalise_value,
+    parse_groups,
+    parse_labels,
+)
 from bids_roimae.errors import BadDataError, MissingInputError, UsageError
-from bids_roimae.analysis.labels import (align_labels, find_column, normalise_value, parse_groups,
-                                parse_labels)
 
 # Shaped like an ADHD-200 site table written out as participants.tsv: codes stored as
 # text with stray spaces and decimals, several spellings of "missing", and a header with

@@ -2,10 +2,16 @@
 
 import numpy as np
 import pytest
-
-from bids_roimae.core.masking import (make_batch_masks, random_mask, region_groups, roi_mask,
-                                 target_count, tube)
 from ddp_worker import make_geometry
+
+from bids_roimae.core.masking import (
+    make_batch_masks,
+    random_mask,
+    region_groups,
+    roi_mask,
+    target_count,
+    tube,
+)
 
 
 @pytest.fixture(scope="module")

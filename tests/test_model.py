@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 import torch
+from ddp_worker import make_geometry, tiny_config
 
 from bids_roimae.config import ConfigError, ModelConfig
 from bids_roimae.core.geometry import window_tokens
 from bids_roimae.core.masking import make_batch_masks, random_mask, tube
 from bids_roimae.model.mae import build_model, resolve_model_config, visible_index
-from ddp_worker import make_geometry, tiny_config
 
 torch.set_num_threads(1)
 

@@ -73,7 +73,8 @@ def test_derivative_path_refuses_bad_labels(tmp_path, source, kwargs):
 
 
 def test_write_json_is_sorted_plain_and_leaves_no_temp(tmp_path):
-    path = write_json(tmp_path / "a" / "x.json", {"b": np.float32(1.5), "a": [np.int64(2), float("nan")],
+    path = write_json(tmp_path / "a" / "x.json", {"b": np.float32(1.5),
+                                                  "a": [np.int64(2), float("nan")],
                                                   "c": np.arange(2), "d": tmp_path})
     text = path.read_text()
     assert text.index('"a"') < text.index('"b"') and text.endswith("}\n")
@@ -120,7 +121,8 @@ def test_dataset_description_container_and_unchanged_file(tmp_path, monkeypatch)
     monkeypatch.setenv("BIDS_ROIMAE_CONTAINER_TAG", "bidsroimae/bids_roimae:0.1.0")
     path = write_dataset_description(tmp_path, source_datasets=["file:///x", "/data/fmriprep"])
     data = json.loads(path.read_text())
-    assert data["GeneratedBy"][0]["Container"] == {"Type": "docker", "Tag": "bidsroimae/bids_roimae:0.1.0"}
+    assert data["GeneratedBy"][0]["Container"] == {"Type": "docker",
+                                                   "Tag": "bidsroimae/bids_roimae:0.1.0"}
     assert data["SourceDatasets"][0] == {"URL": "file:///x"}
     inode, mtime = path.stat().st_ino, path.stat().st_mtime_ns
     write_dataset_description(tmp_path, source_datasets=["file:///x", "/data/fmriprep"])
@@ -128,7 +130,8 @@ def test_dataset_description_container_and_unchanged_file(tmp_path, monkeypatch)
     monkeypatch.setenv("APPTAINER_CONTAINER", "/images/bids_roimae_0.1.0.sif")
     monkeypatch.delenv("BIDS_ROIMAE_CONTAINER_TAG")
     data = json.loads(write_dataset_description(tmp_path, source_datasets=[]).read_text())
-    assert data["GeneratedBy"][0]["Container"] == {"Type": "apptainer", "Tag": "bids_roimae_0.1.0.sif"}
+    assert data["GeneratedBy"][0]["Container"] == {"Type": "apptainer",
+                                                   "Tag": "bids_roimae_0.1.0.sif"}
 
 
 def test_bidsignore_merges_and_drops_trailing_slash(tmp_path):
@@ -171,7 +174,8 @@ def _validate(root: Path) -> tuple[int, list]:
     proc = subprocess.run([str(validator), str(root), "--format", "json"],
                           capture_output=True, text=True, timeout=120)
     issues = json.loads(proc.stdout)["issues"]["issues"]
-    return proc.returncode, [(i["code"], i.get("location")) for i in issues if i["severity"] == "error"]
+    return proc.returncode, [(i["code"], i.get("location")) for i in issues
+                             if i["severity"] == "error"]
 
 
 def test_output_tree_passes_bids_validator(tmp_path):
@@ -182,11 +186,13 @@ def test_output_tree_passes_bids_validator(tmp_path):
     table = pd.DataFrame({"index": [1, 2], "name": ["A", "B"], "system": ["x", "y"]})
     write_atlas_files(out, "AAL3", labels, table, SPACE, 2)
     meta = {"Description": "test map", "Resolution": "2 mm"}
-    boldmap = save_image(_image(), derivative_path(out, SOURCE, suffix="boldmap", extension=".nii.gz",
-                                                   space=SPACE, res=2, stat="attribution", desc="ig"), meta)
+    boldmap = save_image(_image(), derivative_path(out, SOURCE, suffix="boldmap",
+                                                   extension=".nii.gz", space=SPACE, res=2,
+                                                   stat="attribution", desc="ig"), meta)
     save_image(labels, derivative_path(out, SOURCE, suffix="dseg", extension=".nii.gz", space=SPACE,
                                        atlas="AAL3", res=2, desc="fidelity"), meta)
-    stats = derivative_path(out, SOURCE, suffix="stats", extension=".tsv", atlas="AAL3", stat="attribution")
+    stats = derivative_path(out, SOURCE, suffix="stats", extension=".tsv", atlas="AAL3",
+                            stat="attribution")
     stats.write_text("index\tname\tvalue\n1\tA\t0.5\n")
     write_sidecar(stats, {"Description": "region table"})
     (boldmap.parent / (boldmap.name.split(".")[0] + ".svg")).write_text("<svg/>")

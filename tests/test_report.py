@@ -21,12 +21,25 @@ from bids_roimae.io.derivatives import write_bidsignore, write_dataset_descripti
 from bids_roimae.io.templates import Template
 from bids_roimae.reports.group_report import build_group_report
 from bids_roimae.reports.participant_report import build_participant_report
-from bids_roimae.reports.run_derivatives import (BIDSIGNORE, pybids_config, read_region_tables,
-                                                 write_run_attribution, write_run_fidelity)
+from bids_roimae.reports.run_derivatives import (
+    BIDSIGNORE,
+    pybids_config,
+    read_region_tables,
+    write_run_attribution,
+    write_run_fidelity,
+)
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_attribution import (AFFINE, GRID, TinyClassifier, TinyMAE,  # noqa: E402
-                              atlas_table, make_geometry, make_mask_labels, make_windows)
+from test_attribution import (  # noqa: E402
+    AFFINE,
+    GRID,
+    TinyClassifier,
+    TinyMAE,
+    atlas_table,
+    make_geometry,
+    make_mask_labels,
+    make_windows,
+)
 
 SPACE = "MNI152NLin2009cAsym"
 VALIDATOR = Path(sys.executable).parent / "bids-validator-deno"

@@ -10,13 +10,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
-from bids_roimae.io.checkpoint import AtlasMeta, load_checkpoint, load_model
-from bids_roimae.errors import AppError, BadDataError, UsageError
-from bids_roimae.model.mae import build_model
-from bids_roimae.training.sampling import split_subjects, step_plan, window_index
-from bids_roimae.training.pretrain import lr_at, model_name, run_pretraining
 from ddp_worker import FakeEntry, make_entries, make_geometry, tiny_config
+
+from bids_roimae.errors import AppError, BadDataError, UsageError
+from bids_roimae.io.checkpoint import AtlasMeta, load_checkpoint, load_model
+from bids_roimae.model.mae import build_model
+from bids_roimae.training.pretrain import lr_at, model_name, run_pretraining
+from bids_roimae.training.sampling import split_subjects, step_plan, window_index
 
 torch.set_num_threads(1)
 HERE = Path(__file__).resolve().parent
@@ -56,7 +56,8 @@ def test_loss_falls_and_outputs_are_written(geometry, entries, tmp_path):
     assert (tmp_path / "m" / "loss.png").stat().st_size > 1000
     ckpt = load_checkpoint(final)
     assert ckpt["extra"]["kind"] == "pretrain" and ckpt["extra"]["names"] == ["a", "b"]
-    assert ckpt["step"] == 60 and set(ckpt["versions"]) >= {"bids_roimae", "torch", "numpy", "python"}
+    assert ckpt["step"] == 60 and set(ckpt["versions"]) >= {"bids_roimae", "torch", "numpy",
+                                                            "python"}
 
 
 def test_checkpoint_round_trip(geometry, entries, tmp_path):

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 import numpy as np
-import pandas as pd
 import torch
 from torch import nn
 

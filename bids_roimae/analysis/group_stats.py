@@ -1,8 +1,8 @@
 """Group statistics over participants' region tables: rankings and group differences.
 
 Pure functions on the stacked per-run region tables that
-:func:`bids_roimae.reports.run_derivatives.read_region_tables` returns (one row per run and region, with
-``subject``, ``index``, ``name``, ``system`` and the value columns); no I/O.
+:func:`bids_roimae.reports.run_derivatives.read_region_tables` returns (one row per run and
+region, with ``subject``, ``index``, ``name``, ``system`` and the value columns); no I/O.
 """
 
 from __future__ import annotations

@@ -40,8 +40,8 @@ def to_source_grid(img, reference, interpolation: str = "linear"):
     ----------
     img : nibabel.Nifti1Image
         3D map on the model grid.
-    reference : nibabel image or path
-        The run's BOLD (3D or 4D; only its header is read) or its reference image.
+    reference : nibabel image
+        The run's BOLD (3D or 4D; only its header is used) or its reference image.
     interpolation : {"linear", "continuous", "nearest"}
         ``linear`` keeps a non-negative map non-negative (splines overshoot).
 
@@ -51,8 +51,7 @@ def to_source_grid(img, reference, interpolation: str = "linear"):
         Shape ``reference.shape[:3]`` and exactly ``reference.affine``; the data are
         unchanged when the grids already agree.
     """
-    ref = nib.load(str(reference)) if not hasattr(reference, "affine") else reference
-    ref_shape, ref_affine = tuple(ref.shape[:3]), np.asarray(ref.affine, float)
+    ref_shape, ref_affine = tuple(reference.shape[:3]), np.asarray(reference.affine, float)
     if _same_grid(img.shape, img.affine, ref_shape, ref_affine):
         data = np.asarray(img.dataobj, dtype=np.float32)
     else:

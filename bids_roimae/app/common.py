@@ -9,17 +9,20 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from bids_roimae.app.context import RunContext
 from bids_roimae.config import MODEL_RESOLUTION, AppConfig, PrepConfig
 from bids_roimae.core.geometry import TokenGeometry, build_geometry, describe_regions
 from bids_roimae.errors import EXIT_OK, AppError
 from bids_roimae.io.atlas import Atlas, load_atlas, resample_labels
 from bids_roimae.io.cache import CacheEntry
-from bids_roimae.io.derivatives import (ensure_output_dir, write_bidsignore,
-                                        write_dataset_description)
+from bids_roimae.io.derivatives import (
+    ensure_output_dir,
+    write_bidsignore,
+    write_dataset_description,
+)
 from bids_roimae.io.discovery import BoldRun, find_derivatives
 from bids_roimae.io.preparation import prepare_runs
 from bids_roimae.io.templates import Template, load_template
-from bids_roimae.app.context import RunContext
 from bids_roimae.reports.run_derivatives import BIDSIGNORE
 
 log = logging.getLogger("bids_roimae")

@@ -17,17 +17,12 @@ from typing import Any, Optional
 
 import torch
 
-from bids_roimae.config import DEFAULT_SPACE, AppConfig, ConfigError, load_config
+from bids_roimae.config import DEFAULT_SPACE, LEVEL_MODES, AppConfig, ConfigError, load_config
 from bids_roimae.errors import MissingInputError, UsageError
 from bids_roimae.io.discovery import BoldRun, discover, load_filter_file, normalise_labels
 
 log = logging.getLogger("bids_roimae")
 
-MODES = {
-    "participant": ("prepare", "finetune", "predict"),
-    "group": ("pretrain", "report"),
-}
-DEFAULT_MODE = {"participant": "prepare", "group": "pretrain"}
 
 
 @dataclass
@@ -142,12 +137,13 @@ def build_context(o: dict) -> RunContext:
     """
     setup_logging(int(o.get("verbose") or 0))
     level = o["analysis_level"]
-    mode = o.get("mode") or DEFAULT_MODE[level]
-    if mode not in MODES[level]:
-        raise UsageError(f"--mode {mode} runs at the "
-                         f"{'group' if level == 'participant' else 'participant'} level, "
-                         f"not {level} (participant: {', '.join(MODES['participant'])}; "
-                         f"group: {', '.join(MODES['group'])})")
+    modes = LEVEL_MODES[level]
+    mode = o.get("mode") or modes[0]
+    if mode not in modes:
+        other = "group" if level == "participant" else "participant"
+        raise UsageError(f"--mode {mode} runs at the {other} level, not {level} "
+                         f"(participant: {', '.join(LEVEL_MODES['participant'])}; "
+                         f"group: {', '.join(LEVEL_MODES['group'])})")
     bids_dir = Path(o["bids_dir"]).expanduser().absolute()
     output_dir = Path(o["output_dir"]).expanduser().absolute()
     if not bids_dir.is_dir():

@@ -326,8 +326,9 @@ def build_geometry(brain_mask: np.ndarray, affine: np.ndarray,
                    axis=-1).reshape(-1, 3)
     # Pad so every tile is a full cube, then count brain voxels per tile in one pass.
     padded = np.zeros(tuple(n_tiles * p), bool)
-    sl = tuple(slice(0, min(h, mask.shape[a]) - l) for a, (l, h) in enumerate(zip(lo, lo + n_tiles * p)))
-    padded[sl] = mask[tuple(slice(l, l + s.stop) for l, s in zip(lo, sl))]
+    sl = tuple(slice(0, min(high, mask.shape[a]) - low)
+               for a, (low, high) in enumerate(zip(lo, lo + n_tiles * p)))
+    padded[sl] = mask[tuple(slice(low, low + s.stop) for low, s in zip(lo, sl))]
     counts = padded.reshape(n_tiles[0], p, n_tiles[1], p, n_tiles[2], p).sum(axis=(1, 3, 5))
     frac = counts.reshape(-1) / p ** 3
     keep = (frac > 0) & (frac >= min_brain_fraction)

@@ -1,1 +1,2 @@
-"""Reading and writing: BIDS discovery and names, BOLD, templates and atlases, the token cache, derivatives and checkpoints."""
+"""Reading and writing: BIDS discovery and names, BOLD, templates and atlases, the token
+cache, derivatives and checkpoints."""

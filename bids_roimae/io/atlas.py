@@ -1,12 +1,8 @@
-"""Template and atlas resources: the model grid (TemplateFlow) and the region labels.
+"""Atlases: the region labels on the model grid, and ``bids_roimae-fetch``.
 
-Sources, looked up at call time (environment variables are read on every call):
+Sources, looked up at call time (environment variables are read on every call); the
+template that defines the model grid is :mod:`bids_roimae.io.templates`'s:
 
-* **Template** (defines the model grid): TemplateFlow's
-  ``tpl-<space>_res-02_desc-brain_mask.nii.gz`` and ``..._res-02_T1w.nii.gz`` under
-  ``$TEMPLATEFLOW_HOME/tpl-<space>/`` (default ``~/.cache/templateflow``). A non-empty
-  file already there is used as is; otherwise it is downloaded from TemplateFlow's store
-  into that cache, if TemplateFlow's file list has it.
 * **AAL3** (default atlas): ``nilearn.datasets.fetch_atlas_aal(version="3v2")``, cached
   as ``$NILEARN_DATA/aal_3v2/AAL3/AAL3v1.nii`` + ``AAL3v1.xml``. Region names come from the
   XML; region systems from the package table ``data/aal3_systems.tsv``. AAL3 is defined

@@ -142,7 +142,8 @@ def layout_query(subjects, sessions, tasks, filters) -> dict:
                       if v is not None and v != "*"]
             query[name] = [v for v in query[name] if v in wanted]
             if not query[name]:
-                raise NoDataSelected(f"the {name} labels and the BIDS filter file select nothing together")
+                raise NoDataSelected(f"the {name} labels and the BIDS filter file "
+                                     f"select nothing together")
         else:
             query[name] = _as_query(value)
     return query

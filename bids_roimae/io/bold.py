@@ -15,12 +15,12 @@ import zlib
 from pathlib import Path
 from typing import Optional
 
+import nibabel as nib
 import numpy as np
 
-from bids_roimae.io.cache import brain_voxels
 from bids_roimae.config import DEFAULT_SPACE
 from bids_roimae.errors import BadDataError, one_line
-
+from bids_roimae.io.cache import brain_voxels
 
 
 class BoldSource:
@@ -32,8 +32,6 @@ class BoldSource:
     """
 
     def __init__(self, path):
-        import nibabel as nib
-
         self.path = Path(path)
         self.name = self.path.name
         if self.path.stat().st_size == 0:
@@ -259,8 +257,6 @@ def outside_run_mask(run, source: BoldSource, geometry, mask_img) -> Optional[np
     """
     if run.mask_path is None:
         return None
-    import nibabel as nib
-
     mask_name = Path(run.mask_path).name
     try:
         run_mask = nib.load(run.mask_path)

@@ -6,7 +6,7 @@ Layout (inside the output dataset, where the group job finds it)::
     OUTPUT_DIR/cache/sub-<label>/<run key>_<cache key>.json  meta (complete == true)
     OUTPUT_DIR/cache/.source-hashes/<hash of path>.json      memoised source digests
 
-The cache key (:mod:`bids_roimae.io.cache_keys`, re-exported here) is a content hash of what
+The cache key (:mod:`bids_roimae.io.cache_keys`) is a content hash of what
 decides the token values: the source BOLD bytes (and the run's brain mask and confounds
 files when they are used), the geometry's extraction hash, the preprocessing settings and
 the template space. Same inputs, same key, same bytes; so concurrent writers of one entry
@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
+import torch
 
 from bids_roimae.io import atomic
 from bids_roimae.io.cache_keys import FORMAT_VERSION, HASH_INDEX_DIRNAME, cache_key, prep_settings
@@ -133,13 +134,8 @@ def half_to_float(src: np.ndarray, out: np.ndarray) -> np.ndarray:
     """Copy float16 ``src`` into float32 ``out`` (same shape, C-contiguous).
 
     numpy converts half floats element by element; torch's vectorised copy is several
-    times faster, so it is used when available.
+    times faster.
     """
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a dependency of the app
-        np.copyto(out, src, casting="unsafe")
-        return out
     with warnings.catch_warnings():  # memory maps are read-only; torch only reads them
         warnings.simplefilter("ignore", UserWarning)
         torch.from_numpy(out).copy_(torch.from_numpy(np.ascontiguousarray(src)))

@@ -27,6 +27,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from bids_roimae import __version__
 from bids_roimae.config import AppConfig
 from bids_roimae.core.geometry import TokenGeometry
 from bids_roimae.errors import BadDataError, MissingInputError, OutputError
@@ -164,8 +165,6 @@ def _to_plain(value: Any) -> Any:
 
 def versions() -> dict:
     """Versions of the software that wrote a checkpoint."""
-    from bids_roimae import __version__
-
     return {"bids_roimae": str(__version__), "torch": str(torch.__version__),
             "numpy": str(np.__version__), "python": platform.python_version()}
 

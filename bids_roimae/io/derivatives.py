@@ -42,9 +42,13 @@ import os
 import tempfile
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
+
+from bids_roimae import __version__
+from bids_roimae.errors import OutputError
 from bids_roimae.io import atomic
 from bids_roimae.io.bids_names import check_label
-from bids_roimae.errors import OutputError
 
 CODE_URL = "https://github.com/bidsroimae/bids_roimae"
 BIDS_VERSION = "1.10.0"
@@ -148,8 +152,6 @@ def save_image(img, path, metadata) -> Path:
     Path
         ``path``.
     """
-    import nibabel as nib
-
     path = Path(path)
     atomic.write_via(path, lambda tmp: nib.save(img, tmp), fsync=False, keep_suffix=True)
     write_sidecar(path, metadata)
@@ -168,15 +170,6 @@ def _container() -> dict | None:
     return None
 
 
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("bids_roimae")
-    except PackageNotFoundError:
-        return "0+unknown"
-
-
 def write_dataset_description(output_dir, *, source_datasets: list[str],
                               name: str = "bids_roimae outputs") -> Path:
     """Write ``dataset_description.json``; safe when many jobs start at once.
@@ -193,7 +186,7 @@ def write_dataset_description(output_dir, *, source_datasets: list[str],
     Path
         The description; an existing file with the same content is left untouched.
     """
-    generated = {"Name": "bids_roimae", "Version": _version(), "CodeURL": CODE_URL}
+    generated = {"Name": "bids_roimae", "Version": __version__, "CodeURL": CODE_URL}
     container = _container()
     if container:
         generated["Container"] = container
@@ -257,10 +250,8 @@ def write_atlas_files(output_dir, atlas_name, labels_img, table, space, res) -> 
         ``space-<space>_atlas-<name>_res-<res>_dseg.nii.gz`` (schema entity order),
         its ``.json``, ``atlas-<name>_dseg.tsv`` and ``atlas-<name>_description.json``.
     """
-    import nibabel as nib
-    import numpy as np
-
-    name, space, res = check_label("atlas", atlas_name), check_label("space", space), check_label("res", res)
+    name, space, res = (check_label("atlas", atlas_name), check_label("space", space),
+                        check_label("res", res))
     missing = {"index", "name"} - set(table.columns)
     if missing:
         raise ValueError(f"atlas table lacks column(s) {', '.join(sorted(missing))}")
@@ -274,10 +265,11 @@ def write_atlas_files(output_dir, atlas_name, labels_img, table, space, res) -> 
     img = nib.Nifti1Image(labels, labels_img.affine)
     img.header.set_xyzt_units("mm")
     out = Path(output_dir)
+    zooms = img.header.get_zooms()[:3]
     image = save_image(img, out / f"space-{space}_atlas-{name}_res-{res}_dseg.nii.gz",
                        {"Atlas": name, "Space": space,
                         "Resolution": {res: f"{space} template grid, voxels of "
-                                            f"{' x '.join(f'{z:g}' for z in img.header.get_zooms()[:3])} mm"},
+                                            f"{' x '.join(f'{z:g}' for z in zooms)} mm"},
                         "Description": f"{name} regions resampled to the model grid"})
     columns = ["index", "name"] + (["system"] if "system" in table.columns else [])
     tsv = table[columns].sort_values("index").to_csv(sep="\t", index=False, lineterminator="\n")

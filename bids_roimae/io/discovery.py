@@ -19,12 +19,19 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bids_roimae.io.bids_names import (LABEL_RE, PYBIDS_TO_SHORT, SHORT_TO_PYBIDS, SOURCE_KEYS,
-                                      parse_name)
-from bids_roimae.io.run_files import FolderListings, mask_and_confounds, repetition_time
-from bids_roimae.io.bids_index import layout_query, open_layout
+import pandas as pd
+
 from bids_roimae.config import DEFAULT_SPACE, MODEL_RESOLUTION
 from bids_roimae.errors import BadDataError, MissingInputError, NoDataSelected, UsageError
+from bids_roimae.io.bids_index import layout_query, open_layout
+from bids_roimae.io.bids_names import (
+    LABEL_RE,
+    PYBIDS_TO_SHORT,
+    SHORT_TO_PYBIDS,
+    SOURCE_KEYS,
+    parse_name,
+)
+from bids_roimae.io.run_files import FolderListings, mask_and_confounds, repetition_time
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +105,8 @@ def normalise_labels(values, prefix) -> list[str]:
             if not part:
                 continue
             if not LABEL_RE.match(part):
-                raise UsageError(f"{head}{part!s} is not a valid BIDS label (letters and digits only)")
+                raise UsageError(f"{head}{part!s} is not a valid BIDS label "
+                                 f"(letters and digits only)")
             if part not in labels:
                 labels.append(part)
     return labels
@@ -203,12 +211,15 @@ def _check_filters(bold_filters: dict) -> dict:
                 raise UsageError(f'BIDS filter "{key}": only "{_FIXED_FILTERS[name]}" is supported')
             continue
         if name in _RESERVED_FILTERS:
-            raise UsageError(f'BIDS filter "{key}" is set by bids_roimae (use --space for the space)')
+            raise UsageError(f'BIDS filter "{key}" is set by bids_roimae '
+                             f'(use --space for the space)')
         if name not in PYBIDS_TO_SHORT:
             raise UsageError(f'BIDS filter "{key}" is not a known BIDS entity')
         items = value if isinstance(value, list) else [value]
-        if not all(v is None or isinstance(v, (str, int)) and not isinstance(v, bool) for v in items):
-            raise UsageError(f'BIDS filter "{key}" must be a string, integer, null or a list of them')
+        if not all(v is None or isinstance(v, (str, int)) and not isinstance(v, bool)
+                   for v in items):
+            raise UsageError(f'BIDS filter "{key}" must be a string, integer, null '
+                             f'or a list of them')
         checked[name] = value
     return checked
 
@@ -293,12 +304,14 @@ def discover(bids_dir, *, derivatives=None, participant_labels=None, session_lab
         if missing:
             raise NoDataSelected(
                 f"participant label(s) not found in {root}: {', '.join(missing)} "
-                f"(found: {', '.join(sorted(known)[:10]) or 'none'}{' ...' if len(known) > 10 else ''})")
+                f"(found: {', '.join(sorted(known)[:10]) or 'none'}"
+                f"{' ...' if len(known) > 10 else ''})")
     query = layout_query(subjects, normalise_labels(session_labels, "ses"),
                        normalise_labels(task_labels, "task"), filters)
     found = [Path(p) for p in layout.get(return_type="filename", **query)]
     if not found:
-        shown = {k: v for k, v in query.items() if k in ("subject", "session", "task") or k in filters}
+        shown = {k: v for k, v in query.items()
+                 if k in ("subject", "session", "task") or k in filters}
         raise NoDataSelected(f"no preprocessed BOLD (*_desc-preproc_bold.nii[.gz]) in {root} "
                              f"matches {shown or 'the selection'}")
     best: dict[tuple, tuple] = {}
@@ -308,7 +321,8 @@ def discover(bids_dir, *, derivatives=None, participant_labels=None, session_lab
         if pairs.get("space") != space:
             other_spaces.add(pairs.get("space", "none (native BOLD space)"))
             continue
-        identity = (path.parent, tuple(sorted((k, v) for k, v in pairs.items() if k not in ("res", "den"))))
+        identity = (path.parent, tuple(sorted((k, v) for k, v in pairs.items()
+                                              if k not in ("res", "den"))))
         rank = (_res_rank(pairs.get("res")), path.name)
         if identity not in best or rank < best[identity][0]:
             best[identity] = (rank, path)
@@ -327,7 +341,8 @@ def discover(bids_dir, *, derivatives=None, participant_labels=None, session_lab
         runs.append(BoldRun(
             subject=entities["subject"], session=entities.get("session"), task=entities["task"],
             run=entities.get("run"), entities=entities, path=path, mask_path=mask,
-            confounds_path=confounds, tr=tr, tr_source="missing" if tr is None else "sidecar", space=space))
+            confounds_path=confounds, tr=tr, tr_source="missing" if tr is None else "sidecar",
+            space=space))
     return sorted(runs, key=lambda r: (r.key, r.path.name))
 
 
@@ -352,8 +367,6 @@ def read_participants(bids_dir):
     BadDataError
         Empty file, no ``participant_id`` column, or repeated participants.
     """
-    import pandas as pd
-
     path = Path(bids_dir) / "participants.tsv"
     if not path.is_file():
         raise MissingInputError(f"{path} not found; it holds the labels to fine-tune on")
@@ -363,7 +376,8 @@ def read_participants(bids_dir):
         raise BadDataError(f"cannot read {path}: {err}") from err
     table.columns = [str(c).strip() for c in table.columns]
     if "participant_id" not in table.columns:
-        raise BadDataError(f"{path} has no participant_id column (columns: {', '.join(table.columns)})")
+        raise BadDataError(f"{path} has no participant_id column "
+                           f"(columns: {', '.join(table.columns)})")
     labels = table["participant_id"].str.strip().str.removeprefix("sub-")
     repeated = sorted(set(labels[labels.duplicated()]))
     if repeated:

@@ -1,4 +1,4 @@
-"""Preparation of BOLD runs into model-ready brain tokens, and access to the token cache.
+"""Preparation of BOLD runs into model-ready brain tokens in the token cache.
 
 Per run, in order: read the NIfTI (streamed frame by frame, so a corrupt or truncated file
 fails here and the whole 4D array is never held in float64), check it (4D, long enough,
@@ -9,7 +9,8 @@ per voxel), cut tokens and write the cache entry atomically (:mod:`bids_roimae.i
 
 All work after reading happens on the ``(T, V)`` matrix of the ``V`` template-brain voxels
 that are token voxels, float32 throughout. Reading the NIfTI and bringing it onto the model
-grid is :mod:`bids_roimae.io.bold`; its names used by callers are re-exported here.
+grid is :mod:`bids_roimae.io.bold`; the scaling numerics are
+:mod:`bids_roimae.core.scaling`.
 """
 
 from __future__ import annotations
@@ -23,15 +24,30 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from bids_roimae.core.scaling import (global_scale_inplace, resample_time, resampled_length,
-                                      zscore_inplace)
-from bids_roimae.io.cache import (CacheEntry, cache_root, cached_entry, entry_path,
-                                  remove_stale_temps, write_tokens)
-from bids_roimae.io.cache_keys import HASH_INDEX_DIRNAME, cache_key, prep_settings
-from bids_roimae.io.bold import (BoldSource, check_template_grid,  # noqa: F401
-                      model_grid_matrix, outside_run_mask, template_space)
 from bids_roimae.config import PrepConfig
+from bids_roimae.core.scaling import (
+    global_scale_inplace,
+    resample_time,
+    resampled_length,
+    zscore_inplace,
+)
 from bids_roimae.errors import AppError, BadDataError, OutputError, one_line
+from bids_roimae.io.bold import (  # noqa: F401
+    BoldSource,
+    check_template_grid,
+    model_grid_matrix,
+    outside_run_mask,
+    template_space,
+)
+from bids_roimae.io.cache import (
+    CacheEntry,
+    cache_root,
+    cached_entry,
+    entry_path,
+    remove_stale_temps,
+    write_tokens,
+)
+from bids_roimae.io.cache_keys import HASH_INDEX_DIRNAME, cache_key, prep_settings
 
 logger = logging.getLogger(__name__)
 

@@ -20,6 +20,7 @@ import nibabel as nib
 
 from bids_roimae.config import DEFAULT_SPACE, MODEL_RESOLUTION
 from bids_roimae.errors import BadDataError, MissingInputError
+from bids_roimae.io.atomic import write_via
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,6 @@ def _download(url: str, target: Path) -> None:
     concurrent jobs fetching the same file each write their own temporary)."""
     import requests
 
-    from bids_roimae.io.atomic import write_via
 
     with requests.get(url, stream=True, timeout=TEMPLATEFLOW_TIMEOUT) as response:
         if response.status_code != 200:

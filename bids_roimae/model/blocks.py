@@ -85,8 +85,10 @@ class DividedBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
         b, t, length, d = x.shape
-        key_valid = None if valid is None else valid[:, None, :].expand(b, t, length).reshape(b * t, length)
-        x = x + self.space(self.norm_space(x).reshape(b * t, length, d), key_valid).reshape(b, t, length, d)
+        key_valid = (None if valid is None
+                     else valid[:, None, :].expand(b, t, length).reshape(b * t, length))
+        x = x + self.space(self.norm_space(x).reshape(b * t, length, d),
+                           key_valid).reshape(b, t, length, d)
         xt = self.norm_time(x).transpose(1, 2).reshape(b * length, t, d)
         x = x + self.time(xt).reshape(b, length, t, d).transpose(1, 2)
         return x + self.mlp(self.norm_mlp(x))

@@ -133,22 +133,30 @@ class RoiMAE(nn.Module):
         self.embed_dim = embed_dim
         feat = self.temporal_patch * self.patch_voxels
         # Derived from the geometry, which checkpoints store separately: not persistent.
-        self.register_buffer("feature_mask", voxel_mask.repeat(1, self.temporal_patch), persistent=False)
-        self.register_buffer("pos_space", torch.tensor(sincos_3d(centres, embed_dim), dtype=torch.float32), persistent=False)
-        self.register_buffer("dec_pos_space", torch.tensor(sincos_3d(centres, decoder_dim), dtype=torch.float32), persistent=False)
+        self.register_buffer("feature_mask", voxel_mask.repeat(1, self.temporal_patch),
+                             persistent=False)
+        self.register_buffer("pos_space", torch.tensor(sincos_3d(centres, embed_dim),
+                                                       dtype=torch.float32), persistent=False)
+        self.register_buffer("dec_pos_space", torch.tensor(sincos_3d(centres, decoder_dim),
+                                                           dtype=torch.float32), persistent=False)
         if time_embedding == "learned":
             self.pos_time = nn.Parameter(torch.zeros(n_time, embed_dim))
             self.dec_pos_time = nn.Parameter(torch.zeros(n_time, decoder_dim))
             nn.init.normal_(self.pos_time, std=0.02)
             nn.init.normal_(self.dec_pos_time, std=0.02)
         elif time_embedding == "sincos":
-            self.register_buffer("pos_time", torch.tensor(sincos_1d(np.arange(n_time), embed_dim), dtype=torch.float32), persistent=False)
-            self.register_buffer("dec_pos_time", torch.tensor(sincos_1d(np.arange(n_time), decoder_dim), dtype=torch.float32), persistent=False)
+            self.register_buffer("pos_time",
+                                 torch.tensor(sincos_1d(np.arange(n_time), embed_dim),
+                                              dtype=torch.float32), persistent=False)
+            self.register_buffer("dec_pos_time",
+                                 torch.tensor(sincos_1d(np.arange(n_time), decoder_dim),
+                                              dtype=torch.float32), persistent=False)
         else:
             raise ValueError(f"time_embedding must be sincos or learned, got {time_embedding!r}")
         block = DividedBlock if attention == "divided" else JointBlock
         self.patch_embed = nn.Linear(feat, embed_dim)
-        self.blocks = nn.ModuleList(block(embed_dim, num_heads, mlp_ratio, dropout) for _ in range(depth))
+        self.blocks = nn.ModuleList(block(embed_dim, num_heads, mlp_ratio, dropout)
+                                    for _ in range(depth))
         self.norm = nn.LayerNorm(embed_dim)
         self.decoder_embed = nn.Linear(embed_dim, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(decoder_dim))
@@ -195,7 +203,8 @@ class RoiMAE(nn.Module):
             index = valid = None
             if mask is not None and bool(mask.any()):
                 index, valid = _to_device(visible_index(mask[:, 0]), tokens.device)
-                tokens = torch.gather(tokens, 2, index[:, None, :, None].expand(b, t, index.shape[1], f))
+                tokens = torch.gather(tokens, 2,
+                                      index[:, None, :, None].expand(b, t, index.shape[1], f))
                 pos_space = pos_space[index][:, None]  # (B, 1, L, D)
             h = self.patch_embed(tokens) + pos_space + pos_time[:, None, :]
             for blk in self.blocks:
@@ -220,7 +229,8 @@ class RoiMAE(nn.Module):
         dd = d.shape[-1]
         token = self.mask_token.to(d.dtype)
         if valid is not None:  # padded slots carry the mask token, so scattering them is a no-op
-            shape = (b, 1, valid.shape[1], 1) if self.attention == "divided" else (b, valid.shape[1], 1)
+            shape = ((b, 1, valid.shape[1], 1) if self.attention == "divided"
+                     else (b, valid.shape[1], 1))
             d = torch.where(valid.reshape(shape), d, token)
         if self.attention == "divided":
             if index is not None:
@@ -300,7 +310,8 @@ class RoiMAE(nn.Module):
             return latent.reshape(b, t, n, -1)
         d = latent.shape[-1]
         if valid is not None:
-            shape = (b, 1, valid.shape[1], 1) if self.attention == "divided" else (b, valid.shape[1], 1)
+            shape = ((b, 1, valid.shape[1], 1) if self.attention == "divided"
+                     else (b, valid.shape[1], 1))
             latent = latent * valid.reshape(shape)
         zeros = latent.new_zeros(b, t, n, d)
         if self.attention == "divided":

@@ -7,11 +7,11 @@ embed the bytes (:mod:`bids_roimae.reports.html`).
 from __future__ import annotations
 
 import io
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import pandas as pd
+
 
 def _pyplot():
     import matplotlib

@@ -9,7 +9,8 @@ Reads the per-run region tables and maps that ``participant --mode predict`` wro
     space-<S>_seg-<Atlas>_res-<R>_stat-<...>_desc-<groupdiff|...>_boldmap.nii.gz  t per region
     group_report.html
 
-each table and image with a JSON sidecar. The statistics are :mod:`bids_roimae.analysis.group_stats`.
+each table and image with a JSON sidecar. The statistics are
+:mod:`bids_roimae.analysis.group_stats`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,12 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from bids_roimae.analysis.group_stats import group_difference, region_ranking, system_ranking, system_tables
+from bids_roimae.analysis.group_stats import (
+    group_difference,
+    region_ranking,
+    system_ranking,
+    system_tables,
+)
 from bids_roimae.analysis.regions import paint_regions, to_source_grid
 from bids_roimae.io.atlas import Atlas, resample_labels
 from bids_roimae.io.bids_names import group_path
@@ -169,7 +175,8 @@ def build_group_report(output_dir, participants: Optional[pd.DataFrame], atlas_n
             ranking["error_sd"] = ranking["index"].map(err["sd"])
         systems = system_ranking(tables, value)
         for key, table in (("regions", ranking), ("systems", systems)):
-            path = group_path(output_dir, suffix="stats", extension=".tsv", seg=seg, stat=stat, desc=key)
+            path = group_path(output_dir, suffix="stats", extension=".tsv", seg=seg, stat=stat,
+                              desc=key)
             out[f"{stat}_{key}"] = write_tsv(path, table, {c: c for c in table.columns})
         inner = [f"<p class='meta'>{n_sub} participants, {len(tables)} region rows.</p>"]
         maps = {}
@@ -180,9 +187,9 @@ def build_group_report(output_dir, participants: Optional[pd.DataFrame], atlas_n
             mean_img, sd_img = mean_sd_maps(maps, template.mask_img)
             for what, img in (("mean", mean_img), ("sd", sd_img)):
                 desc = what if stat == "ig" else f"{map_desc}{what}"
-                path = group_path(output_dir, suffix="boldmap", extension=".nii.gz", space=template.space,
-                                   res=res, seg=None if stat == "ig" else seg, stat=stat,
-                                   desc=desc)
+                path = group_path(output_dir, suffix="boldmap", extension=".nii.gz",
+                                  space=template.space, res=res,
+                                  seg=None if stat == "ig" else seg, stat=stat, desc=desc)
                 out[f"{stat}_{what}_map"] = save_image(img, path, {
                     "Description": f"Group {what} over participants of {stat} {map_desc} maps",
                     "NumberOfParticipants": len(maps), "Atlas": seg,
@@ -240,8 +247,8 @@ def build_group_report(output_dir, participants: Optional[pd.DataFrame], atlas_n
                 if sys_diff is not None:
                     sys_diff = sys_diff.drop(columns=["index", "name"])
                     sys_desc = desc.replace("groupdiff", "systemgroupdiff")
-                    path = group_path(output_dir, suffix="stats", extension=".tsv", seg=seg, stat=stat,
-                                       desc=sys_desc)
+                    path = group_path(output_dir, suffix="stats", extension=".tsv", seg=seg,
+                                      stat=stat, desc=sys_desc)
                     out[f"{stat}_{sys_desc}"] = write_tsv(path, sys_diff,
                                                           {c: c for c in sys_diff})
                     differences.append((f"{stat} {column} by system", sys_diff))

@@ -1,7 +1,8 @@
-"""Attribution and fidelity outputs as BIDS derivatives, and the HTML reports.
+"""Per-run attribution and fidelity outputs as BIDS derivatives, and reading them back.
 
 Per run (``participant --mode predict``), named from the source BOLD's entities with
-:func:`bids_roimae.io.derivatives.derivative_path`, following XCP-D where BIDS has no rule::
+:func:`bids_roimae.io.bids_names.derivative_path`, following XCP-D where BIDS has no
+rule::
 
     sub-01/func/sub-01_task-rest_run-1_space-<S>[_res-<R>]_stat-ig_desc-absmean_boldmap.nii.gz
     sub-01/func/sub-01_task-rest_run-1_space-<S>[_res-<R>]_stat-ig_desc-signedmean_boldmap.nii.gz
@@ -12,8 +13,8 @@ Per run (``participant --mode predict``), named from the source BOLD's entities 
 each with a JSON sidecar. ``stat-`` and ``_boldmap`` are not in the BIDS schema, so these
 files need the :data:`BIDSIGNORE` patterns; pybids finds them by entity with
 :func:`pybids_config` added to its configs. Per participant ``sub-<label>.html`` (as
-fMRIPrep does) and a group folder ``group/`` (:mod:`bids_roimae.reports.group_report`) complete
-the tree.
+fMRIPrep does; :mod:`bids_roimae.reports.participant_report`) and a group folder ``group/``
+(:mod:`bids_roimae.reports.group_report`) complete the tree.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
-import numpy as np
+import nibabel as nib
 import pandas as pd
 
 from bids_roimae.analysis.attribution import IGResult
@@ -45,13 +46,15 @@ def pybids_config() -> dict:
             "entities": [{"name": "stat", "pattern": STAT_ENTITY_PATTERN}]}
 
 
+def _image(reference):
+    """The reference as an image (its header only is read from a path)."""
+    return reference if hasattr(reference, "affine") else nib.load(str(reference))
+
+
 def _resolution_meta(res, reference) -> dict:
     if res is None:
         return {}
-    import nibabel as nib
-
-    ref = nib.load(str(reference)) if not hasattr(reference, "affine") else reference
-    zooms = " x ".join(f"{z:g}" for z in ref.header.get_zooms()[:3])
+    zooms = " x ".join(f"{z:g}" for z in reference.header.get_zooms()[:3])
     return {"Resolution": {str(res): f"source BOLD grid, voxels of {zooms} mm"}}
 
 
@@ -93,6 +96,7 @@ def write_run_attribution(output_dir, source_entities: dict, ig: IGResult,
     dict
         ``{"absmean": Path, "signedmean": Path, "table": Path}``.
     """
+    reference = _image(reference)
     meta = {**ig.metadata(), "Model": dict(model_meta or {}), "Atlas": atlas_name,
             "Sources": list(sources), "Space": space, **_resolution_meta(res, reference)}
     paths = {}
@@ -131,6 +135,7 @@ def write_run_fidelity(output_dir, source_entities: dict, fidelity: pd.DataFrame
     dict
         ``{"error": Path, "shift": Path, "table": Path}``.
     """
+    reference = _image(reference)
     meta = {"Method": "region occlusion of the masked autoencoder (tube mask per region)",
             "Model": dict(model_meta or {}), "Atlas": atlas_name, "Sources": list(sources),
             "Space": space, "NumberOfRegions": int(len(fidelity)),

@@ -11,17 +11,18 @@ planted ADHD effect) and the confounds table live in :mod:`bids_roimae.synth.sig
 (default ``Hippocampus_L`` and ``Cerebellum_Crus1_R``) has amplitude ``a_r = 1 +
 2 effect_size`` and coupling to its home network ``c (1 - effect_size)`` (default
 ``effect_size`` 0.5: 2x amplitude, coupling 0.7 -> 0.35; the region's total variance
-stays ``a_r^2``); ``effect="amplitude"`` or ``"coupling"`` plants only one of the two. Nothing else differs between groups; sites are balanced across
-groups. In a 6-subject, 40-frame example the log amplitude of a planted region's mean
+stays ``a_r^2``); ``effect="amplitude"`` or ``"coupling"`` plants only one of the two.
+Nothing else differs between groups; sites are balanced across groups. In a 6-subject,
+40-frame example the log amplitude of a planted region's mean
 signal differs by ~0.6 between groups, other regions by < 0.35. BOLD values are rounded
 to int16 (as scanners write).
 
-Grid and atlas come from :func:`bids_roimae.io.atlas.load_template` / ``load_atlas`` (the
-app's own fetch code): real MNI152NLin2009cAsym + AAL3 when cached, otherwise
-:func:`write_synthetic_resources` lays out a synthetic template and AAL3-like atlas in
-``OUT/sourcedata/`` and the dataset uses those (export the printed variables to run the
-app on it). Both live in :mod:`bids_roimae.synth.resources`; ``write_synthetic_resources``
-is re-exported here.
+Grid and atlas come from :func:`bids_roimae.io.templates.load_template` and
+:func:`bids_roimae.io.atlas.load_atlas` (the app's own fetch code): real
+MNI152NLin2009cAsym + AAL3 when cached, otherwise
+:func:`bids_roimae.synth.resources.write_synthetic_resources` lays out a synthetic template
+and AAL3-like atlas in ``OUT/sourcedata/`` and the dataset uses those (export the printed
+variables to run the app on it).
 """
 
 from __future__ import annotations
@@ -35,12 +36,19 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from bids_roimae.io.atlas import resample_labels
+from bids_roimae import __version__
 from bids_roimae.config import DEFAULT_SPACE
 from bids_roimae.errors import MissingInputError
-from bids_roimae.synth.resources import template_and_atlas, write_synthetic_resources
-from bids_roimae.synth.signal import (COUPLING, EFFECTS, SignalGrid, confounds_table, planted_factors,
-                           simulate_run)
+from bids_roimae.io.atlas import resample_labels
+from bids_roimae.synth.resources import template_and_atlas
+from bids_roimae.synth.signal import (
+    COUPLING,
+    EFFECTS,
+    SignalGrid,
+    confounds_table,
+    planted_factors,
+    simulate_run,
+)
 
 RESOLUTION = {"2": "TemplateFlow resolution 2 (2 mm isotropic)"}
 DEFAULT_PLANTED = ("Hippocampus_L", "Cerebellum_Crus1_R")
@@ -148,7 +156,6 @@ def make_dataset(out: Path, *, n_subjects: int = 12, n_frames: int = 60, tr: flo
     planted_factors(effect, effect_size)  # an unknown effect fails before any work
     from threadpoolctl import threadpool_limits
 
-    from bids_roimae import __version__
 
     # Small BLAS calls run faster on one thread than contending for busy cores.
     with threadpool_limits(limits=1, user_api="blas"):
@@ -338,4 +345,4 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     command.main(args=list(argv) if argv is not None else None, standalone_mode=True)
 
 
-__all__ = ["make_dataset", "main", "write_synthetic_resources"]
+__all__ = ["make_dataset", "main"]

@@ -20,10 +20,10 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from bids_roimae.io.atlas import aal3_systems, load_atlas
-from bids_roimae.io.templates import load_template
 from bids_roimae.config import DEFAULT_SPACE
 from bids_roimae.errors import MissingInputError
+from bids_roimae.io.atlas import aal3_systems, load_atlas
+from bids_roimae.io.templates import load_template
 
 log = logging.getLogger(__name__)
 

@@ -49,7 +49,10 @@ def hrf(tr: float, duration: float = 32.0) -> np.ndarray:
         The kernel, normalised to sum 1.
     """
     t = np.arange(0.0, duration, tr)
-    gamma_pdf = lambda shape: t ** (shape - 1) * np.exp(-t) / math.gamma(shape)
+
+    def gamma_pdf(shape):
+        return t ** (shape - 1) * np.exp(-t) / math.gamma(shape)
+
     h = gamma_pdf(6) - gamma_pdf(16) / 6.0
     return h / h.sum()
 
@@ -310,7 +313,10 @@ def confounds_table(grid: SignalGrid, data: np.ndarray, motion: np.ndarray, tr: 
     cols["framewise_displacement"] = fd
     cols["rmsd"] = np.r_[np.nan, np.sqrt((np.diff(motion[:, :3], axis=0) ** 2).sum(1))]
     meta: dict = {}
-    pick = lambda rows: rows[rng.choice(rows.size, min(rows.size, 2000), replace=False)]
+
+    def pick(rows):
+        return rows[rng.choice(rows.size, min(rows.size, 2000), replace=False)]
+
     high_variance = np.argsort(data.var(1))[-2000:]
     for prefix, rows, mask, n in (
             ("a_comp_cor", np.r_[grid.csf_rows, grid.wm_rows], "combined", 5),

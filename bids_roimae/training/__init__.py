@@ -1,1 +1,2 @@
-"""Pretraining and fine-tuning loops, sampling, schedules, cross-validation and the masking comparison."""
+"""Pretraining and fine-tuning loops, sampling, schedules, cross-validation and the masking
+comparison."""

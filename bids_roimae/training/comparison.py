@@ -17,11 +17,11 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
+from bids_roimae.analysis.evaluation import make_folds, mean_sd, metric_names
+from bids_roimae.errors import OutputError, UsageError
 from bids_roimae.io.checkpoint import load_model
 from bids_roimae.training.cross_validation import cross_validate, prepare_inputs
 from bids_roimae.training.finetune import check_entries, merged_config
-from bids_roimae.errors import OutputError, UsageError
-from bids_roimae.analysis.evaluation import make_folds, mean_sd, metric_names
 
 
 def compare_masking(models: dict, entries, labels: pd.Series, cfg, out_dir, device="cpu", *,

@@ -14,13 +14,17 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from bids_roimae.model.classifier import Classifier, subject_output
-from bids_roimae.training.classifier_fit import (fit_linear_probe, probe_classifier,
-                                                 train_classifier, window_logits)
-from bids_roimae.training.windows import embed_windows, subject_windows
-from bids_roimae.errors import BadDataError
 from bids_roimae.analysis.evaluation import compute_metrics, fold_assignment, summarise_folds
 from bids_roimae.analysis.labels import align_labels, label_attrs
+from bids_roimae.errors import BadDataError
+from bids_roimae.model.classifier import Classifier, subject_output
+from bids_roimae.training.classifier_fit import (
+    fit_linear_probe,
+    probe_classifier,
+    train_classifier,
+    window_logits,
+)
+from bids_roimae.training.windows import embed_windows, subject_windows
 
 log = logging.getLogger(__name__)
 

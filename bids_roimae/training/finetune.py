@@ -4,8 +4,8 @@
 subjects (folds from :mod:`bids_roimae.analysis.evaluation`), writes every subject's out-of-fold
 prediction and the fold metrics, then refits on all labelled subjects and saves that
 model as ``OUTPUT_DIR/models/<pretrained>_ft-<target>_<strategy>/model.pt``: a checkpoint
-that :func:`bids_roimae.io.checkpoint.load_model` rebuilds with no other input (encoder configuration, geometry,
-head, standardisation, label mapping, target and positive codes).
+that :func:`bids_roimae.io.checkpoint.load_model` rebuilds with no other input (encoder
+configuration, geometry, head, standardisation, label mapping, target and positive codes).
 :func:`predict_subject` applies such a model to one subject's prepared runs. The
 cross-validation itself (inputs, embeddings, fitting, out-of-fold predictions) is in
 :mod:`bids_roimae.training.cross_validation`.
@@ -26,15 +26,27 @@ from typing import Optional, Sequence
 
 import pandas as pd
 
+from bids_roimae.analysis.evaluation import (
+    PREDICTION_COLUMNS,
+    decode_output,
+    make_folds,
+    mean_sd,
+    prediction_rows,
+)
+from bids_roimae.analysis.labels import label_attrs
+from bids_roimae.errors import BadDataError, OutputError
+from bids_roimae.io.bids_names import derivative_path
+from bids_roimae.io.checkpoint import HeadSpec, ModelMeta, load_model, save_checkpoint
+from bids_roimae.io.derivatives import write_json, write_tsv
 from bids_roimae.model.classifier import Classifier, n_outputs, subject_output
 from bids_roimae.training.classifier_fit import window_logits
+from bids_roimae.training.cross_validation import (
+    cross_validate,
+    fit_classifier,
+    frozen_embeddings,
+    prepare_inputs,
+)
 from bids_roimae.training.windows import subject_windows
-from bids_roimae.errors import BadDataError, OutputError
-from bids_roimae.io.checkpoint import HeadSpec, ModelMeta, load_model, save_checkpoint
-from bids_roimae.analysis.evaluation import (PREDICTION_COLUMNS, decode_output, make_folds, mean_sd,
-                         prediction_rows)
-from bids_roimae.training.cross_validation import cross_validate, fit_classifier, frozen_embeddings, prepare_inputs
-from bids_roimae.analysis.labels import label_attrs
 
 log = logging.getLogger(__name__)
 
@@ -139,8 +151,6 @@ def run_finetune(entries: Sequence, labels: pd.Series, pretrained, cfg, output_d
 
 # -- files ------------------------------------------------------------------------------
 def _write_json(path: Path, data) -> None:
-    from bids_roimae.io.derivatives import write_json
-
     try:
         write_json(path, data)
     except OSError as exc:
@@ -149,8 +159,6 @@ def _write_json(path: Path, data) -> None:
 
 def _write_tsv(path: Path, table: pd.DataFrame,
                column_descriptions: Optional[dict] = None) -> None:
-    from bids_roimae.io.derivatives import write_tsv
-
     try:
         write_tsv(path, table, column_descriptions)
     except OSError as exc:
@@ -160,8 +168,6 @@ def _write_tsv(path: Path, table: pd.DataFrame,
 def _write_subject_predictions(output_dir: Path, subject_id: str, rows: pd.DataFrame
                                ) -> None:
     """Merge this model's row into ``sub-X/func/sub-X_desc-finetune_predictions.tsv``."""
-    from bids_roimae.io.bids_names import derivative_path
-
     path = derivative_path(output_dir, {"sub": subject_id.removeprefix("sub-")},
                            suffix="predictions", extension=".tsv", desc="finetune")
     table = rows

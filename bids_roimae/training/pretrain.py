@@ -27,16 +27,27 @@ import numpy as np
 import torch
 
 from bids_roimae import interrupt
-from bids_roimae.io.checkpoint import (AtlasMeta, ModelMeta, geometry_from_checkpoint,
-                                       load_checkpoint, save_checkpoint)
 from bids_roimae.config import AppConfig
-from bids_roimae.training.distributed import DistContext, setup_distributed
-from bids_roimae.errors import AppError, BadDataError, Terminated, UsageError
 from bids_roimae.core.masking import region_groups
+from bids_roimae.errors import AppError, BadDataError, Terminated, UsageError
+from bids_roimae.io.checkpoint import (
+    AtlasMeta,
+    ModelMeta,
+    geometry_from_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from bids_roimae.model.mae import build_model, count_parameters, resolve_model_config
-from bids_roimae.training.sampling import (Prefetcher, TokenFeed, fixed_plan, split_subjects, step_plan,
-                       window_index)
+from bids_roimae.training.distributed import DistContext, setup_distributed
 from bids_roimae.training.log import TrainLog, plot_loss
+from bids_roimae.training.sampling import (
+    Prefetcher,
+    TokenFeed,
+    fixed_plan,
+    split_subjects,
+    step_plan,
+    window_index,
+)
 from bids_roimae.training.schedule import lr_at, param_groups, total_steps
 
 log = logging.getLogger(__name__)
@@ -166,7 +177,8 @@ def _train(entries, geometry, cfg, model_dir, dist: DistContext, resume, atlas,
                         e.run_key, e.n_frames, window)
     if not usable:
         raise BadDataError(f"no run has at least {window} frames (one window)")
-    train_entries, val_entries, val_subjects = split_subjects(usable, cfg.train.val_fraction, cfg.seed)
+    train_entries, val_entries, val_subjects = split_subjects(usable, cfg.train.val_fraction,
+                                                              cfg.seed)
     train_index = window_index(train_entries, window)
     val_index = window_index(val_entries, window)
     steps = total_steps(cfg, train_index.n_epoch_windows, world)
@@ -270,7 +282,8 @@ def _train(entries, geometry, cfg, model_dir, dist: DistContext, resume, atlas,
             for group in optimizer.param_groups:
                 group["lr"] = lr
             # Per-step torch seed: dropout is reproducible across a resume.
-            torch.manual_seed(int(np.random.default_rng([cfg.seed, step, rank, 1]).integers(2 ** 62)))
+            torch.manual_seed(int(np.random.default_rng([cfg.seed, step, rank, 1])
+                                  .integers(2 ** 62)))
             with autocast():
                 loss, _ = net(x, mask)
             loss = loss.float()

@@ -134,7 +134,8 @@ class TokenFeed:
             for off, arr in zip(np.concatenate([[0], np.cumsum(lengths)[:-1]]), self._arrays):
                 for t0 in range(0, len(arr), 256):  # bounded host memory per copy
                     chunk = np.asarray(arr[t0:t0 + 256], dtype=np.float16)
-                    store[int(off) + t0:int(off) + t0 + len(chunk)] = torch.from_numpy(chunk).to(device)
+                    store[int(off) + t0:int(off) + t0 + len(chunk)] = (
+                        torch.from_numpy(chunk).to(device))
             self._store = store
 
     @staticmethod

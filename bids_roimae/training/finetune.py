@@ -1,6 +1,6 @@
 """Participant-level fine-tuning: honest cross-validation, the refit model, prediction.
 
-:func:`run_finetune` cross-validates a strategy (see :mod:`bids_roimae.model.classifier`) over
+:func:`run_finetune` cross-validates a strategy (:mod:`bids_roimae.training.classifier_fit`) over
 subjects (folds from :mod:`bids_roimae.analysis.evaluation`), writes every subject's out-of-fold
 prediction and the fold metrics, then refits on all labelled subjects and saves that
 model as ``OUTPUT_DIR/models/<pretrained>_ft-<target>_<strategy>/model.pt``: a checkpoint

@@ -280,6 +280,60 @@ def write_atlas_files(output_dir, atlas_name, labels_img, table, space, res) -> 
             "table": table_path, "description": description}
 
 
+def is_own_dataset(folder) -> bool:
+    """Whether ``folder/dataset_description.json`` was written by this app."""
+    try:
+        description = json.loads((Path(folder) / "dataset_description.json").read_text(
+            encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    generated = description.get("GeneratedBy") if isinstance(description, dict) else None
+    return isinstance(generated, list) and any(
+        isinstance(g, dict) and g.get("Name") == "bids_roimae" for g in generated)
+
+
+def output_location_problem(output_dir, input_dirs) -> str | None:
+    """Why OUTPUT_DIR may not be used, in one line, or ``None`` when it may.
+
+    Writing ``dataset_description.json`` and outputs there would damage another dataset
+    when OUTPUT_DIR is, or is inside, one of ``input_dirs`` (BIDS_DIR, the fMRIPrep
+    derivatives) other than below a ``derivatives/`` folder of a raw dataset, or is, or is
+    inside, any dataset whose ``dataset_description.json`` this app did not write (again
+    except below its ``derivatives/``, where BIDS puts pipelines' outputs).
+
+    Parameters
+    ----------
+    output_dir : path
+    input_dirs : sequence of path
+        The input datasets, first the raw BIDS_DIR, then the fMRIPrep folder.
+    """
+    out = Path(output_dir).expanduser().absolute().resolve()
+    inputs = [Path(p).expanduser().absolute().resolve() for p in input_dirs if p is not None]
+    for folder in inputs[1:]:
+        if out == folder or folder in out.parents:
+            return (f"OUTPUT_DIR {out} is inside the fMRIPrep derivatives {folder}: its "
+                    f"dataset_description.json and files would be overwritten; choose a "
+                    f"folder of its own (e.g. {folder.parent / 'bids_roimae'})")
+    for folder in [out, *out.parents]:
+        if not (folder / "dataset_description.json").is_file():
+            continue
+        if is_own_dataset(folder):
+            return None
+        inside = out.relative_to(folder).parts
+        if inside and inside[0] == "derivatives":
+            return None  # a pipeline's folder under a raw dataset's derivatives/
+        where = "is" if folder == out else "is inside"
+        return (f"OUTPUT_DIR {out} {where} the dataset {folder}, whose "
+                f"dataset_description.json was not written by bids_roimae; choose an empty "
+                f"folder or one under {folder / 'derivatives'}")
+    if inputs and inputs[0] in out.parents:
+        inside = out.relative_to(inputs[0]).parts
+        if inside[0] != "derivatives":
+            return (f"OUTPUT_DIR {out} is inside BIDS_DIR {inputs[0]} but not under its "
+                    f"derivatives/ folder")
+    return None
+
+
 def ensure_output_dir(path) -> Path:
     """Create ``path`` (with parents) and check it is writable.
 

@@ -15,6 +15,7 @@ grid is :mod:`bids_roimae.io.bold`; the scaling numerics are
 
 from __future__ import annotations
 
+import errno
 import logging
 import multiprocessing
 import time
@@ -32,6 +33,7 @@ from bids_roimae.core.scaling import (
     zscore_inplace,
 )
 from bids_roimae.errors import AppError, BadDataError, OutputError, Terminated, one_line
+from bids_roimae.io.atomic import no_space_error
 from bids_roimae.io.bold import (  # noqa: F401
     BoldSource,
     check_template_grid,
@@ -166,10 +168,13 @@ def prepare_run(run, geometry, template_img, prep_cfg: Optional[PrepConfig], out
     try:
         entry = write_tokens(final, brain, geometry, prep.dtype, meta)
     except OSError as exc:
-        # atomic.preallocate's ENOSPC text already names the folder and the space needed
-        reason = exc.strerror if exc.strerror and exc.filename is None else one_line(exc)
-        raise OutputError(f"{name}: cannot write its cache entry in {final.parent}: "
-                          f"{reason}") from exc
+        if exc.errno == errno.ENOSPC:  # say where and how much, whichever write hit it
+            needed = (brain.shape[0] * geometry.n_tokens * geometry.patch_voxels
+                      * np.dtype(prep.dtype).itemsize)
+            reason = no_space_error(final.parent, needed).strerror
+        else:
+            reason = one_line(exc)
+        raise OutputError(f"{name}: cannot write its cache entry: {reason}") from exc
     logger.info("%s: prepared %d frames x %d tokens in %.1f s -> %s", run.key,
                 brain.shape[0], geometry.n_tokens, time.perf_counter() - started, final.name)
     return entry

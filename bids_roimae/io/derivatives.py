@@ -158,13 +158,31 @@ def save_image(img, path, metadata) -> Path:
     return path
 
 
-def _container() -> dict | None:
+# Files container engines put into every container they run: how the outputs can record
+# the engine that runs the image whatever the image was built with.
+CONTAINER_MARKERS = (("podman", Path("/run/.containerenv")), ("docker", Path("/.dockerenv")))
+
+
+def container_provenance() -> dict | None:
+    """``GeneratedBy.Container`` of this run: the engine running it and the image.
+
+    ``Type`` is the engine: Apptainer/Singularity (from their environment), else
+    ``BIDS_ROIMAE_CONTAINER_TYPE`` when set, else podman or docker from the marker files
+    they create. ``Tag`` is the image as built (``BIDS_ROIMAE_CONTAINER_TAG``, set from
+    the Dockerfile's ``IMAGE_TAG``), else the SIF file name; Apptainer runs also give the
+    SIF as ``URI``. ``None`` outside a container.
+    """
     apptainer = os.environ.get("APPTAINER_CONTAINER") or os.environ.get("SINGULARITY_CONTAINER")
     tag = os.environ.get("BIDS_ROIMAE_CONTAINER_TAG")
     if apptainer:  # a Docker image run by Apptainer inherits the Docker variables
         kind = "apptainer" if os.environ.get("APPTAINER_CONTAINER") else "singularity"
-        return {"Type": kind, "Tag": tag or Path(apptainer).name}
+        record = {"Type": kind, "Tag": tag or Path(apptainer).name}
+        if tag and Path(apptainer).is_absolute():
+            record["URI"] = Path(apptainer).as_uri()
+        return record
     kind = os.environ.get("BIDS_ROIMAE_CONTAINER_TYPE")
+    if not kind and tag:  # built as our image: which engine runs it?
+        kind = next((name for name, marker in CONTAINER_MARKERS if marker.exists()), None)
     if kind or tag:
         return {k: v for k, v in (("Type", kind), ("Tag", tag)) if v}
     return None
@@ -187,7 +205,7 @@ def write_dataset_description(output_dir, *, source_datasets: list[str],
         The description; an existing file with the same content is left untouched.
     """
     generated = {"Name": "bids_roimae", "Version": __version__, "CodeURL": CODE_URL}
-    container = _container()
+    container = container_provenance()
     if container:
         generated["Container"] = container
     sources = [{"URL": s if "://" in str(s) else Path(s).absolute().as_uri()}

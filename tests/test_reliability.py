@@ -556,3 +556,24 @@ def test_full_disk_while_saving_a_checkpoint_is_73(pretrained, tiny, tmp_path, c
     line = error_line(err)
     assert code == 73 and "checkpoint" in line and "needs" in line, err
     assert temporaries(out) == []
+
+
+def test_full_disk_without_preallocation_is_still_73(tmp_path, small_disk, monkeypatch):
+    """Where blocks cannot be reserved first, torch's own write error ("unexpected pos")
+    is recognised as a full disk too, not a crash."""
+    from bids_roimae.config import AppConfig
+    from bids_roimae.core.geometry import build_geometry
+    from bids_roimae.errors import OutputError
+    from bids_roimae.io.checkpoint import ModelMeta, save_checkpoint
+
+    monkeypatch.setattr(atomic, "preallocate", lambda path, size: None)
+    disk = small_disk(100)
+    mask = np.zeros((13, 17, 11), bool)
+    mask[2:11, 3:14, 2:9] = True
+    geometry = build_geometry(mask, np.eye(4), None, 3)
+    big = torch.nn.Linear(400, 400)  # 640 kB of weights on a 100 kB disk
+    with pytest.raises(OutputError) as info:
+        save_checkpoint(disk / "m" / "checkpoint.pt", model=big, cfg=AppConfig(),
+                        geometry=geometry, meta=ModelMeta())
+    assert "no space left" in str(info.value) and "needs" in str(info.value)
+    assert temporaries(disk) == []

@@ -18,6 +18,7 @@ without building it.
 from __future__ import annotations
 
 import platform
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -229,12 +230,26 @@ def save_checkpoint(path, *, model: nn.Module, cfg: AppConfig, geometry: TokenGe
         reason = exc.strerror if exc.strerror and exc.filename is None else one_line(exc)
         raise OutputError(f"cannot write checkpoint {path}: {reason}") from exc
     except RuntimeError as exc:  # torch's zip writer reports a failed write this way
-        if "write" not in str(exc).lower():
+        if not _is_write_failure(exc, path.parent, needed):
             raise
         raise OutputError(f"cannot write checkpoint {path}: "
                           f"{atomic.no_space_error(path.parent, needed).strerror} "
                           f"({one_line(exc)[:120]})") from exc
     return path
+
+
+def _is_write_failure(exc: RuntimeError, folder: Path, needed: int) -> bool:
+    """Whether torch's ``RuntimeError`` is a failed write (its zip writer says "unexpected
+    pos ..." or "PytorchStreamWriter failed writing ..." when the disk fills up)."""
+    text = str(exc)
+    if any(w in text for w in ("inline_container", "PytorchStreamWriter", "write")):
+        return True
+    if isinstance(exc.__context__, OSError):
+        return True
+    try:
+        return shutil.disk_usage(folder).free < needed
+    except OSError:
+        return False
 
 
 def _tensor_bytes(value: Any) -> int:

@@ -228,9 +228,12 @@ def prepare_runs(runs: Sequence, geometry, template_img, prep_cfg, output_dir, *
                 except Exception as exc:  # noqa: BLE001 - includes a worker killed by OOM
                     results[i] = _as_app_error(runs[i], exc)
         except BaseException:
-            # A stop: queued runs are dropped; running ones end with their atomic write
-            # (or die with the process group, leaving temporaries the next run removes).
+            # A stop: queued runs are dropped and running ones end now (a worker's partial
+            # write is a temporary file, removed by the next run since its process is gone);
+            # waiting for them could outlast docker stop's grace period.
             pool.shutdown(wait=False, cancel_futures=True)
+            for worker in multiprocessing.active_children():
+                worker.terminate()
             raise
         pool.shutdown(wait=True)
     entries = [r for r in results if isinstance(r, CacheEntry)]

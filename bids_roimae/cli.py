@@ -28,7 +28,14 @@ from bids_roimae.config import (
     choices,
     default,
 )
-from bids_roimae.errors import EXIT_FAILURE, EXIT_USAGE, AppError, UnknownLevelError
+from bids_roimae.errors import (
+    EXIT_FAILURE,
+    EXIT_USAGE,
+    AppError,
+    Terminated,
+    UnknownLevelError,
+    one_line,
+)
 
 # Options that accept several values after one flag; expanded to repeated flags before
 # click parses (click options take one value per occurrence).
@@ -44,14 +51,30 @@ class GroupedOption(click.Option):
         self.section = section
 
 
+POSITIONALS = (
+    ("BIDS_DIR", "The root of the input BIDS dataset, with fMRIPrep's outputs in "
+                 "BIDS_DIR/derivatives/fmriprep (or --derivatives); or the fMRIPrep "
+                 "derivatives folder itself. Read only."),
+    ("OUTPUT_DIR", "Where the BIDS derivatives dataset is written (created if needed): token "
+                   "cache, models, maps, reports. Not BIDS_DIR, and not inside the fMRIPrep "
+                   "derivatives or another pipeline's dataset (BIDS_DIR/derivatives/"
+                   "bids_roimae is a good choice)."),
+    ("ANALYSIS_LEVEL", "participant (per subject: --mode prepare, finetune, predict) or "
+                       "group (whole dataset: --mode pretrain, report)."),
+)
+
+
 class GroupedCommand(click.Command):
-    """Prints options under section headings, in the order sections first appear."""
+    """Prints the positional arguments, then options under section headings, in the order
+    sections first appear (as fMRIPrep's ``--help`` does)."""
 
     def format_options(self, ctx, formatter):
+        with formatter.section("Positional arguments"):
+            formatter.write_dl(list(POSITIONALS))
         sections: dict[str, list] = {}
         for param in self.get_params(ctx):
             record = param.get_help_record(ctx)
-            if record is None:
+            if record is None or isinstance(param, click.Argument):
                 continue
             name = getattr(param, "section", "Other options")
             sections.setdefault(name, []).append(record)
@@ -306,7 +329,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         click.echo(f"bids_roimae: error: {exc.format_message()}", err=True)
         code = EXIT_USAGE
     except AppError as exc:
-        click.echo(f"bids_roimae: error: {exc}", err=True)
+        click.echo(f"bids_roimae: error: {one_line(exc)}", err=True)
+        code = exc.exit_code
+    except Terminated as exc:
+        click.echo(f"bids_roimae: {one_line(exc)}", err=True)
         code = exc.exit_code
     except KeyboardInterrupt:
         click.echo("bids_roimae: interrupted", err=True)

@@ -62,8 +62,13 @@ class OutputError(AppError):
     exit_code = EXIT_CANT_CREATE
 
 
-class Terminated(AppError):
-    """SIGTERM arrived (``docker stop``, a SLURM preemption); 128 + 15 by convention."""
+class Terminated(BaseException):
+    """SIGTERM arrived (``docker stop``, a SLURM preemption); 128 + 15 by convention.
+
+    A ``BaseException`` like ``KeyboardInterrupt``, not an :class:`AppError`: the many
+    ``except Exception`` that turn a reader's failure into "bad data" must never swallow a
+    stop, so that a stop is never mistaken for a bad run and work does not go on.
+    """
 
     exit_code = 143
 

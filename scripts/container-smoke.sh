@@ -12,10 +12,15 @@
 #   TORCH_SPEC       build arg (torch==2.13.0)
 #   PIP_INDEX_ARGS   build arg; default "--index-url https://pypi.org/simple" so that
 #                    machines reaching only PyPI can build
-#   OFFLINE_WHEELS   folder of wheels to offer pip at build time (e.g. a CPU torch wheel)
-#   REF_DATA         folder with tpl-MNI152NLin2009cAsym/ and aal3/ (see docs/containers.md);
-#                    when it exists the image is built with RESOURCES=copy from it,
-#                    otherwise with RESOURCES=fetch (needs internet)
+#   OFFLINE_WHEELS   folder of wheels to offer pip at build time; with the default
+#                    PIP_INDEX_ARGS (PyPI) and TORCH_VARIANT=cpu it must hold a CPU torch
+#                    wheel (torch-*+cpu-*.whl), else the build stops at once (PyPI's Linux
+#                    torch is the CUDA build)
+#   REF_DATA         folder with tpl-MNI152NLin2009cAsym/ and aal3/ (see docs/containers.md):
+#                    the image is built offline with RESOURCES=copy from it
+#   RESOURCES        fetch: download template and atlas at build time instead (internet);
+#                    one of REF_DATA or RESOURCES=fetch must be given, nothing is
+#                    downloaded unless asked for
 #   SMOKE_DIR        where the example dataset and outputs go (a new temporary folder)
 #   N_SUBJECTS       size of the example dataset (4; finetune uses 2 folds)
 #   RUN_UID          UID:GID the container runs as (12345:12345)
@@ -39,9 +44,27 @@ IMAGE=${IMAGE:-bids_roimae:smoke}
 TORCH_VARIANT=${TORCH_VARIANT:-cpu}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 PIP_INDEX_ARGS=${PIP_INDEX_ARGS---index-url https://pypi.org/simple}
-REF_DATA=${REF_DATA:-$repo/../shared/data}
+REF_DATA=${REF_DATA:-}
+RESOURCES=${RESOURCES:-}
 N_SUBJECTS=${N_SUBJECTS:-4}
 RUN_UID=${RUN_UID:-12345:12345}
+
+# Inputs first: fail in seconds, before any engine work.
+if [ "$build" = 1 ]; then
+    if [ -n "$REF_DATA" ]; then
+        if [ ! -d "$REF_DATA/tpl-MNI152NLin2009cAsym" ] || [ ! -d "$REF_DATA/aal3" ]; then
+            echo "container-smoke: REF_DATA=$REF_DATA lacks tpl-MNI152NLin2009cAsym/ or aal3/" >&2
+            exit 66
+        fi
+        [ -z "$RESOURCES" ] || [ "$RESOURCES" = copy ] || {
+            echo "container-smoke: REF_DATA is given, so RESOURCES must be copy" >&2; exit 64; }
+        RESOURCES=copy
+    elif [ "$RESOURCES" != fetch ]; then
+        echo "container-smoke: set REF_DATA=<folder with tpl-MNI152NLin2009cAsym/ and aal3/>" \
+             "to build offline, or RESOURCES=fetch to download them at build time" >&2
+        exit 64
+    fi
+fi
 
 if command -v podman >/dev/null 2>&1; then
     engine=podman
@@ -71,8 +94,11 @@ fi
 step() { printf '\n=== %s\n' "$*"; }
 
 # --- build context: optional offline material in build/offline/ (git-ignored) -----------
+offline=$repo/build/offline
+# build/offline/ holds copies of licensed data (AAL3): never leave it behind
+cleanup_offline() { rm -rf "$offline"; }
+
 stage_offline() {
-    local offline=$repo/build/offline
     rm -rf "$offline"
     mkdir -p "$offline"
     if [ -n "${OFFLINE_WHEELS:-}" ]; then
@@ -80,7 +106,7 @@ stage_offline() {
         cp -l "$OFFLINE_WHEELS"/*.whl "$offline/wheels/" 2>/dev/null \
             || cp "$OFFLINE_WHEELS"/*.whl "$offline/wheels/"
     fi
-    if [ -d "$REF_DATA/tpl-MNI152NLin2009cAsym" ] && [ -d "$REF_DATA/aal3" ]; then
+    if [ "$RESOURCES" = copy ]; then
         # The layouts the libraries cache them in, so the app's own fetch code finds them.
         local tpl=$offline/templateflow/tpl-MNI152NLin2009cAsym
         local aal=$offline/nilearn_data/aal_3v2/AAL3
@@ -88,15 +114,13 @@ stage_offline() {
         cp "$REF_DATA"/tpl-MNI152NLin2009cAsym/* "$tpl/"
         gunzip -c "$REF_DATA/aal3/AAL3v1.nii.gz" > "$aal/AAL3v1.nii"
         cp "$REF_DATA/aal3/AAL3v1.xml" "$aal/"
-        echo copy
-    else
-        echo fetch
     fi
 }
 
 if [ "$build" = 1 ]; then
     step "build $IMAGE with $engine (base $BASE_IMAGE, torch $TORCH_SPEC)"
-    resources=$(stage_offline)
+    trap cleanup_offline EXIT
+    stage_offline
     version=$(sed -n 's/^version *= *"\(.*\)"/\1/p' pyproject.toml)
     start=$(date +%s)
     "$engine" build "${engine_args[@]}" "${build_args[@]}" \
@@ -104,9 +128,12 @@ if [ "$build" = 1 ]; then
         --build-arg TORCH_VARIANT="$TORCH_VARIANT" \
         --build-arg TORCH_SPEC="$TORCH_SPEC" \
         --build-arg PIP_INDEX_ARGS="$PIP_INDEX_ARGS" \
-        --build-arg RESOURCES="$resources" \
+        --build-arg RESOURCES="$RESOURCES" \
         --build-arg VERSION="$version" \
+        --build-arg IMAGE_TAG="$IMAGE" \
         -t "$IMAGE" .
+    cleanup_offline
+    trap - EXIT
     echo "build took $(( $(date +%s) - start )) s"
     "$engine" image inspect --format '{{.Size}}' "$IMAGE" \
         | awk '{printf "image size: %.0f MB\n", $1 / 1e6}'

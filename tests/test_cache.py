@@ -147,6 +147,41 @@ def test_stale_temporaries_are_cleaned(tmp_path):
     assert not old.exists() and new.exists()
 
 
+def test_temporaries_of_dead_writers_go_at_once_whatever_their_age(tmp_path):
+    import subprocess
+    import sys
+
+    from bids_roimae.io import atomic
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    tag = atomic.host_tag()
+    dead = tmp_path / f".a.npy{atomic.TMP_MARK}{proc.pid}-{tag}-0a0a0a0a"
+    alive = tmp_path / f".b.npy{atomic.TMP_MARK}{os.getpid()}-{tag}-0b0b0b0b"
+    remote = tmp_path / f".c.npy{atomic.TMP_MARK}{proc.pid}-000000-0c0c0c0c"
+    for path in (dead, alive, remote):
+        path.write_bytes(b"x")
+    assert atomic.tmp_path(tmp_path / "d.npy").name.startswith(
+        f".d.npy{atomic.TMP_MARK}{os.getpid()}-{tag}-")
+    assert cache.remove_stale_temps(tmp_path) == 1
+    assert not dead.exists() and alive.exists() and remote.exists()
+
+
+def test_full_disk_is_enospc_naming_folder_and_space(tmp_path, monkeypatch):
+    import errno
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full, raising=False)
+    target = tmp_path / "cache" / "sub-01" / "x_0123456789ab.npy"
+    with pytest.raises(OSError) as info:
+        cache.write_entry(target, (40, 30, 27), np.float16, lambda arr: None, {})
+    assert info.value.errno == errno.ENOSPC
+    assert str(target.parent) in str(info.value) and "needs 0.1 MB" in str(info.value)
+    assert list(target.parent.iterdir()) == []  # the partial file is gone
+
+
 def test_load_entries_filters_geometry_settings_subjects(tmp_path, grid):
     mask, geometry, template = grid
     out = tmp_path / "out"

@@ -134,6 +134,25 @@ def test_dataset_description_container_and_unchanged_file(tmp_path, monkeypatch)
                                                    "Tag": "bids_roimae_0.1.0.sif"}
 
 
+def test_container_provenance_records_the_built_tag_and_the_running_engine(tmp_path,
+                                                                           monkeypatch):
+    from bids_roimae.io import derivatives
+
+    for var in ("APPTAINER_CONTAINER", "SINGULARITY_CONTAINER", "BIDS_ROIMAE_CONTAINER_TYPE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("BIDS_ROIMAE_CONTAINER_TAG", "localhost/bids_roimae:smoke-cpu")
+    podman = tmp_path / ".containerenv"
+    podman.write_text("")
+    monkeypatch.setattr(derivatives, "CONTAINER_MARKERS",
+                        (("podman", podman), ("docker", tmp_path / "absent")))
+    assert derivatives.container_provenance() == {"Type": "podman",
+                                                  "Tag": "localhost/bids_roimae:smoke-cpu"}
+    monkeypatch.setenv("APPTAINER_CONTAINER", "/images/roimae.sif")
+    assert derivatives.container_provenance() == {
+        "Type": "apptainer", "Tag": "localhost/bids_roimae:smoke-cpu",
+        "URI": "file:///images/roimae.sif"}
+
+
 def test_bidsignore_merges_and_drops_trailing_slash(tmp_path):
     (tmp_path / ".bidsignore").write_text("*.html\nextra\n")
     path = write_bidsignore(tmp_path, ["models/", "*.html", "cache", " logs/ ", "models"])

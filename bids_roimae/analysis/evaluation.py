@@ -80,7 +80,7 @@ def make_folds(y: np.ndarray, n_folds: int, seed: int, task_type: str = "binary"
             for train, test in splits:
                 if np.unique(y[train]).size < n_classes:
                     raise BadDataError(
-                        f"leaving out group {groups[test[0]]!r} leaves a training set "
+                        f"leaving out group {_plain(groups[test[0]])!r} leaves a training set "
                         f"without every class; choose another --cv-group")
     else:
         if n_folds < 2:
@@ -96,11 +96,17 @@ def make_folds(y: np.ndarray, n_folds: int, seed: int, task_type: str = "binary"
     return [(np.sort(tr), np.sort(te)) for tr, te in splits]
 
 
+def _plain(value):
+    """A numpy scalar as the Python value it holds (messages print ``0``, not
+    ``np.int64(0)``)."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
 def _check_class_counts(y: np.ndarray, n_folds: int) -> None:
     values, counts = np.unique(y, return_counts=True)
     smallest = int(counts.min())
     if smallest < 2:
-        raise BadDataError(f"class {values[np.argmin(counts)]!r} has {smallest} labelled "
+        raise BadDataError(f"class {_plain(values[np.argmin(counts)])!r} has {smallest} labelled "
                            f"subject; cross-validation needs at least two per class")
     if smallest < n_folds:
         raise UsageError(f"the smallest class has {smallest} subjects, fewer than "

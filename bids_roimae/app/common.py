@@ -13,7 +13,7 @@ from bids_roimae.app.context import RunContext
 from bids_roimae.config import MODEL_RESOLUTION, AppConfig, PrepConfig
 from bids_roimae.core.geometry import TokenGeometry, build_geometry, describe_regions
 from bids_roimae.errors import EXIT_OK, AppError
-from bids_roimae.io.atlas import Atlas, load_atlas, resample_labels
+from bids_roimae.io.atlas import Atlas, check_atlas_on_grid, load_atlas, resample_labels
 from bids_roimae.io.cache import CacheEntry
 from bids_roimae.io.derivatives import (
     ensure_output_dir,
@@ -67,6 +67,7 @@ def model_grid(ctx: RunContext, cfg: AppConfig, with_atlas: bool) -> ModelGrid:
     if atlas is not None:
         log.info("%s: %s", atlas.name, describe_regions(
             geometry, ids=list(atlas.table["index"])))
+        check_atlas_on_grid(atlas, geometry, roi_masking=cfg.masking.strategy == "roi")
     return ModelGrid(template, geometry, atlas, labels)
 
 

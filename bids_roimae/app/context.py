@@ -18,7 +18,9 @@ from typing import Any, Optional
 import torch
 
 from bids_roimae.config import DEFAULT_SPACE, LEVEL_MODES, AppConfig, ConfigError, load_config
-from bids_roimae.errors import MissingInputError, UsageError
+from bids_roimae.errors import MissingInputError, OutputError, UsageError, one_line
+from bids_roimae.io.bids_names import check_label, check_path_component
+from bids_roimae.io.derivatives import output_location_problem
 from bids_roimae.io.discovery import BoldRun, discover, load_filter_file, normalise_labels
 
 log = logging.getLogger("bids_roimae")
@@ -120,6 +122,49 @@ def _set_threads(nthreads: Optional[int], nprocs: int) -> None:
     torch.set_num_threads(n)
 
 
+def _check_names(o: dict) -> None:
+    """User-given names that become file or folder names: one plain component each."""
+    try:
+        if o.get("model_name") is not None:
+            check_path_component("--model-name", o["model_name"])
+        if o.get("atlas") is not None and not o.get("atlas_file"):
+            check_label("--atlas", o["atlas"])
+        if o.get("atlas_desc") is not None:
+            check_label("--atlas-desc", o["atlas_desc"])
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def _check_output_location(output_dir: Path, bids_dir: Path, derivatives) -> None:
+    """OUTPUT_DIR must not overwrite an input or any other dataset (exit 64)."""
+    # Where discovery may find fMRIPrep's outputs (it reports a missing one itself).
+    inputs = [bids_dir / "derivatives" / "fmriprep"]
+    if derivatives is not None:
+        inputs += [Path(derivatives), Path(derivatives) / "fmriprep"]
+    problem = output_location_problem(output_dir, [bids_dir, *inputs])
+    if problem:
+        raise UsageError(problem)
+
+
+def _scratch_folder(work_dir) -> Path:
+    """The work folder (``-w``), created; or a new temporary one. Exit 73 when impossible."""
+    if work_dir is not None:
+        work_dir = Path(work_dir).expanduser().absolute()
+        try:
+            work_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot create the work folder -w {work_dir}: "
+                              f"{exc.strerror or one_line(exc)}") from exc
+        return work_dir
+    try:
+        return Path(tempfile.mkdtemp(prefix="bids_roimae_work_")).absolute()
+    except OSError as exc:  # e.g. a read-only container without a writable /tmp
+        raise OutputError(f"cannot create a scratch folder in {tempfile.gettempdir()} "
+                          f"({exc.strerror or one_line(exc)}): give a writable one with "
+                          f"-w/--work-dir (in a read-only container, mount a tmpfs on "
+                          f"/tmp)") from exc
+
+
 def build_context(o: dict) -> RunContext:
     """Validate the CLI's options and build the run context.
 
@@ -151,6 +196,7 @@ def build_context(o: dict) -> RunContext:
     if output_dir.resolve() == bids_dir.resolve():
         raise UsageError("OUTPUT_DIR must differ from BIDS_DIR (outputs would be written "
                          "into the input dataset)")
+    _check_names(o)
     try:
         cfg = load_config(o.get("config_file"), _cli_overrides(o))
     except ConfigError as exc:
@@ -164,10 +210,8 @@ def build_context(o: dict) -> RunContext:
                                     f"{o[name]} does not exist")
     if mode == "finetune" and not o.get("target"):
         raise UsageError("--mode finetune needs --target COLUMN (a participants.tsv column)")
-    work_dir = o.get("work_dir")
-    if work_dir is None:
-        work_dir = Path(tempfile.mkdtemp(prefix="bids_roimae_work_"))
-    work_dir = Path(work_dir).absolute()
+    _check_output_location(output_dir, bids_dir, o.get("derivatives"))
+    work_dir = _scratch_folder(o.get("work_dir"))
     _set_threads(o.get("omp_nthreads"), o.get("nprocs") or 1)
     return RunContext(
         bids_dir=bids_dir, output_dir=output_dir, level=level, mode=mode, cfg=cfg,

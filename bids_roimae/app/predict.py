@@ -59,6 +59,8 @@ def _pretrained_path(ctx: RunContext, recorded: Optional[str]) -> Optional[Path]
     if not recorded:
         return None
     path = Path(recorded)
+    if not path.is_absolute():  # recorded relative to the models folder
+        path = models_dir(ctx.output_dir) / path
     path = path / "model.pt" if path.is_dir() else path
     if path.is_file():
         return path

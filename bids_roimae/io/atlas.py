@@ -44,7 +44,8 @@ import numpy as np
 import pandas as pd
 
 from bids_roimae.config import DEFAULT_SPACE
-from bids_roimae.errors import BadDataError, MissingInputError
+from bids_roimae.errors import BadDataError, MissingInputError, UsageError
+from bids_roimae.io.bids_names import LABEL_RE, parse_name
 from bids_roimae.io.templates import FETCH_HINT, load_nifti, load_template, templateflow_file
 
 log = logging.getLogger(__name__)
@@ -166,12 +167,107 @@ def _file_stem(path: Path) -> str:
     return path.stem
 
 
+def atlas_label(atlas_file) -> str:
+    """The BIDS ``atlas-`` label of a user's atlas file.
+
+    Its ``atlas-`` entity when the name is a BIDS name (``tpl-X_atlas-Glasser_dseg``),
+    else the file's stem with everything but letters and digits dropped (``my_atlas-v2``
+    -> ``myatlasv2``): the label names output files, so it must be one BIDS label.
+
+    Raises
+    ------
+    UsageError
+        The name holds no letter or digit at all.
+    """
+    stem = _file_stem(Path(atlas_file))
+    entities = dict(parse_name(Path(atlas_file).name)[0])
+    if LABEL_RE.match(entities.get("atlas", "")):
+        return entities["atlas"]
+    label = re.sub(r"[^A-Za-z0-9]", "", stem)
+    if not label:
+        raise UsageError(f"--atlas-file {atlas_file}: its name gives no atlas label "
+                         f"(letters and digits); rename it, e.g. myatlas.nii.gz")
+    if label != stem:
+        log.info("atlas file %s is labelled atlas-%s in the outputs", Path(atlas_file).name,
+                 label)
+    return label
+
+
+def check_label_image(img, what: str) -> np.ndarray:
+    """The integer labels of a 3D label image, or one line saying why it is not one.
+
+    A ``(X, Y, Z, 1)`` image counts as 3D. Float storage is accepted when every value is
+    a whole number (many tools save labels as float32).
+
+    Raises
+    ------
+    BadDataError
+        4D image (several volumes), non-finite or non-integer values, negative labels.
+    """
+    shape = tuple(img.shape)
+    if len(shape) > 3 and any(n != 1 for n in shape[3:]):
+        raise BadDataError(f"{what} is {len(shape)}D {shape}: a label atlas is one 3D "
+                           f"volume of integer region labels (a probabilistic atlas needs "
+                           f"to be turned into labels first)")
+    data = np.asanyarray(img.dataobj).reshape(shape[:3])
+    if np.issubdtype(data.dtype, np.integer):
+        values = data
+    else:
+        values = data.astype(np.float64)
+        if not np.isfinite(values).all():
+            raise BadDataError(f"{what} holds NaN/inf values, not region labels")
+        fractional = values != np.rint(values)
+        if fractional.any():
+            example = float(values[fractional][0])
+            raise BadDataError(f"{what} holds non-integer values (e.g. {example:g} in "
+                               f"{int(fractional.sum())} voxels): region labels must be "
+                               f"whole numbers")
+    if (values < 0).any():
+        raise BadDataError(f"{what} holds negative values, not region labels")
+    return np.rint(values).astype(np.int32)
+
+
+def check_atlas_on_grid(atlas: Atlas, geometry, *, roi_masking: bool) -> None:
+    """Refuse an atlas that cannot guide masking or name regions on the model grid.
+
+    Parameters
+    ----------
+    atlas : Atlas
+        The loaded atlas (for its name).
+    geometry : TokenGeometry
+        Built with the atlas labels on the model grid.
+    roi_masking : bool
+        Whether ROI-guided masking will draw regions (it needs at least two).
+
+    Raises
+    ------
+    BadDataError
+        No atlas region lies in a brain patch (another space, or no overlap with the
+        template brain), no region owns a patch, or fewer than two do for ROI masking.
+    """
+    labels = np.asarray(geometry.labels)
+    inside = np.unique(labels[np.asarray(geometry.voxel_mask) & (labels > 0)])
+    owning = geometry.owning_regions()
+    where = f"atlas {atlas.name} ({atlas.source})"
+    if inside.size == 0:
+        raise BadDataError(f"{where} has no region inside the template brain: is it in the "
+                           f"template space of --space, and does it overlap the brain?")
+    if owning.size == 0 or (roi_masking and owning.size < 2):
+        raise BadDataError(f"{where}: {owning.size} region(s) own a brain patch "
+                           f"({inside.size} touch the brain); ROI-guided masking needs at "
+                           f"least {2 if roi_masking else 1} (use a finer atlas, a smaller "
+                           f"--patch-size, "
+                           f"--roi-assign any, or --masking random)")
+
+
 def _load_atlas_file(atlas_file: Path, labels_file: Optional[Path]) -> Atlas:
     atlas_file = Path(atlas_file)
     if not atlas_file.is_file():
         raise MissingInputError(f"--atlas-file {atlas_file}: file not found")
     img = load_nifti(atlas_file, "atlas file")
-    stem = _file_stem(atlas_file)
+    what = f"--atlas-file {atlas_file.name}"
+    img = nib.Nifti1Image(check_label_image(img, what), img.affine)
+    stem = atlas_label(atlas_file)
     if labels_file is not None:
         labels_file = Path(labels_file)
         if not labels_file.is_file():
@@ -198,6 +294,7 @@ def _load_templateflow_atlas(name: str, desc: Optional[str], space: str) -> Atla
     else:  # prefer the error about a file TemplateFlow has (a failed download)
         raise next((e for e in errors if "does not provide" not in str(e)), errors[0])
     img = load_nifti(img_path, f"TemplateFlow {what}")
+    img = nib.Nifti1Image(check_label_image(img, f"TemplateFlow {what}"), img.affine)
     table = None
     for tsv in (f"tpl-{space}_atlas-{name}{desc_part}_dseg.tsv",
                 f"tpl-{space}_res-{res:02d}_atlas-{name}{desc_part}_dseg.tsv"):

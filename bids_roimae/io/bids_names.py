@@ -34,6 +34,8 @@ SOURCE_KEYS = ("sub", "ses", "task", "acq", "ce", "rec", "dir", "run", "echo", "
 ENTITY_ORDER = SOURCE_KEYS + ("space", "atlas", "seg", "res", "den", "label", "stat", "desc")
 
 LABEL_RE = re.compile(r"^[A-Za-z0-9]+$")
+# one file or folder name: no separator, no leading dot (hidden, "." and ".."), no spaces
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 _EXTENSION_RE = re.compile(r"^(\.[A-Za-z0-9]+)+$")
 
 
@@ -53,6 +55,24 @@ def check_label(key: str, value) -> str:
     text = str(value)
     if not LABEL_RE.match(text):
         raise ValueError(f"{key}-{text!r} is not a BIDS label (letters and digits only)")
+    return text
+
+
+def check_path_component(what: str, value) -> str:
+    """``value`` as text when it can name one file or folder inside the output dataset.
+
+    Letters, digits, ``.``, ``_``, ``-`` and ``+``, starting with a letter or digit: no
+    ``/``, no ``..``, nothing hidden, so a user-given name never leads outside its folder.
+
+    Raises
+    ------
+    ValueError
+        Naming ``what`` and the offending value.
+    """
+    text = str(value)
+    if not NAME_RE.match(text) or len(text) > 200:
+        raise ValueError(f"{what} {text!r} is not a plain name (letters, digits, '.', '_', "
+                         f"'-', starting with a letter or digit; no '/' or '..')")
     return text
 
 

@@ -227,8 +227,9 @@ def check_template_grid(geometry, mask_img) -> None:
     shape = tuple(mask_img.shape[:3])
     if shape != tuple(geometry.grid_shape) or not np.allclose(mask_img.affine,
                                                               geometry.affine, atol=1e-3):
-        raise ValueError(f"template image grid {shape} does not match the geometry's "
-                         f"grid {tuple(geometry.grid_shape)}")
+        differs = grid_difference(shape, mask_img.affine, geometry.grid_shape,
+                                  geometry.affine)
+        raise ValueError(f"template image grid does not match the geometry's grid: {differs}")
 
 
 def outside_run_mask(run, source: BoldSource, geometry, mask_img) -> Optional[np.ndarray]:
@@ -268,10 +269,9 @@ def outside_run_mask(run, source: BoldSource, geometry, mask_img) -> Optional[np
         data = data[..., 0]
     if data.shape[:3] != source.shape[:3] or data.ndim != 3 or \
             not np.allclose(run_mask.affine, source.affine, atol=1e-3):
-        raise BadDataError(
-            f"{Path(run.path).name}: brain mask grid {data.shape} "
-            f"{_fmt_zooms(run_mask.affine)} differs from BOLD grid {source.shape[:3]} "
-            f"{_fmt_zooms(source.affine)} ({mask_name})")
+        differs = grid_difference(data.shape, run_mask.affine, source.shape[:3], source.affine)
+        raise BadDataError(f"{Path(run.path).name}: its brain mask {mask_name} is on another "
+                           f"grid than the BOLD: {differs}")
     data = (data > 0).astype(np.float32)
     if not source.on_grid(geometry.grid_shape, geometry.affine):
         from nilearn.image import resample_to_img
@@ -282,6 +282,28 @@ def outside_run_mask(run, source: BoldSource, geometry, mask_img) -> Optional[np
         data = np.asanyarray(resampled.dataobj)
     flat = data.reshape(-1, order="F")
     return flat[brain_voxels(geometry)[0]] <= 0.5
+
+
+def grid_difference(shape_a, affine_a, shape_b, affine_b, atol: float = 1e-3) -> str:
+    """What differs between two voxel grids, in words: shape, voxel size, origin, axes.
+
+    Only the parts that differ are named, so two grids that differ only in their origin
+    do not print as two identical descriptions.
+    """
+    a, b = np.asarray(affine_a, float), np.asarray(affine_b, float)
+    parts = []
+    if tuple(shape_a) != tuple(shape_b):
+        parts.append(f"shape {tuple(int(n) for n in shape_a)} vs "
+                     f"{tuple(int(n) for n in shape_b)}")
+    zooms_a, zooms_b = (np.sqrt((m[:3, :3] ** 2).sum(axis=0)) for m in (a, b))
+    if not np.allclose(zooms_a, zooms_b, atol=atol):
+        parts.append(f"voxel size {_fmt_zooms(a)} vs {_fmt_zooms(b)}")
+    if not np.allclose(a[:3, :3] / zooms_a, b[:3, :3] / zooms_b, atol=atol):
+        parts.append(f"axes {''.join(nib.aff2axcodes(a))} vs {''.join(nib.aff2axcodes(b))}")
+    if not np.allclose(a[:3, 3], b[:3, 3], atol=atol):
+        parts.append(f"origin ({', '.join(f'{v:g}' for v in a[:3, 3])}) mm vs "
+                     f"({', '.join(f'{v:g}' for v in b[:3, 3])}) mm")
+    return "; ".join(parts) or "affines differ"
 
 
 def _fmt_zooms(affine) -> str:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -255,6 +254,9 @@ def write_entry(npy_path, shape: tuple, dtype, fill: Callable[[np.ndarray], None
 
     def write_tokens_then_meta(tmp_npy: Path) -> None:
         arr = np.lib.format.open_memmap(tmp_npy, mode="w+", dtype=dtype, shape=tuple(shape))
+        # open_memmap leaves a sparse file: reserve its blocks before filling the map, so
+        # a full disk is ENOSPC here and not a SIGBUS while the pages are written.
+        atomic.preallocate(tmp_npy, tmp_npy.stat().st_size)
         fill(arr)
         arr.flush()
         del arr
@@ -325,17 +327,12 @@ def write_tokens(npy_path, brain: np.ndarray, geometry, dtype: str, meta: dict) 
 
 
 def remove_stale_temps(folder, max_age_s: float = 86400.0) -> int:
-    """Delete ``*.tmp-*`` files older than ``max_age_s`` (left by killed writers)."""
-    removed = 0
-    now = time.time()
-    for tmp in Path(folder).glob(f"*{atomic.TMP_MARK}*"):
-        try:
-            if now - tmp.stat().st_mtime > max_age_s:
-                tmp.unlink()
-                removed += 1
-        except OSError:
-            pass  # another job removed or renamed it meanwhile
-    return removed
+    """Delete temporary files left by killed writers in a cache folder.
+
+    Those of a writer of this host whose process is gone go at once, whatever their age
+    (a full disk stays full otherwise); those of other hosts after ``max_age_s``.
+    """
+    return atomic.remove_dead_temps(folder, max_age_s)
 
 
 # -- helpers ---------------------------------------------------------------------------

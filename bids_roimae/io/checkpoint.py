@@ -18,6 +18,7 @@ without building it.
 from __future__ import annotations
 
 import platform
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -30,7 +31,7 @@ from torch import nn
 from bids_roimae import __version__
 from bids_roimae.config import AppConfig
 from bids_roimae.core.geometry import TokenGeometry
-from bids_roimae.errors import BadDataError, MissingInputError, OutputError
+from bids_roimae.errors import BadDataError, MissingInputError, OutputError, one_line
 from bids_roimae.io import atomic
 from bids_roimae.model.classifier import Classifier, build_head
 from bids_roimae.model.mae import build_model
@@ -213,11 +214,65 @@ def save_checkpoint(path, *, model: nn.Module, cfg: AppConfig, geometry: TokenGe
         "versions": versions(),
         "extra": _to_plain(meta.to_extra()),
     }
+    needed = _tensor_bytes(payload) + 2 ** 20  # tensors dominate; 1 MB for the rest
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            # Reserve the space first: a full disk fails here with ENOSPC, before any
+            # byte of the checkpoint is written; the excess is cut off below.
+            atomic.preallocate(tmp, needed)
+            torch.save(payload, fh)
+            fh.truncate(fh.tell())
+
     try:
-        atomic.write_via(path, lambda tmp: torch.save(payload, tmp), fsync=False)
+        atomic.write_via(path, write, fsync=False)
     except OSError as exc:
-        raise OutputError(f"cannot write checkpoint {path}: {exc}") from exc
+        reason = exc.strerror if exc.strerror and exc.filename is None else one_line(exc)
+        raise OutputError(f"cannot write checkpoint {path}: {reason}") from exc
+    except RuntimeError as exc:  # torch's zip writer reports a failed write this way
+        if not _is_write_failure(exc, path.parent, needed):
+            raise
+        raise OutputError(f"cannot write checkpoint {path}: "
+                          f"{atomic.no_space_error(path.parent, needed).strerror} "
+                          f"({one_line(exc)[:120]})") from exc
     return path
+
+
+def _is_write_failure(exc: RuntimeError, folder: Path, needed: int) -> bool:
+    """Whether torch's ``RuntimeError`` is a failed write (its zip writer says "unexpected
+    pos ..." or "PytorchStreamWriter failed writing ..." when the disk fills up)."""
+    text = str(exc)
+    if any(w in text for w in ("inline_container", "PytorchStreamWriter", "write")):
+        return True
+    if isinstance(exc.__context__, OSError):
+        return True
+    try:
+        return shutil.disk_usage(folder).free < needed
+    except OSError:
+        return False
+
+
+def _tensor_bytes(value: Any) -> int:
+    """Bytes of the tensors inside a nested payload (the bulk of a checkpoint)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
+
+
+def checkpoint_problem(path) -> Optional[str]:
+    """Why the checkpoint at ``path`` cannot be read (one line), or ``None`` when it can.
+
+    Reads it memory-mapped, so the check costs little even for a large model.
+    """
+    try:
+        load_checkpoint(path, mmap=True)
+    except (BadDataError, MissingInputError) as exc:
+        return one_line(exc)
+    return None
 
 
 def load_checkpoint(path, map_location="cpu", mmap: bool = False) -> dict:
@@ -239,7 +294,8 @@ def load_checkpoint(path, map_location="cpu", mmap: bool = False) -> dict:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as exc:  # truncated file, pickle with code, foreign format
-        raise BadDataError(f"cannot read model checkpoint {path}: {exc}") from exc
+        raise BadDataError(f"cannot read model checkpoint {path}: "
+                           f"{one_line(exc)[:200]}") from exc
     if not isinstance(ckpt, dict) or not {"model", "config", "geometry"} <= set(ckpt):
         raise BadDataError(f"{path} is not a bids_roimae checkpoint")
     return ckpt
@@ -273,6 +329,19 @@ _HINT = {"pretrain": "it is a pretrained model: pass it with --pretrained",
          "finetune": "it is a fine-tuned model: pass it with --model"}
 
 
+def check_kind(path, meta: ModelMeta, kind: Optional[ModelKind]) -> None:
+    """Refuse a model of another kind than ``kind`` with a line naming the right option.
+
+    Raises
+    ------
+    BadDataError
+        ``meta.kind`` differs from ``kind`` (``None`` accepts both).
+    """
+    if kind is not None and meta.kind != kind:
+        wanted = "fine-tuned" if kind == "finetune" else "pretrained"
+        raise BadDataError(f"{path} is not a {wanted} model: {_HINT[meta.kind]}")
+
+
 def load_model(path, device="cpu", *, kind: Optional[ModelKind] = None) -> LoadedModel:
     """Rebuild a pretrained autoencoder or a fine-tuned classifier from its checkpoint.
 
@@ -297,9 +366,7 @@ def load_model(path, device="cpu", *, kind: Optional[ModelKind] = None) -> Loade
     path = checkpoint_file(path)
     ckpt = load_checkpoint(path)
     meta = ModelMeta.from_extra(ckpt.get("extra"))
-    if kind is not None and meta.kind != kind:
-        raise BadDataError(f"{path} is not a {'fine-tuned' if kind == 'finetune' else 'pretrained'}"
-                           f" model: {_HINT[meta.kind]}")
+    check_kind(path, meta, kind)
     cfg = AppConfig.from_dict(ckpt["config"])
     geometry = geometry_from_checkpoint(ckpt)
     model = build_model(cfg, geometry)

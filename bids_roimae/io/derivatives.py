@@ -158,13 +158,31 @@ def save_image(img, path, metadata) -> Path:
     return path
 
 
-def _container() -> dict | None:
+# Files container engines put into every container they run: how the outputs can record
+# the engine that runs the image whatever the image was built with.
+CONTAINER_MARKERS = (("podman", Path("/run/.containerenv")), ("docker", Path("/.dockerenv")))
+
+
+def container_provenance() -> dict | None:
+    """``GeneratedBy.Container`` of this run: the engine running it and the image.
+
+    ``Type`` is the engine: Apptainer/Singularity (from their environment), else
+    ``BIDS_ROIMAE_CONTAINER_TYPE`` when set, else podman or docker from the marker files
+    they create. ``Tag`` is the image as built (``BIDS_ROIMAE_CONTAINER_TAG``, set from
+    the Dockerfile's ``IMAGE_TAG``), else the SIF file name; Apptainer runs also give the
+    SIF as ``URI``. ``None`` outside a container.
+    """
     apptainer = os.environ.get("APPTAINER_CONTAINER") or os.environ.get("SINGULARITY_CONTAINER")
     tag = os.environ.get("BIDS_ROIMAE_CONTAINER_TAG")
     if apptainer:  # a Docker image run by Apptainer inherits the Docker variables
         kind = "apptainer" if os.environ.get("APPTAINER_CONTAINER") else "singularity"
-        return {"Type": kind, "Tag": tag or Path(apptainer).name}
+        record = {"Type": kind, "Tag": tag or Path(apptainer).name}
+        if tag and Path(apptainer).is_absolute():
+            record["URI"] = Path(apptainer).as_uri()
+        return record
     kind = os.environ.get("BIDS_ROIMAE_CONTAINER_TYPE")
+    if not kind and tag:  # built as our image: which engine runs it?
+        kind = next((name for name, marker in CONTAINER_MARKERS if marker.exists()), None)
     if kind or tag:
         return {k: v for k, v in (("Type", kind), ("Tag", tag)) if v}
     return None
@@ -187,7 +205,7 @@ def write_dataset_description(output_dir, *, source_datasets: list[str],
         The description; an existing file with the same content is left untouched.
     """
     generated = {"Name": "bids_roimae", "Version": __version__, "CodeURL": CODE_URL}
-    container = _container()
+    container = container_provenance()
     if container:
         generated["Container"] = container
     sources = [{"URL": s if "://" in str(s) else Path(s).absolute().as_uri()}
@@ -278,6 +296,60 @@ def write_atlas_files(output_dir, atlas_name, labels_img, table, space, res) -> 
                              {"Name": name, "Description": f"{name} atlas as used by bids_roimae"})
     return {"image": image, "sidecar": out / f"space-{space}_atlas-{name}_res-{res}_dseg.json",
             "table": table_path, "description": description}
+
+
+def is_own_dataset(folder) -> bool:
+    """Whether ``folder/dataset_description.json`` was written by this app."""
+    try:
+        description = json.loads((Path(folder) / "dataset_description.json").read_text(
+            encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    generated = description.get("GeneratedBy") if isinstance(description, dict) else None
+    return isinstance(generated, list) and any(
+        isinstance(g, dict) and g.get("Name") == "bids_roimae" for g in generated)
+
+
+def output_location_problem(output_dir, input_dirs) -> str | None:
+    """Why OUTPUT_DIR may not be used, in one line, or ``None`` when it may.
+
+    Writing ``dataset_description.json`` and outputs there would damage another dataset
+    when OUTPUT_DIR is, or is inside, one of ``input_dirs`` (BIDS_DIR, the fMRIPrep
+    derivatives) other than below a ``derivatives/`` folder of a raw dataset, or is, or is
+    inside, any dataset whose ``dataset_description.json`` this app did not write (again
+    except below its ``derivatives/``, where BIDS puts pipelines' outputs).
+
+    Parameters
+    ----------
+    output_dir : path
+    input_dirs : sequence of path
+        The input datasets, first the raw BIDS_DIR, then the fMRIPrep folder.
+    """
+    out = Path(output_dir).expanduser().absolute().resolve()
+    inputs = [Path(p).expanduser().absolute().resolve() for p in input_dirs if p is not None]
+    for folder in inputs[1:]:
+        if out == folder or folder in out.parents:
+            return (f"OUTPUT_DIR {out} is inside the fMRIPrep derivatives {folder}: its "
+                    f"dataset_description.json and files would be overwritten; choose a "
+                    f"folder of its own (e.g. {folder.parent / 'bids_roimae'})")
+    for folder in [out, *out.parents]:
+        if not (folder / "dataset_description.json").is_file():
+            continue
+        if is_own_dataset(folder):
+            return None
+        inside = out.relative_to(folder).parts
+        if inside and inside[0] == "derivatives":
+            return None  # a pipeline's folder under a raw dataset's derivatives/
+        where = "is" if folder == out else "is inside"
+        return (f"OUTPUT_DIR {out} {where} the dataset {folder}, whose "
+                f"dataset_description.json was not written by bids_roimae; choose an empty "
+                f"folder or one under {folder / 'derivatives'}")
+    if inputs and inputs[0] in out.parents:
+        inside = out.relative_to(inputs[0]).parts
+        if inside[0] != "derivatives":
+            return (f"OUTPUT_DIR {out} is inside BIDS_DIR {inputs[0]} but not under its "
+                    f"derivatives/ folder")
+    return None
 
 
 def ensure_output_dir(path) -> Path:

@@ -316,16 +316,24 @@ def discover(bids_dir, *, derivatives=None, participant_labels=None, session_lab
                              f"matches {shown or 'the selection'}")
     best: dict[tuple, tuple] = {}
     other_spaces = set()
+    spaces_of: dict[str, set] = {}  # subject -> spaces of its BOLD not in --space
+    with_space = set()
     for path in found:
         pairs = dict(parse_name(path.name)[0])
         if pairs.get("space") != space:
-            other_spaces.add(pairs.get("space", "none (native BOLD space)"))
+            other = pairs.get("space", "none (native BOLD space)")
+            other_spaces.add(other)
+            spaces_of.setdefault(pairs.get("sub", "?"), set()).add(other)
             continue
+        with_space.add(pairs.get("sub"))
         identity = (path.parent, tuple(sorted((k, v) for k, v in pairs.items()
                                               if k not in ("res", "den"))))
         rank = (_res_rank(pairs.get("res")), path.name)
         if identity not in best or rank < best[identity][0]:
             best[identity] = (rank, path)
+    for subject in sorted(set(spaces_of) - with_space):
+        log.warning("sub-%s: skipped, no preprocessed BOLD in space %s (found only %s)",
+                    subject, space, ", ".join(sorted(spaces_of[subject])))
     if not best:
         raise BadDataError(
             f"BOLD found only in spaces {', '.join(sorted(other_spaces))}; rerun fMRIPrep with "

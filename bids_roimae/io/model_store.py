@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 from bids_roimae.errors import MissingInputError, UsageError
-from bids_roimae.io.checkpoint import ModelKind, checkpoint_file, read_model_info
+from bids_roimae.io.checkpoint import ModelKind, check_kind, checkpoint_file, read_model_info
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +47,14 @@ def pick_model(output_dir, explicit: Optional[Path], kind: ModelKind, flag: str)
         No such model.
     UsageError
         Several candidates and no ``flag`` to choose one.
+    BadDataError
+        The model given by ``flag`` is of the other kind (the line names the right
+        option), or unreadable; said before any run is prepared.
     """
     if explicit is not None:
-        return checkpoint_file(explicit)
+        path = checkpoint_file(explicit)
+        check_kind(path, read_model_info(path)[2], kind)
+        return path
     found = find_models(output_dir, kind)
     what, step = _HOW[kind]
     if not found:

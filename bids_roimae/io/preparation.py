@@ -15,6 +15,7 @@ grid is :mod:`bids_roimae.io.bold`; the scaling numerics are
 
 from __future__ import annotations
 
+import errno
 import logging
 import multiprocessing
 import time
@@ -31,7 +32,8 @@ from bids_roimae.core.scaling import (
     resampled_length,
     zscore_inplace,
 )
-from bids_roimae.errors import AppError, BadDataError, OutputError, one_line
+from bids_roimae.errors import AppError, BadDataError, OutputError, Terminated, one_line
+from bids_roimae.io.atomic import no_space_error
 from bids_roimae.io.bold import (  # noqa: F401
     BoldSource,
     check_template_grid,
@@ -112,8 +114,6 @@ def prepare_run(run, geometry, template_img, prep_cfg: Optional[PrepConfig], out
             _check_length(name, entry.n_frames, window, entry.meta.get("target_tr"))
             logger.info("%s: cached (%s)", run.key, final.name)
             return entry
-    if final.parent.is_dir():
-        remove_stale_temps(final.parent)
     started = time.perf_counter()
     source = BoldSource(run.path)
     tr_in, tr_source = _input_tr(run, source, needed=prep.target_tr is not None
@@ -130,6 +130,7 @@ def prepare_run(run, geometry, template_img, prep_cfg: Optional[PrepConfig], out
         bad_vox = int(np.count_nonzero(~np.isfinite(brain).all(axis=0)))
         raise BadDataError(f"{name}: {n_bad} non-finite values (NaN/inf) in {bad_vox} "
                            f"voxels inside the template brain")
+    _check_not_flat(name, brain)
     # The voxel baseline is taken before confound regression, which may remove the mean.
     baseline = None if prep.normalize == "voxel" else brain.mean(axis=0, dtype=np.float64)
     confound_info: dict = {}
@@ -167,8 +168,13 @@ def prepare_run(run, geometry, template_img, prep_cfg: Optional[PrepConfig], out
     try:
         entry = write_tokens(final, brain, geometry, prep.dtype, meta)
     except OSError as exc:
-        raise OutputError(f"{name}: cannot write its cache entry in {final.parent} "
-                          f"({one_line(exc)})") from exc
+        if exc.errno == errno.ENOSPC:  # say where and how much, whichever write hit it
+            needed = (brain.shape[0] * geometry.n_tokens * geometry.patch_voxels
+                      * np.dtype(prep.dtype).itemsize)
+            reason = no_space_error(final.parent, needed).strerror
+        else:
+            reason = one_line(exc)
+        raise OutputError(f"{name}: cannot write its cache entry: {reason}") from exc
     logger.info("%s: prepared %d frames x %d tokens in %.1f s -> %s", run.key,
                 brain.shape[0], geometry.n_tokens, time.perf_counter() - started, final.name)
     return entry
@@ -180,7 +186,8 @@ def prepare_runs(runs: Sequence, geometry, template_img, prep_cfg, output_dir, *
     """Prepare many runs, in parallel processes when ``nprocs > 1``.
 
     A run that fails is logged as one line (file and problem) and returned in the
-    failures list; the others still finish.
+    failures list; the others still finish. A stop (SIGTERM, Ctrl-C) is not a run's
+    failure: it propagates at once, and runs not yet started are not started.
 
     Returns
     -------
@@ -191,17 +198,24 @@ def prepare_runs(runs: Sequence, geometry, template_img, prep_cfg, output_dir, *
     """
     results: list = [None] * len(runs)
     kwargs = dict(window=window, work_dir=work_dir, space=space)
+    # Leftovers of killed writers (a full disk stays full otherwise), before any write.
+    for folder in sorted({entry_path(output_dir, run, "x").parent for run in runs}):
+        if folder.is_dir():
+            remove_stale_temps(folder)
     if nprocs <= 1 or len(runs) <= 1:
         for i, run in enumerate(runs):
             try:
                 results[i] = prepare_run(run, geometry, template_img, prep_cfg, output_dir,
                                          **kwargs)
+            except Terminated:
+                raise
             except Exception as exc:  # noqa: BLE001 - one bad run must not stop the rest
                 results[i] = _as_app_error(run, exc)
     else:
         # spawn: workers must not inherit the parent's thread pools (torch, BLAS) mid-state.
         ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=min(nprocs, len(runs)), mp_context=ctx) as pool:
+        pool = ProcessPoolExecutor(max_workers=min(nprocs, len(runs)), mp_context=ctx)
+        try:
             futures = {pool.submit(prepare_run, run, geometry, template_img, prep_cfg,
                                    output_dir, **kwargs): i for i, run in enumerate(runs)}
             for fut in as_completed(futures):
@@ -209,8 +223,19 @@ def prepare_runs(runs: Sequence, geometry, template_img, prep_cfg, output_dir, *
                 try:
                     results[i] = fut.result()
                     logger.info("%s: ready (%s)", runs[i].key, results[i].path.name)
+                except Terminated:
+                    raise
                 except Exception as exc:  # noqa: BLE001 - includes a worker killed by OOM
                     results[i] = _as_app_error(runs[i], exc)
+        except BaseException:
+            # A stop: queued runs are dropped and running ones end now (a worker's partial
+            # write is a temporary file, removed by the next run since its process is gone);
+            # waiting for them could outlast docker stop's grace period.
+            pool.shutdown(wait=False, cancel_futures=True)
+            for worker in multiprocessing.active_children():
+                worker.terminate()
+            raise
+        pool.shutdown(wait=True)
     entries = [r for r in results if isinstance(r, CacheEntry)]
     failures = [(run, r) for run, r in zip(runs, results) if isinstance(r, AppError)]
     for _, err in failures:
@@ -226,6 +251,16 @@ def _check_length(name: str, n_frames: int, window: int, target_tr) -> None:
         after = f" after resampling to TR {target_tr:g} s" if target_tr else ""
         raise BadDataError(f"{name}: has {n_frames} frames{after}, shorter than one "
                            f"window ({window})")
+
+
+def _check_not_flat(name: str, brain: np.ndarray) -> None:
+    """A run whose every brain voxel is constant over time holds no signal (all zeros, a
+    failed export): caching it would train the model on nothing."""
+    if brain.shape[0] and not np.any(brain != brain[:1]):
+        value = float(brain[0, 0]) if brain.size else 0.0
+        raise BadDataError(f"{name}: the signal is flat (every brain voxel is constant over "
+                           f"time{', all zero' if value == 0 and not brain.any() else ''}); "
+                           f"not a usable BOLD run")
 
 
 def _input_tr(run, source: BoldSource, needed: bool) -> tuple[Optional[float], str]:

@@ -58,6 +58,17 @@ def pretrained_name(path) -> str:
                                             else path.stem)
 
 
+def recorded_pretrained(path, models_folder) -> str:
+    """How a fine-tuned model names its pretrained model: relative to the models folder
+    when it is in it (``roimae_.../model.pt``), so a copied or moved output folder still
+    finds its own; an absolute path otherwise."""
+    path = Path(path).absolute()
+    try:
+        return path.relative_to(Path(models_folder).absolute()).as_posix()
+    except ValueError:
+        return str(path)
+
+
 def finetuned_name(pretrained, target: str, strategy: str) -> str:
     """``<pretrained>_ft-<target>_<strategy>`` with the target reduced to letters/digits."""
     clean = re.sub(r"[^0-9A-Za-z]+", "", str(target)) or "target"
@@ -131,7 +142,8 @@ def run_finetune(entries: Sequence, labels: pd.Series, pretrained, cfg, output_d
     name = name or finetuned_name(pretrained, info.get("target", "target"), strategy)
     model_dir = output_dir / "models" / name
     summary = {"name": name, "target": info.get("target"), "task_type": task,
-               "strategy": strategy, "pretrained": str(pretrained),
+               "strategy": strategy,
+               "pretrained": recorded_pretrained(loaded.path, output_dir / "models"),
                "cv": "leave-one-group-out" if groups is not None else "stratified-kfold",
                "n_folds": len(folds), "n_subjects": int(labels.size),
                "seed": run_cfg.seed, "label_info": info, "metrics": mean_sd(table),

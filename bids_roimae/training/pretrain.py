@@ -15,6 +15,7 @@ The step count, learning-rate schedule and weight-decay groups are in
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import sys
@@ -30,9 +31,11 @@ from bids_roimae import interrupt
 from bids_roimae.config import AppConfig
 from bids_roimae.core.masking import region_groups
 from bids_roimae.errors import AppError, BadDataError, Terminated, UsageError
+from bids_roimae.io.atomic import remove_dead_temps
 from bids_roimae.io.checkpoint import (
     AtlasMeta,
     ModelMeta,
+    checkpoint_problem,
     geometry_from_checkpoint,
     load_checkpoint,
     save_checkpoint,
@@ -90,7 +93,29 @@ def _use_resident(cfg: AppConfig, device: torch.device, entries) -> bool:
     return TokenFeed.total_bytes(entries) < 0.4 * free
 
 
-def _check_resume(ckpt: dict, cfg: AppConfig, geometry, path: Path) -> None:
+def data_digest(entries) -> str:
+    """A digest of the prepared runs a model trains on: their run keys and cache keys.
+
+    The cache key is a content hash of the source and the preparation settings, so the
+    digest changes when a run is added, dropped or prepared from other data. Entries
+    without a ``key`` (in-memory stand-ins) count by their run key alone.
+    """
+    lines = sorted(f"{e.run_key}\t{getattr(e, 'key', '')}" for e in entries)
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
+
+
+def _check_resume(ckpt: dict, cfg: AppConfig, geometry, path: Path,
+                  digest: Optional[str] = None, n_runs: int = 0) -> None:
+    sched = ckpt.get("scheduler") or {}
+    saved_digest = sched.get("data_digest")
+    if digest is not None and saved_digest is not None and saved_digest != digest:
+        raise UsageError(
+            f"{path} was trained on other prepared runs ({sched.get('n_runs', '?')} runs, "
+            f"data digest {saved_digest}; now {n_runs} runs, {digest}): resuming would mix "
+            f"them. Start over with --no-resume, or use another --model-name.")
+    if digest is not None and saved_digest is None:
+        log.warning("%s records no data digest (an older version wrote it): the prepared "
+                    "runs cannot be checked", path)
     diffs = config_differences(ckpt.get("config") or {}, cfg.to_dict())
     saved_geom = geometry_from_checkpoint(ckpt)
     if saved_geom.extraction_hash != geometry.extraction_hash:
@@ -100,8 +125,8 @@ def _check_resume(ckpt: dict, cfg: AppConfig, geometry, path: Path) -> None:
     if diffs:
         raise UsageError(
             f"{path} was trained with other settings ({'; '.join(diffs[:6])}); refusing to "
-            "overwrite it. Use the same settings to resume, another output folder, or "
-            "remove that model folder.")
+            "overwrite it. Use the same settings to resume, or start over with --no-resume "
+            "(or another --model-name).")
 
 
 def run_pretraining(entries: Sequence, geometry, cfg: AppConfig, model_dir, *, device="cpu",
@@ -191,11 +216,17 @@ def _train(entries, geometry, cfg, model_dir, dist: DistContext, resume, atlas,
                                   lr=cfg.train.lr, betas=(0.9, 0.95),
                                   fused=True if device.type == "cuda" else None)
     model_dir.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        remove_dead_temps(model_dir)  # a killed save's partial checkpoint
     ckpt_path, final_path = model_dir / "checkpoint.pt", model_dir / "model.pt"
+    digest = data_digest(usable)
     start, initial_val, elapsed_before = 0, None, 0.0
     if resume and ckpt_path.is_file():
-        ckpt = load_checkpoint(ckpt_path, map_location=device)
-        _check_resume(ckpt, cfg, geometry, ckpt_path)
+        try:
+            ckpt = load_checkpoint(ckpt_path, map_location=device)
+        except BadDataError as exc:
+            raise BadDataError(f"{exc}; start over with --no-resume") from exc
+        _check_resume(ckpt, cfg, geometry, ckpt_path, digest, len(usable))
         model.load_state_dict(ckpt["model"])
         if ckpt.get("optimizer"):
             optimizer.load_state_dict(ckpt["optimizer"])
@@ -207,8 +238,12 @@ def _train(entries, geometry, cfg, model_dir, dist: DistContext, resume, atlas,
             log.warning("resuming with %d processes instead of %d: batches differ from an "
                         "uninterrupted run", world, sched.get("world_size"))
         if start >= steps and final_path.is_file():
-            log.info("%s already finished (%d steps)", model_dir, start)
-            return final_path
+            problem = checkpoint_problem(final_path)
+            if problem is None:
+                log.info("%s already finished (%d steps)", model_dir, start)
+                return final_path
+            # checkpoint.pt of the last step holds the same weights: write model.pt again
+            log.warning("%s; writing it again from %s", problem, ckpt_path.name)
         log.info("resuming %s at step %d of %d", model_dir, start, steps)
     elif ckpt_path.is_file():
         log.info("not resuming: starting %s over", model_dir)
@@ -258,7 +293,8 @@ def _train(entries, geometry, cfg, model_dir, dist: DistContext, resume, atlas,
         tsv.add(step=0, val_loss=initial_val, lr=lr_at(0, steps, cfg.train))
     meta = ModelMeta(kind="pretrain", atlas=atlas or AtlasMeta())
     sched_state = lambda done: {"total_steps": steps, "world_size": world,  # noqa: E731
-                                "initial_val_loss": initial_val,
+                                "initial_val_loss": initial_val, "data_digest": digest,
+                                "n_runs": len(usable),
                                 "seconds": elapsed_before + (time.perf_counter() - t_start)}
 
     from tqdm import tqdm

@@ -96,6 +96,29 @@ def make_folds(y: np.ndarray, n_folds: int, seed: int, task_type: str = "binary"
     return [(np.sort(tr), np.sort(te)) for tr, te in splits]
 
 
+def make_repeated_folds(y: np.ndarray, n_folds: int, n_repeats: int, seed: int,
+                        task_type: str = "binary", groups: Optional[Sequence] = None
+                        ) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+    """``n_repeats`` independent shuffles of :func:`make_folds` (seeds ``seed + r``).
+
+    One split of a small sample is noisy: which subjects share a test fold moves accuracy
+    by several points. Repeating the stratified split and averaging (with the
+    Nadeau-Bengio correction when testing, see :mod:`bids_roimae.analysis.statistics`)
+    measures the model rather than the split. Leave-one-group-out has a single split, so
+    ``groups`` gives one repeat whatever ``n_repeats`` is.
+
+    Returns
+    -------
+    list of fold lists
+        Repeat ``r``'s folds; repeat 0 equals ``make_folds(y, n_folds, seed, ...)``.
+    """
+    if n_repeats < 1:
+        raise UsageError("--cv-repeats must be at least 1")
+    if groups is not None:
+        return [make_folds(y, n_folds, seed, task_type, groups)]
+    return [make_folds(y, n_folds, seed + r, task_type) for r in range(n_repeats)]
+
+
 def _check_class_counts(y: np.ndarray, n_folds: int) -> None:
     values, counts = np.unique(y, return_counts=True)
     smallest = int(counts.min())

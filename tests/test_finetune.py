@@ -144,12 +144,20 @@ def test_linear_probe_finds_the_planted_difference(probe_run, study):
     assert probe_run["metrics"]["accuracy"]["mean"] > 0.85
     assert probe_run["metrics"]["roc_auc"]["mean"] > 0.9
     assert probe_run["n_subjects"] == N_SUBJECTS and probe_run["n_folds"] == 3
+    assert probe_run["n_repeats"] == 5  # the default: 5 shuffles of the folds
     assert probe_run["excluded"]["labelled_without_runs"] == 1  # sub-99
     model_dir = probe_run["model_dir"]
     assert model_dir.name == "pre_ft-DX_linear-probe"
     folds = pd.read_csv(model_dir / "fold_metrics.tsv", sep="\t", dtype={"fold": str})
-    assert list(folds["fold"]) == ["0", "1", "2", "mean", "sd"]
-    assert folds["n_test"].iloc[:3].sum() == N_SUBJECTS
+    assert list(folds["fold"]) == ["0", "1", "2"] * 5 + ["mean", "sd"]
+    assert list(folds["repeat"].iloc[:15]) == [r for r in range(5) for _ in range(3)]
+    for r in range(5):  # every repeat tests every subject once
+        assert folds.loc[folds["repeat"] == r, "n_test"].sum() == N_SUBJECTS
+    # The planted effect is found out of fold, and the AUC interval says so.
+    oof = probe_run["out_of_fold"]
+    assert oof.above_chance and oof.roc_auc.low > 0.5 and oof.n_repeats == 5
+    saved = json.loads((model_dir / "metrics.json").read_text())["out_of_fold"]
+    assert saved["above_chance"] and saved["n_subjects"] == N_SUBJECTS
 
 
 def test_out_of_fold_predictions_are_per_participant_and_subject_disjoint(probe_run, study):
@@ -169,6 +177,32 @@ def test_out_of_fold_predictions_are_per_participant_and_subject_disjoint(probe_
     assert one.loc[0, "true_label"] == "negative"
     assert 0.0 <= one.loc[0, "probability"] <= 1.0
     assert path.with_suffix(".json").is_file()
+
+
+def test_no_cross_validated_subject_is_attributed_by_a_model_that_trained_on_it(probe_run,
+                                                                                study):
+    loaded = load_model(probe_run["model_path"], kind="finetune")
+    assert len(loaded.fold_models) == 3
+    assert set(loaded.meta.trained_subjects) == {f"{i:02d}" for i in range(N_SUBJECTS)}
+    rows = probe_run["predictions"].set_index("participant_id")
+    refs = subject_windows(study["entries"], 8, 2)
+    for i in range(N_SUBJECTS):
+        subject = f"{i:02d}"
+        clf, fold = loaded.classifier_for(f"sub-{subject}")
+        assert fold is not None and clf is fold.classifier and clf is not loaded.model
+        # The fold model tested this subject, so it never trained on it ...
+        assert subject in fold.test_subjects and fold.fold == rows.loc[f"sub-{subject}", "fold"]
+        others = [f for f in loaded.fold_models if f is not fold]
+        assert all(subject not in f.test_subjects for f in others)
+        # ... and it is the very model that made the out-of-fold prediction.
+        windows = torch.from_numpy(load_windows(refs[subject], 8))
+        with torch.no_grad():
+            prob = torch.sigmoid(clf(windows).mean()).item()
+        assert prob == pytest.approx(rows.loc[f"sub-{subject}", "probability"], abs=1e-4)
+    # Fold models share the refit model's frozen encoder (only heads are stored).
+    assert all(f.classifier.encoder is loaded.model.encoder for f in loaded.fold_models)
+    new, fold = loaded.classifier_for("sub-new")
+    assert new is loaded.model and fold is None
 
 
 def test_shuffled_labels_stay_at_chance(study, frozen):

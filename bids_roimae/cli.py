@@ -233,6 +233,10 @@ RES = "Resources and run control"
                "check passes).")
 @_opt("--fidelity/--no-fidelity", default=True, section=ATTR,
       help="Region reconstruction fidelity maps in predict.")
+@_opt("--randomised-check/--no-randomised-check", default=True, section=ATTR,
+      help="Also attribute with a randomised classifier head (model randomisation check): "
+           "the group report marks differences that the trained model alone shows. "
+           "Doubles the Integrated Gradients time.")
 @_setting("--fidelity-windows", type=click.IntRange(1),
           setting=(AttributionConfig, "fidelity_windows"), section=ATTR,
           help="Windows per run for region fidelity (one forward pass per window and "

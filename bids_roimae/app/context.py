@@ -61,6 +61,7 @@ class RunContext:
     compare_masking: bool = False
     allow_mismatch: bool = False
     fidelity: bool = True
+    randomised_check: bool = True
     # group report
     covariates: list[str] = field(default_factory=list)
 
@@ -190,5 +191,6 @@ def build_context(o: dict) -> RunContext:
         cv_group=o.get("cv_group"), pretrained=o.get("pretrained"),
         model_path=o.get("model_path"), compare_masking=bool(o.get("compare_masking")),
         allow_mismatch=bool(o.get("allow_mismatch")), fidelity=bool(o.get("fidelity", True)),
+        randomised_check=bool(o.get("randomised_check", True)),
         covariates=[str(v) for v in o.get("covariates") or ()],
     )

@@ -343,6 +343,18 @@ class OutOfFoldSummary:
                    data.get("baseline_name"), cls.from_dict(data.get("baseline")))
 
 
+def evidence_sidecar(evidence: Optional[OutOfFoldSummary]) -> dict:
+    """The JSON entries that open every attribution output: is the classifier any good?"""
+    if evidence is None:
+        return {"ClassifierOutOfFold": "not available (no out-of-fold evaluation of a "
+                                       "binary target stored with the model)"}
+    out = {"ClassifierOutOfFold": evidence.headline(),
+           "ClassifierAboveChance": evidence.above_chance}
+    if not evidence.above_chance:
+        out["Warning"] = CHANCE_WARNING
+    return out
+
+
 def out_of_fold_summary(y_true: np.ndarray, prob: np.ndarray, n_repeats: int = 1
                         ) -> OutOfFoldSummary:
     """Accuracy (Wilson) and AUC (DeLong) intervals of out-of-fold P(positive).

@@ -70,6 +70,23 @@ def _companion(bold: Path, listing: FolderListings, pairs, suffix: str, exts: It
     return None
 
 
+def mean_framewise_displacement(confounds_path) -> float:
+    """Mean of fMRIPrep's ``framewise_displacement`` column (its first frame is ``n/a``).
+
+    NaN when the file cannot be read or lacks the column, so a caller can report the run
+    as missing a value instead of failing.
+    """
+    import pandas as pd
+
+    try:
+        table = pd.read_csv(confounds_path, sep="\t", usecols=["framewise_displacement"],
+                            na_values="n/a")
+    except (OSError, ValueError) as err:
+        log.warning("no framewise_displacement in %s: %s", confounds_path, err)
+        return float("nan")
+    return float(table["framewise_displacement"].mean())
+
+
 def mask_and_confounds(bold: Path, listing: FolderListings):
     """``(brain mask, confounds table)`` beside a BOLD file, each a path or ``None``."""
     pairs, _, ext = parse_name(bold.name)

@@ -26,7 +26,7 @@ import nibabel as nib
 import pandas as pd
 
 from bids_roimae.analysis.attribution import IGResult
-from bids_roimae.analysis.evaluation import CHANCE_WARNING, OutOfFoldSummary
+from bids_roimae.analysis.evaluation import OutOfFoldSummary, evidence_sidecar
 from bids_roimae.analysis.regions import (
     region_table,
     region_values,
@@ -118,7 +118,7 @@ def write_run_attribution(output_dir, source_entities: dict, ig: IGResult,
         ``{"absmean": Path, "signedmean": Path, "table": Path}``.
     """
     reference = _image(reference)
-    meta = {**_evidence_meta(evidence), **ig.metadata(), "Model": dict(model_meta or {}),
+    meta = {**evidence_sidecar(evidence), **ig.metadata(), "Model": dict(model_meta or {}),
             "Atlas": atlas_name, "Sources": list(sources), "Space": space,
             **_resolution_meta(res, reference)}
     paths = {}
@@ -151,7 +151,7 @@ def write_run_attribution(output_dir, source_entities: dict, ig: IGResult,
     paths["table"] = write_tsv(tpath, table)
     described = {c: {"Description": d} for c, d in _region_columns(columns).items()
                  if c in table}
-    write_sidecar(tpath, {**_evidence_meta(evidence), "Model": dict(model_meta or {}),
+    write_sidecar(tpath, {**evidence_sidecar(evidence), "Model": dict(model_meta or {}),
                           **described})
     return paths
 
@@ -168,18 +168,6 @@ RANDOMISED_COLUMNS = {
     "random_mean_abs": "mean_abs of the same classifier with a randomised head (model "
                        "randomisation check): what the input alone produces",
     "random_scaled_mean_abs": "scaled_mean_abs of the classifier with a randomised head"}
-
-
-def _evidence_meta(evidence: Optional[OutOfFoldSummary]) -> dict:
-    """Sidecar entries that open every attribution output: is the classifier any good?"""
-    if evidence is None:
-        return {"ClassifierOutOfFold": "not available (no out-of-fold binary evaluation "
-                                       "stored with the model)"}
-    out = {"ClassifierOutOfFold": evidence.headline(),
-           "ClassifierAboveChance": evidence.above_chance}
-    if not evidence.above_chance:
-        out["Warning"] = CHANCE_WARNING
-    return out
 
 
 def write_run_fidelity(output_dir, source_entities: dict, fidelity: pd.DataFrame,

@@ -81,14 +81,20 @@ def test_randomisation_check_flags_differences_the_random_model_also_shows():
                                       categories=["ctl", "adhd"]), index=subjects)
     # Region 1: patients fluctuate more, so |IG| is larger under any model (amplitude).
     # Region 2: only the trained model attributes more to it in patients.
-    # Region 3: nothing.
+    # Region 3: nothing. Region 4: the trained model's difference is weak (nominal p
+    # only), the randomised one's strong: still amplitude. Region 5: opposite directions.
     real, rand = {}, {}
     for i, s in enumerate(subjects):
         real[s] = {1: rng.normal() + 2 * patient[i], 2: rng.normal() + 2 * patient[i],
-                   3: rng.normal()}
-        rand[s] = {1: rng.normal() + 2 * patient[i], 2: rng.normal(), 3: rng.normal()}
+                   3: rng.normal(), 4: 0.1 * i + 0.9 * patient[i] + rng.normal(scale=0.05),
+                   5: rng.normal() + 2 * patient[i]}
+        rand[s] = {1: rng.normal() + 2 * patient[i], 2: rng.normal(), 3: rng.normal(),
+                   4: rng.normal() + 3 * patient[i], 5: rng.normal() - 2 * patient[i]}
     check = randomisation_check(group_difference(stacked(real), "value", groups),
                                 group_difference(stacked(rand), "value", groups))
     verdict = check.set_index("index")["check"]
     assert verdict[1] == "amplitude" and verdict[2] == "survives" and verdict[3] == "none"
+    assert verdict[5] == "survives"
+    row = check.set_index("index").loc[4]
+    assert row["p"] < 0.05 and verdict[4] == "amplitude"
     assert list(check.columns[:3]) == ["index", "name", "system"]

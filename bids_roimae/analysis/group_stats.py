@@ -268,16 +268,27 @@ def randomisation_check(real: pd.DataFrame, randomised: pd.DataFrame,
         :func:`group_difference` (or :func:`adjusted_group_difference`) tables of the same
         measure for the trained and the randomised classifier.
     alpha : float
-        Significance of the trained model's difference (``q``). The randomised model's
-        difference counts from uncorrected ``p < alpha``: deliberately lenient, so a region
-        is credited to the model only when the randomised model shows nothing.
+        Significance level.
 
     Returns
     -------
     DataFrame
-        Per region ``statistic``/``q`` of both and ``check``: ``survives`` (significant
-        in the trained model only), ``amplitude`` (significant in both: not evidence of the
-        model), ``randomised only`` or ``none``; ordered by the trained model's p.
+        Per region ``statistic``, ``p``, ``q`` of both and ``check``:
+
+        ``amplitude``
+            the trained model's difference is nominal (``p < alpha``, uncorrected) and
+            the randomised model shows one in the same direction (``p < alpha``): the
+            input explains it, so it is no evidence of what the model learned (the model
+            may still use the region; attribution cannot tell);
+        ``survives``
+            significant for the trained model after correction (``q < alpha``) and not
+            reproduced by the randomised one;
+        ``randomised only``
+            only the randomised model shows a difference;
+        ``none``.
+
+        Ordered by the trained model's p. Flagging from uncorrected p is deliberate: a
+        region is credited to the model only when the randomised model shows nothing.
     """
     keep = [c for c in ("index", "name", "system") if c in real]
     a = real.set_index("index")
@@ -287,11 +298,13 @@ def randomisation_check(real: pd.DataFrame, randomised: pd.DataFrame,
     out["p"], out["q"] = a["p"], a["q"]
     out["random_statistic"] = b["statistic"]
     out["random_p"], out["random_q"] = b["p"], b["q"]
+    real_nominal = (a["p"] < alpha).fillna(False)
     real_sig = (a["q"] < alpha).fillna(False)
+    same_way = np.sign(a["statistic"]) == np.sign(b["statistic"])
     random_sig = (b["p"] < alpha).fillna(False)
-    out["check"] = np.select([real_sig & ~random_sig, real_sig & random_sig,
-                              ~real_sig & random_sig], ["survives", "amplitude",
-                                                        "randomised only"], "none")
+    out["check"] = np.select(
+        [real_nominal & random_sig & same_way, real_sig, random_sig],
+        ["amplitude", "survives", "randomised only"], "none")
     return out.reset_index().sort_values("p", na_position="last", ignore_index=True)
 
 

@@ -28,6 +28,7 @@ from bids_roimae.io.cache import write_entry
 from bids_roimae.io.checkpoint import load_model
 from bids_roimae.io.templates import Template
 from bids_roimae.reports.group_report import build_group_report
+from bids_roimae.reports.participant_report import build_participant_report
 from bids_roimae.reports.run_derivatives import read_region_tables, write_run_attribution
 from bids_roimae.training.finetune import run_finetune
 from bids_roimae.training.windows import load_windows, subject_windows
@@ -137,6 +138,9 @@ def test_a_model_at_chance_is_reported_as_such_first(shuffled):
     group_sidecar = json.loads(shuffled["written"]["ig_groupdiff"].with_suffix(".json")
                                .read_text())
     assert group_sidecar["Warning"] == CHANCE_WARNING
+    page = build_participant_report(shuffled["out"], "sub-00").read_text()
+    opening = page[page.index("Classifier out of fold"):page.index("prediction attribution")]
+    assert CHANCE_WARNING in opening and "cross-validation fold" in opening
 
 
 def test_randomised_check_flags_the_amplitude_region(shuffled):

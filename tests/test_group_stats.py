@@ -98,3 +98,13 @@ def test_randomisation_check_flags_differences_the_random_model_also_shows():
     row = check.set_index("index").loc[4]
     assert row["p"] < 0.05 and verdict[4] == "amplitude"
     assert list(check.columns[:3]) == ["index", "name", "system"]
+
+
+def test_mean_framewise_displacement_skips_the_first_frame(tmp_path):
+    from bids_roimae.io.run_files import mean_framewise_displacement
+
+    path = tmp_path / "sub-01_task-rest_desc-confounds_timeseries.tsv"
+    path.write_text("global_signal\tframewise_displacement\n1\tn/a\n2\t0.1\n3\t0.3\n")
+    assert mean_framewise_displacement(path) == pytest.approx(0.2)
+    (tmp_path / "other.tsv").write_text("global_signal\n1\n")
+    assert np.isnan(mean_framewise_displacement(tmp_path / "other.tsv"))

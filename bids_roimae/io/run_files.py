@@ -14,6 +14,8 @@ import os
 from pathlib import Path
 from typing import Iterable
 
+import pandas as pd
+
 from bids_roimae.io.bids_names import SOURCE_KEYS, parse_name
 
 log = logging.getLogger(__name__)
@@ -76,8 +78,6 @@ def mean_framewise_displacement(confounds_path) -> float:
     NaN when the file cannot be read or lacks the column, so a caller can report the run
     as missing a value instead of failing.
     """
-    import pandas as pd
-
     try:
         table = pd.read_csv(confounds_path, sep="\t", usecols=["framewise_displacement"],
                             na_values="n/a")

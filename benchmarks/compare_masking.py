@@ -158,7 +158,7 @@ def main(argv=None) -> int:
         "benchmark": "compare_masking", "demo": bool(args.demo), "device": device,
         "torch": torch.__version__, "python": platform.python_version(),
         "target": info["target"], "n_subjects": int(labels.size),
-        "strategy": args.finetune, "folds": len(out["folds"]),
+        "strategy": args.finetune, "folds": len(out["folds"][0]), "repeats": len(out["folds"]),
         "seconds_setup": round(pretrain_s, 1), "seconds_compare": round(compare_s, 1),
         "models": {k: str(v) for k, v in models.items()},
         "table": json.loads(out["table"].to_json(orient="records")),

@@ -151,18 +151,18 @@ def main(argv=None) -> int:
         compare_s = time.perf_counter() - t0
 
     pd.set_option("display.width", 160)
-    print(out["table"].round(3).to_string())
+    print(out["table"].round(4).to_string(index=False))
     print()
-    print(out["tests"].round(4).to_string(index=False))
+    print(out["spread"].round(4).to_string(index=False))
     summary = {
         "benchmark": "compare_masking", "demo": bool(args.demo), "device": device,
         "torch": torch.__version__, "python": platform.python_version(),
         "target": info["target"], "n_subjects": int(labels.size),
-        "strategy": args.finetune, "folds": len(out["folds"]),
+        "strategy": args.finetune, "folds": len(out["folds"][0]), "repeats": len(out["folds"]),
         "seconds_setup": round(pretrain_s, 1), "seconds_compare": round(compare_s, 1),
         "models": {k: str(v) for k, v in models.items()},
-        "table": json.loads(out["table"].reset_index().to_json(orient="records")),
-        "tests": json.loads(out["tests"].to_json(orient="records")),
+        "table": json.loads(out["table"].to_json(orient="records")),
+        "spread": json.loads(out["spread"].to_json(orient="records")),
         "files": {k: str(v) for k, v in out["paths"].items()},
     }
     RESULTS.mkdir(parents=True, exist_ok=True)

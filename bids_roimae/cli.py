@@ -40,7 +40,8 @@ from bids_roimae.errors import (
 # Options that accept several values after one flag; expanded to repeated flags before
 # click parses (click options take one value per occurrence).
 MULTI_VALUE = ("--participant-label", "--participant_label", "--session-label",
-               "--session_label", "--task-label", "--task_label", "--positive")
+               "--session_label", "--task-label", "--task_label", "--positive",
+               "--covariates")
 
 
 class GroupedOption(click.Option):
@@ -228,6 +229,10 @@ RES = "Resources and run control"
                "fine-tuning.")
 @_setting("--folds", type=click.IntRange(2), setting=(FinetuneConfig, "folds"),
           section=FINETUNE, help="Cross-validation folds (subject level).")
+@_setting("--cv-repeats", type=click.IntRange(1), setting=(FinetuneConfig, "cv_repeats"),
+          section=FINETUNE,
+          help="Repeats of the stratified subject folds, each with another shuffle; "
+               "metrics and comparisons pool all repeats x folds.")
 @_opt("--cv-group", default=None, section=FINETUNE,
       help="participants.tsv column for leave-group-out CV (e.g. site).")
 @_opt("--pretrained", type=click.Path(path_type=Path), default=None, section=FINETUNE,
@@ -236,13 +241,25 @@ RES = "Resources and run control"
       section=FINETUNE, help="Fine-tuned model for predict (e.g. trained on another dataset).")
 @_opt("--compare-masking", is_flag=True, section=FINETUNE,
       help="Fine-tune every pretrained model in OUTPUT_DIR/models on the same folds and "
-           "compare them (roi vs random masking).")
+           "compare them (roi vs random masking; several seeds per masking are pooled).")
+@_opt("--allow-mismatch", is_flag=True, section=FINETUNE,
+      help="With --compare-masking: compare pretrained models that differ in more than "
+           "masking and seed (the comparison then lists what differs).")
+@_opt("--covariates", multiple=True, section=ATTR,
+      help="Group report: adjust region-wise group differences for these participants.tsv "
+           "columns (e.g. site age sex) and 'meanfd' (mean framewise displacement from "
+           "fMRIPrep's confounds), with a linear model per region. Several values after "
+           "one flag. Default: plain Welch t-tests.")
 @_setting("--ig-steps", type=click.IntRange(2), setting=(AttributionConfig, "steps"),
           section=ATTR,
           help="Most Integrated Gradients steps (fewer are used while the completeness "
                "check passes).")
 @_opt("--fidelity/--no-fidelity", default=True, section=ATTR,
       help="Region reconstruction fidelity maps in predict.")
+@_opt("--randomised-check/--no-randomised-check", default=True, section=ATTR,
+      help="Also attribute with a randomised classifier head (model randomisation check): "
+           "the group report marks differences that the trained model alone shows. "
+           "Doubles the Integrated Gradients time.")
 @_setting("--fidelity-windows", type=click.IntRange(1),
           setting=(AttributionConfig, "fidelity_windows"), section=ATTR,
           help="Windows per run for region fidelity (one forward pass per window and "

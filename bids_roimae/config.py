@@ -192,6 +192,9 @@ class FinetuneConfig:
     strategy: Literal["linear-probe", "head", "full"] = "linear-probe"
     task_type: Literal["binary", "multiclass", "regression"] = "binary"
     folds: int = 5
+    # 5 x 5 = 25 splits: enough for the corrected resampled t-test to have power on a few
+    # dozen subjects, cheap with a frozen encoder (embeddings are computed once).
+    cv_repeats: int = 5
     epochs: int = 20
     batch_size: int = 8
     lr: float = 1e-3
@@ -204,6 +207,8 @@ class FinetuneConfig:
         _check_choices(self)
         if self.folds < 2:
             raise ConfigError("finetune.folds must be >= 2")
+        if self.cv_repeats < 1:
+            raise ConfigError("finetune.cv_repeats must be >= 1")
 
 
 @dataclass

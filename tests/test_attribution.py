@@ -11,7 +11,13 @@ from torch import nn
 
 from bids_roimae.analysis.attribution import COMPLETENESS_TOLERANCE, integrated_gradients
 from bids_roimae.analysis.fidelity import region_fidelity
-from bids_roimae.analysis.regions import region_table, region_values, to_source_grid, token_map
+from bids_roimae.analysis.regions import (
+    region_table,
+    region_values,
+    scaled_region_values,
+    to_source_grid,
+    token_map,
+)
 from bids_roimae.core.geometry import build_geometry
 
 torch.set_num_threads(1)
@@ -335,3 +341,34 @@ def test_adaptive_steps_and_captum_delta_agree():
         windows, n_steps=adaptive.steps, method="riemann_trapezoid",
         return_convergence_delta=True)
     np.testing.assert_allclose(fixed.delta, delta.double().numpy(), rtol=1e-3, atol=1e-5)
+
+
+class LinearWindowModel(torch.nn.Module):
+    """F(x) = sum(w * x): Integrated Gradients from zero are exactly w * x."""
+
+    def __init__(self, weight):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.as_tensor(weight, dtype=torch.float32))
+
+    def forward(self, x):
+        return (x * self.weight).sum(dim=(1, 2, 3))[:, None]
+
+
+def test_scaled_table_removes_amplitude_but_keeps_what_the_model_weighs():
+    n_tokens, n_vox = 6, 5
+    labels = np.repeat([[1], [1], [2], [2], [3], [3]], n_vox, axis=1)  # (N, P): 3 regions
+    weight = np.ones((n_tokens, n_vox))
+    weight[labels == 3] = 2.0  # the model weighs region 3 twice as much
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3, 7, n_tokens, n_vox))
+    x -= x.mean(axis=1, keepdims=True)
+    x[:, :, labels[:, 0] == 2] *= 3.0  # region 2 only fluctuates three times as much
+    ig = integrated_gradients(LinearWindowModel(weight), x, steps=4)
+    table = pd.DataFrame({"index": [1, 2, 3], "name": ["a", "b", "c"]})
+    plain = region_table(ig.abs_mean, labels, table).set_index("index")["mean_abs"]
+    scaled = pd.Series(scaled_region_values(ig.window_abs, ig.window_rms, labels, [1, 2, 3]),
+                       index=[1, 2, 3])
+    assert plain[2] > 2.5 * plain[1]  # amplitude in disguise
+    assert scaled[2] == pytest.approx(scaled[1], rel=0.15)  # gone once scaled
+    assert scaled[3] == pytest.approx(2 * scaled[1], rel=0.15)  # the weight remains
+    assert ig.window_abs.shape == (3, n_tokens, n_vox) == ig.window_rms.shape

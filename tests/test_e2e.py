@@ -71,9 +71,14 @@ def test_models_side_by_side(study):
         assert (folder / "loss.png").stat().st_size > 0
         log = pd.read_csv(folder / "log.tsv", sep="\t")
         assert np.isfinite(log["loss"].dropna()).all()
-    comparison = pd.read_csv(models / "masking_comparison" / "masking_comparison.tsv",
-                             sep="\t")
-    assert {"accuracy_roi", "accuracy_random", "accuracy_diff_roi"} <= set(comparison.columns)
+    folder = models / "masking_comparison"
+    comparison = pd.read_csv(folder / "masking_comparison.tsv", sep="\t")
+    assert list(comparison.columns[3:7]) == ["estimate", "ci_low", "ci_high", "p"]
+    assert set(comparison["model"]) == {"roi"} and set(comparison["reference"]) == {"random"}
+    assert {"roi-seed1", "random-seed1"} == {p.stem.removeprefix("predictions_")
+                                             for p in folder.glob("predictions_*.tsv")}
+    spread = pd.read_csv(folder / "masking_spread.tsv", sep="\t")
+    assert (spread["n_splits"] == 15).all()  # 5 repeats x 3 folds by default
 
 
 def test_out_of_fold_predictions_for_every_labelled_subject(study):
@@ -101,6 +106,14 @@ def test_predict_outputs_on_the_source_grid(study):
     assert (func / "sub-01_desc-predict_embedding.tsv").exists()
     assert (study["out"] / "sub-01.html").stat().st_size > 1000
     assert not (study["out"] / "sub-02.html").exists()  # predict ran for sub-01 only
+    # sub-01 was in the cross-validation: its map comes from the fold that tested it.
+    table = next(func.glob("sub-01_*_stat-ig_bold.tsv"))
+    sidecar = json.loads(table.with_suffix(".json").read_text())
+    source = sidecar["Model"]["AttributionModel"]
+    assert source["TrainedOnThisParticipant"] is False
+    assert source["Source"].startswith("cross-validation fold")
+    assert sidecar["ClassifierOutOfFold"].startswith("out-of-fold accuracy")
+    assert {"scaled_mean_abs", "random_mean_abs"} <= set(pd.read_csv(table, sep="\t"))
 
 
 def test_group_report(study):
@@ -111,6 +124,12 @@ def test_group_report(study):
                           sep="\t")
     assert ranking["rank"].iloc[0] == 1 and ranking["mean"].is_monotonic_decreasing
     assert "Comparison" in text or "comparison" in text  # the masking comparison is shown
+
+
+def test_report_covariates(study):
+    base = [str(study["data"]), str(study["out"]), "group", "--mode", "report"] + FAST
+    assert main(base + ["--covariates", "nosuchcolumn"]) == 64
+    assert main(base + ["--covariates", "AGE", "sex", "meanfd"]) == 0
 
 
 def test_outputs_pass_the_bids_validator(study):

@@ -6,6 +6,8 @@ tiny, untrained RoiMAE saved as a real checkpoint (its random features still car
 planted offset, which is all a linear probe needs).
 """
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -15,7 +17,7 @@ from bids_roimae.analysis.evaluation import make_folds
 from bids_roimae.analysis.labels import parse_labels
 from bids_roimae.config import AppConfig
 from bids_roimae.core.geometry import build_geometry
-from bids_roimae.errors import BadDataError
+from bids_roimae.errors import BadDataError, UsageError
 from bids_roimae.io.cache import write_entry
 from bids_roimae.io.checkpoint import (
     AtlasMeta,
@@ -55,8 +57,12 @@ def make_cfg(strategy="linear-probe", folds=3):
     return cfg
 
 
-def save_pretrained(path, geometry, seed):
+def save_pretrained(path, geometry, seed, masking="roi", **settings):
     cfg = make_cfg()
+    cfg.masking.strategy, cfg.seed = masking, seed
+    for key, value in settings.items():  # e.g. model__preset="small"
+        section, name = key.split("__")
+        setattr(getattr(cfg, section), name, value)
     torch.manual_seed(seed)
     save_checkpoint(path, model=build_model(cfg, geometry), cfg=cfg, geometry=geometry,
                     meta=ModelMeta(kind="pretrain", atlas=AtlasMeta(name="toy")))
@@ -138,12 +144,20 @@ def test_linear_probe_finds_the_planted_difference(probe_run, study):
     assert probe_run["metrics"]["accuracy"]["mean"] > 0.85
     assert probe_run["metrics"]["roc_auc"]["mean"] > 0.9
     assert probe_run["n_subjects"] == N_SUBJECTS and probe_run["n_folds"] == 3
+    assert probe_run["n_repeats"] == 5  # the default: 5 shuffles of the folds
     assert probe_run["excluded"]["labelled_without_runs"] == 1  # sub-99
     model_dir = probe_run["model_dir"]
     assert model_dir.name == "pre_ft-DX_linear-probe"
     folds = pd.read_csv(model_dir / "fold_metrics.tsv", sep="\t", dtype={"fold": str})
-    assert list(folds["fold"]) == ["0", "1", "2", "mean", "sd"]
-    assert folds["n_test"].iloc[:3].sum() == N_SUBJECTS
+    assert list(folds["fold"]) == ["0", "1", "2"] * 5 + ["mean", "sd"]
+    assert list(folds["repeat"].iloc[:15]) == [r for r in range(5) for _ in range(3)]
+    for r in range(5):  # every repeat tests every subject once
+        assert folds.loc[folds["repeat"] == r, "n_test"].sum() == N_SUBJECTS
+    # The planted effect is found out of fold, and the AUC interval says so.
+    oof = probe_run["out_of_fold"]
+    assert oof.above_chance and oof.roc_auc.low > 0.5 and oof.n_repeats == 5
+    saved = json.loads((model_dir / "metrics.json").read_text())["out_of_fold"]
+    assert saved["above_chance"] and saved["n_subjects"] == N_SUBJECTS
 
 
 def test_out_of_fold_predictions_are_per_participant_and_subject_disjoint(probe_run, study):
@@ -163,6 +177,32 @@ def test_out_of_fold_predictions_are_per_participant_and_subject_disjoint(probe_
     assert one.loc[0, "true_label"] == "negative"
     assert 0.0 <= one.loc[0, "probability"] <= 1.0
     assert path.with_suffix(".json").is_file()
+
+
+def test_no_cross_validated_subject_is_attributed_by_a_model_that_trained_on_it(probe_run,
+                                                                                study):
+    loaded = load_model(probe_run["model_path"], kind="finetune")
+    assert len(loaded.fold_models) == 3
+    assert set(loaded.meta.trained_subjects) == {f"{i:02d}" for i in range(N_SUBJECTS)}
+    rows = probe_run["predictions"].set_index("participant_id")
+    refs = subject_windows(study["entries"], 8, 2)
+    for i in range(N_SUBJECTS):
+        subject = f"{i:02d}"
+        clf, fold = loaded.classifier_for(f"sub-{subject}")
+        assert fold is not None and clf is fold.classifier and clf is not loaded.model
+        # The fold model tested this subject, so it never trained on it ...
+        assert subject in fold.test_subjects and fold.fold == rows.loc[f"sub-{subject}", "fold"]
+        others = [f for f in loaded.fold_models if f is not fold]
+        assert all(subject not in f.test_subjects for f in others)
+        # ... and it is the very model that made the out-of-fold prediction.
+        windows = torch.from_numpy(load_windows(refs[subject], 8))
+        with torch.no_grad():
+            prob = torch.sigmoid(clf(windows).mean()).item()
+        assert prob == pytest.approx(rows.loc[f"sub-{subject}", "probability"], abs=1e-4)
+    # Fold models share the refit model's frozen encoder (only heads are stored).
+    assert all(f.classifier.encoder is loaded.model.encoder for f in loaded.fold_models)
+    new, fold = loaded.classifier_for("sub-new")
+    assert new is loaded.model and fold is None
 
 
 def test_shuffled_labels_stay_at_chance(study, frozen):
@@ -278,23 +318,75 @@ def test_regression_and_multiclass_probes(study, frozen):
     assert all(np.asarray(p).shape == (3,) for p in predictions["output"])
 
 
-def test_compare_masking_uses_the_same_folds(study, tmp_path):
-    other = save_pretrained(study["root"] / "models" / "pre2" / "model.pt",
-                            study["geometry"], seed=1)
+@pytest.fixture(scope="module")
+def seeds(study):
+    """Two random-masking seeds besides the roi model (seed 0)."""
+    root, geometry = study["root"], study["geometry"]
+    return {"roi-seed0": study["pretrained"],
+            "random-seed1": save_pretrained(root / "models" / "r1" / "model.pt", geometry, 1,
+                                            "random"),
+            "random-seed2": save_pretrained(root / "models" / "r2" / "model.pt", geometry, 2,
+                                            "random")}
+
+
+def test_compare_masking_pools_seeds_on_the_same_repeated_folds(study, seeds, tmp_path):
     labels, _ = parse_labels(study["table"], "dx", positive=["1"])
-    out = compare_masking({"random": other, "roi": study["pretrained"]}, study["entries"],
-                          labels, make_cfg(), tmp_path, "cpu")
+    cfg = make_cfg()
+    cfg.finetune.cv_repeats = 2
+    out = compare_masking(seeds, study["entries"], labels, cfg, tmp_path, "cpu")
     table = out["table"]
-    assert {"accuracy_random", "accuracy_roi", "accuracy_diff_roi"} <= set(table.columns)
-    assert table.loc["0", "accuracy_diff_roi"] == pytest.approx(
-        table.loc["0", "accuracy_roi"] - table.loc["0", "accuracy_random"])
-    assert set(out["tests"]["metric"]) >= {"accuracy", "roc_auc"}
-    assert {"t_pvalue", "wilcoxon_pvalue"} <= set(out["tests"].columns)
-    a = pd.read_csv(tmp_path / "predictions_random.tsv", sep="\t", index_col=0)
-    b = pd.read_csv(tmp_path / "predictions_roi.tsv", sep="\t", index_col=0)
-    assert a["fold"].equals(b["fold"])
+    # Difference and interval first, p second; roi - random (random is the reference).
+    assert list(table.columns[3:7]) == ["estimate", "ci_low", "ci_high", "p"]
+    assert set(table["model"]) == {"roi"} and set(table["reference"]) == {"random"}
+    tests = set(table["test"])
+    assert {"Nadeau-Bengio corrected resampled t-test", "DeLong test of correlated AUCs"} <= tests
+    assert any(t.startswith("paired bootstrap") for t in tests)
+    nb = table[table["test"].str.startswith("Nadeau")].set_index("metric")
+    assert (nb["n"] == 6).all()  # 2 repeats x 3 folds
+    assert (nb["ci_low"] <= nb["estimate"]).all() and (nb["estimate"] <= nb["ci_high"]).all()
+    spread = out["spread"].set_index(["group", "metric"])
+    assert spread.loc[("random", "accuracy"), "n_seeds"] == 2
+    assert np.isfinite(spread.loc[("random", "accuracy"), "sd_between_seeds"])
+    assert np.isnan(spread.loc[("roi", "accuracy"), "sd_between_seeds"])  # one seed
+    # Every arm is tested on the same subjects in each (repeat, fold).
+    folds = {arm: pd.read_csv(tmp_path / f"predictions_{arm}.tsv", sep="\t")
+             .set_index(["repeat", "participant"])["fold"] for arm in seeds}
+    assert folds["roi-seed0"].equals(folds["random-seed1"])
+    assert folds["roi-seed0"].equals(folds["random-seed2"])
+    assert len(out["folds"]) == 2 and out["folds"][0] != out["folds"][1]
     png = out["paths"]["figure"].read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_compare_masking_on_shuffled_labels_finds_no_difference(study, seeds, tmp_path):
+    labels, _ = parse_labels(study["table"].drop(index="99"), "dx", positive=["1"])
+    shuffled = pd.Series(np.random.default_rng(5).permutation(labels.to_numpy()),
+                         index=labels.index, name=labels.name)
+    shuffled.attrs = labels.attrs
+    cfg = make_cfg()
+    cfg.finetune.cv_repeats = 3
+    table = compare_masking(seeds, study["entries"], shuffled, cfg, tmp_path, "cpu")["table"]
+    assert ((table["ci_low"] <= 0) & (table["ci_high"] >= 0)).all(), table
+    assert (table["p"] > 0.05).all()
+
+
+def test_compare_masking_refuses_models_that_differ_in_more_than_masking(study, tmp_path):
+    root, geometry = study["root"], study["geometry"]
+    other = save_pretrained(root / "models" / "big" / "model.pt", geometry, 3, "random",
+                            model__preset="small", train__steps=999)
+    labels, _ = parse_labels(study["table"], "dx", positive=["1"])
+    models = {"roi-seed0": study["pretrained"], "random-seed3": other}
+    with pytest.raises(UsageError, match=r"model\.preset .*train\.steps") as err:
+        compare_masking(models, study["entries"], labels, make_cfg(), tmp_path, "cpu")
+    assert err.value.exit_code == 64 and "\n" not in str(err.value)
+    assert "masking.strategy" not in str(err.value) and "seed (" not in str(err.value)
+    cfg = make_cfg()
+    cfg.finetune.cv_repeats = 1
+    out = compare_masking(models, study["entries"], labels, cfg, tmp_path, "cpu",
+                          allow_mismatch=True)
+    assert [m.split(" ")[0] for m in out["mismatch"]] == ["model.preset", "train.steps"]
+    saved = json.loads(out["paths"]["json"].read_text())
+    assert saved["meta"]["mismatch"] == out["mismatch"]
 
 
 def test_cache_made_with_another_geometry_is_refused(study, tmp_path):

@@ -65,6 +65,8 @@ def planted_ig(geometry, boost_regions=(), scale=1.0, seed=0):
         values = values + scale * ((geometry.labels == region) & geometry.voxel_mask)
     return IGResult(abs_mean=values.astype(np.float32),
                     signed_mean=(values * 0.5).astype(np.float32),
+                    window_abs=np.stack([values, values]).astype(np.float32),
+                    window_rms=np.ones((2,) + values.shape, np.float32),
                     output=np.ones(2), baseline_output=np.zeros(2),
                     delta=np.array([1e-4, -2e-4]), steps=32, baseline="zeros", target=0,
                     method="gausslegendre")

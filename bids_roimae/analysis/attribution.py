@@ -45,6 +45,14 @@ class IGResult:
         Mean over windows and frames of ``|attribution|`` per token voxel.
     signed_mean : ndarray, shape (N, P)
         Mean over windows and frames of the signed attribution.
+    window_abs : ndarray, shape (K, N, P)
+        Per window, the mean over frames of ``|attribution|``.
+    window_rms : ndarray, shape (K, N, P)
+        Per window, the root mean square over frames of ``input - baseline``: the scale
+        of the input that IG integrates over. ``|IG| ~ |input - baseline| x |gradient|``,
+        so a region that fluctuates more gets larger attributions from any model;
+        dividing by this scale (:func:`~bids_roimae.analysis.regions.scaled_region_values`)
+        leaves how strongly the model responds to the region.
     output : ndarray, shape (K,)
         ``F(x)``: the attributed output (logit of ``target``) per window.
     baseline_output : ndarray, shape (K,)
@@ -58,6 +66,8 @@ class IGResult:
 
     abs_mean: np.ndarray
     signed_mean: np.ndarray
+    window_abs: np.ndarray
+    window_rms: np.ndarray
     output: np.ndarray
     baseline_output: np.ndarray
     delta: np.ndarray
@@ -175,7 +185,7 @@ def integrated_gradients(classifier: nn.Module, windows: Union[torch.Tensor, np.
     chunk = max(1, min(n_windows, batch_size))
     abs_sum = torch.zeros(x_all.shape[2:], dtype=torch.float64, device=device)
     signed_sum = torch.zeros_like(abs_sum)
-    base_outputs, deltas, used = [], [], []
+    base_outputs, deltas, used, window_abs, window_rms = [], [], [], [], []
     with frozen(classifier):
         logits = _batched_logits(classifier, x_all, chunk)
         if target is None:
@@ -198,6 +208,8 @@ def integrated_gradients(classifier: nn.Module, windows: Union[torch.Tensor, np.
                     break
                 n_steps = min(2 * n_steps, steps)
             abs_sum += attr.abs().sum(dim=(0, 1), dtype=torch.float64)
+            window_abs.append(attr.abs().mean(dim=1).float().cpu())
+            window_rms.append((x - base).square().mean(dim=1).sqrt().float().cpu())
             signed_sum += attr.sum(dim=(0, 1), dtype=torch.float64)
             base_outputs.append(f_base)
             deltas.append(delta)
@@ -206,6 +218,7 @@ def integrated_gradients(classifier: nn.Module, windows: Union[torch.Tensor, np.
     return IGResult(
         abs_mean=(abs_sum / denom).float().cpu().numpy(),
         signed_mean=(signed_sum / denom).float().cpu().numpy(),
+        window_abs=torch.cat(window_abs).numpy(), window_rms=torch.cat(window_rms).numpy(),
         output=outputs.numpy(), baseline_output=torch.cat(base_outputs).numpy(),
         delta=torch.cat(deltas).numpy(), steps=int(max(used)),
         baseline=baseline if isinstance(baseline, str) else "custom",

@@ -15,11 +15,13 @@ error, exit 64, whose message names the largest usable ``--folds``).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
 import pandas as pd
 
+from bids_roimae.analysis.statistics import Interval, auc_interval, wilson_interval
 from bids_roimae.errors import BadDataError, UsageError
 
 CLASSIFICATION_METRICS = ("accuracy", "balanced_accuracy", "roc_auc", "f1", "sensitivity",
@@ -100,6 +102,29 @@ def _plain(value):
     """A numpy scalar as the Python value it holds (messages print ``0``, not
     ``np.int64(0)``)."""
     return value.item() if isinstance(value, np.generic) else value
+
+
+def make_repeated_folds(y: np.ndarray, n_folds: int, n_repeats: int, seed: int,
+                        task_type: str = "binary", groups: Optional[Sequence] = None
+                        ) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+    """``n_repeats`` independent shuffles of :func:`make_folds` (seeds ``seed + r``).
+
+    One split of a small sample is noisy: which subjects share a test fold moves accuracy
+    by several points. Repeating the stratified split and averaging (with the
+    Nadeau-Bengio correction when testing, see :mod:`bids_roimae.analysis.statistics`)
+    measures the model rather than the split. Leave-one-group-out has a single split, so
+    ``groups`` gives one repeat whatever ``n_repeats`` is.
+
+    Returns
+    -------
+    list of fold lists
+        Repeat ``r``'s folds; repeat 0 equals ``make_folds(y, n_folds, seed, ...)``.
+    """
+    if n_repeats < 1:
+        raise UsageError("--cv-repeats must be at least 1")
+    if groups is not None:
+        return [make_folds(y, n_folds, seed, task_type, groups)]
+    return [make_folds(y, n_folds, seed + r, task_type) for r in range(n_repeats)]
 
 
 def _check_class_counts(y: np.ndarray, n_folds: int) -> None:
@@ -245,7 +270,7 @@ def mean_sd(table: pd.DataFrame) -> dict:
     """``{metric: {"mean": m, "sd": s}}`` from a :func:`summarise_folds` table."""
     out = {}
     for col in table.columns:
-        if col in ("n_train", "n_test"):
+        if col in ("n_train", "n_test", "repeat"):
             continue
         out[col] = {"mean": _float(table.loc["mean", col]), "sd": _float(table.loc["sd", col])}
     return out
@@ -254,6 +279,105 @@ def mean_sd(table: pd.DataFrame) -> dict:
 def _float(value) -> Optional[float]:
     value = float(value)
     return None if np.isnan(value) else value
+
+
+# -- is the classifier above chance? -------------------------------------------------------
+#: What every attribution table and report says when the classifier is not above chance.
+CHANCE_WARNING = ("The classifier is not above chance out of fold (the AUC interval "
+                  "includes 0.5): its attributions are not evidence of what drives the "
+                  "diagnosis.")
+
+
+@dataclass(frozen=True)
+class OutOfFoldSummary:
+    """How well a classifier predicts participants it never trained on (binary targets).
+
+    Attributes
+    ----------
+    n_subjects : int
+    n_repeats : int
+        Cross-validation repeats whose out-of-fold probabilities were averaged.
+    accuracy : Interval
+        Accuracy of the averaged probability at 0.5, with its Wilson interval.
+    roc_auc : Interval
+        ROC AUC with DeLong's interval.
+    baseline_name : str, optional
+    baseline : OutOfFoldSummary, optional
+        The same for a baseline on the same folds, shown beside the model.
+    """
+
+    n_subjects: int
+    n_repeats: int
+    accuracy: Interval
+    roc_auc: Interval
+    baseline_name: Optional[str] = None
+    baseline: Optional["OutOfFoldSummary"] = None
+
+    @property
+    def above_chance(self) -> bool:
+        """Whether the AUC interval lies above 0.5."""
+        return bool(self.roc_auc.low > 0.5)
+
+    def headline(self) -> str:
+        """One line: accuracy and AUC with their 95% intervals."""
+        def fmt(i: Interval) -> str:
+            return f"{i.estimate:.2f} [{i.low:.2f}, {i.high:.2f}]"
+
+        text = (f"out-of-fold accuracy {fmt(self.accuracy)}, ROC AUC {fmt(self.roc_auc)} "
+                f"(95% intervals; {self.n_subjects} participants, {self.n_repeats} CV "
+                f"repeats averaged)")
+        if self.baseline is not None:
+            text += (f"; {self.baseline_name or 'baseline'}: accuracy "
+                     f"{fmt(self.baseline.accuracy)}, ROC AUC {fmt(self.baseline.roc_auc)}")
+        return text
+
+    def to_dict(self) -> dict:
+        out = {"n_subjects": self.n_subjects, "n_repeats": self.n_repeats,
+               "accuracy": self.accuracy.to_dict(), "roc_auc": self.roc_auc.to_dict(),
+               "above_chance": self.above_chance}
+        if self.baseline is not None:
+            out.update(baseline_name=self.baseline_name, baseline=self.baseline.to_dict())
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Optional[dict]) -> Optional["OutOfFoldSummary"]:
+        """The summary stored by :meth:`to_dict`; None for an empty or missing one."""
+        if not data or "roc_auc" not in data:
+            return None
+        return cls(int(data["n_subjects"]), int(data.get("n_repeats", 1)),
+                   Interval(**data["accuracy"]), Interval(**data["roc_auc"]),
+                   data.get("baseline_name"), cls.from_dict(data.get("baseline")))
+
+
+def evidence_sidecar(evidence: Optional[OutOfFoldSummary]) -> dict:
+    """The JSON entries that open every attribution output: is the classifier any good?"""
+    if evidence is None:
+        return {"ClassifierOutOfFold": "not available (no out-of-fold evaluation of a "
+                                       "binary target stored with the model)"}
+    out = {"ClassifierOutOfFold": evidence.headline(),
+           "ClassifierAboveChance": evidence.above_chance}
+    if not evidence.above_chance:
+        out["Warning"] = CHANCE_WARNING
+    return out
+
+
+def out_of_fold_summary(y_true: np.ndarray, prob: np.ndarray, n_repeats: int = 1
+                        ) -> OutOfFoldSummary:
+    """Accuracy (Wilson) and AUC (DeLong) intervals of out-of-fold P(positive).
+
+    Parameters
+    ----------
+    y_true : ndarray of {0, 1}, shape (S,)
+    prob : ndarray, shape (S,)
+        Each subject's out-of-fold probability (averaged over repeats).
+    n_repeats : int
+        Recorded for the report.
+    """
+    y_true = np.asarray(y_true).astype(int)
+    correct = int(np.sum((np.asarray(prob, float) >= 0.5) == (y_true == 1)))
+    return OutOfFoldSummary(int(y_true.size), int(n_repeats),
+                            wilson_interval(correct, int(y_true.size)),
+                            auc_interval(y_true, prob))
 
 
 # -- readable prediction tables ----------------------------------------------------------

@@ -115,13 +115,198 @@ def group_difference(tables: pd.DataFrame, value: str, groups: pd.Series
         out["test"] = "one-way ANOVA"
     p = np.asarray(test.pvalue, float)
     out["p"] = p
-    q = np.full_like(p, np.nan)
-    ok = np.isfinite(p)
-    if ok.any():
-        q[ok] = stats.false_discovery_control(p[ok])
-    out["q"] = q
+    out["q"] = _bh(p)
     out["rank"] = out["p"].rank(method="min").astype("Int64")
     return out.reset_index().sort_values("rank", na_position="last", ignore_index=True)
 
 
-__all__ = ["group_difference", "region_ranking", "system_ranking", "system_tables"]
+def complete_covariates(covariates: pd.DataFrame, subjects) -> tuple[pd.DataFrame, list[str]]:
+    """Covariates of ``subjects`` with a value in every column, and the subjects without.
+
+    Returns
+    -------
+    complete : DataFrame
+        Rows of ``covariates`` for the subjects that have every value.
+    missing : list of str
+        Subjects left out (absent or with an empty covariate), sorted.
+    """
+    subjects = [str(s) for s in subjects]
+    table = covariates.reindex(subjects)
+    empty = table.isna().any(axis=1) | table.apply(
+        lambda col: col.astype(str).str.strip().isin(["", "n/a", "nan"])).any(axis=1)
+    return table.loc[~empty], sorted(table.index[empty])
+
+
+def _design(groups: pd.Series, covariates: pd.DataFrame) -> tuple[np.ndarray, list[str]]:
+    """Intercept, the group indicator, numeric covariates as they are and categorical ones
+    (site, sex) as indicators with the first level dropped; constant columns removed."""
+    columns, names = [np.ones(len(groups))], ["intercept"]
+    columns.append(groups.to_numpy(float))
+    names.append("group")
+    for col in covariates.columns:
+        values = pd.to_numeric(covariates[col], errors="coerce")
+        if values.notna().all():
+            if values.std() > 0:
+                columns.append((values - values.mean()).to_numpy(float))
+                names.append(col)
+            continue
+        dummies = pd.get_dummies(covariates[col].astype(str), prefix=col, drop_first=True)
+        for d in dummies.columns:
+            columns.append(dummies[d].to_numpy(float))
+            names.append(d)
+    return np.column_stack(columns), names
+
+
+def adjusted_group_difference(tables: pd.DataFrame, value: str, groups: pd.Series,
+                              covariates: pd.DataFrame) -> Optional[pd.DataFrame]:
+    """Per-region linear model ``value ~ group + covariates`` over participants.
+
+    The group effect's t (second group minus the first, as :func:`group_difference`),
+    two-sided p, Benjamini-Hochberg ``q`` over regions and partial effect sizes
+    (``partial_eta2 = t^2 / (t^2 + df)``, ``partial_r`` with the sign of t). Participants
+    without a group or a covariate value are left out (use :func:`complete_covariates`
+    first to report them). ``None`` with fewer than two groups of two participants, more
+    than two groups, or no residual degrees of freedom.
+
+    Parameters
+    ----------
+    tables : DataFrame
+        Stacked run tables.
+    value : str
+        Column to test.
+    groups : Series
+        Group label per participant (categorical: reference group first).
+    covariates : DataFrame
+        Per participant (index: label without ``sub-``): numeric columns enter as they
+        are (centred), others as indicators.
+    """
+    from scipy import stats
+
+    per = _participant_means(tables, value)
+    per.index = per.index.astype(str)
+    order = ([str(c) for c in groups.cat.categories]
+             if isinstance(groups.dtype, pd.CategoricalDtype) else None)
+    labels = groups.reindex(per.index).dropna().astype(str)
+    labels = labels[labels.index.isin(covariates.index.astype(str))]
+    counts = labels.value_counts()
+    names = [g for g in (order or sorted(counts.index)) if counts.get(g, 0) >= 2]
+    if len(names) != 2:
+        return None
+    labels = labels[labels.isin(names)]
+    indicator = (labels == names[1]).astype(float)
+    cov = covariates.copy()
+    cov.index = cov.index.astype(str)
+    X, _ = _design(indicator, cov.loc[labels.index])
+    df = X.shape[0] - np.linalg.matrix_rank(X)
+    if df < 1:
+        return None
+    out = _region_meta(tables).reindex(per.columns)
+    for g in names:
+        sample = per.loc[labels.index[labels == g]]
+        out[f"mean_{g}"] = sample.mean(axis=0)
+        out[f"n_{g}"] = sample.notna().sum(axis=0)
+    betas, ts, ps, dfs = [], [], [], []
+    xtx_inv = np.linalg.pinv(X.T @ X)
+    for region in per.columns:
+        y = per.loc[labels.index, region].to_numpy(float)
+        ok = np.isfinite(y)
+        if ok.all():
+            Xr, inv, dof = X, xtx_inv, df
+        else:
+            Xr = X[ok]
+            dof = int(ok.sum()) - np.linalg.matrix_rank(Xr)
+            inv = np.linalg.pinv(Xr.T @ Xr) if dof >= 1 else None
+        if inv is None or dof < 1:
+            betas.append(np.nan), ts.append(np.nan), ps.append(np.nan), dfs.append(dof)
+            continue
+        beta = inv @ Xr.T @ y[ok]
+        resid = y[ok] - Xr @ beta
+        se = np.sqrt(resid @ resid / dof * inv[1, 1])
+        t = beta[1] / se if se > 0 else np.nan
+        betas.append(beta[1]), ts.append(t), dfs.append(dof)
+        ps.append(2 * stats.t.sf(abs(t), dof) if np.isfinite(t) else np.nan)
+    t, p, dof = np.asarray(ts, float), np.asarray(ps, float), np.asarray(dfs, float)
+    out["beta"] = betas
+    out["statistic"] = t
+    out["df"] = dof
+    out["partial_eta2"] = t ** 2 / (t ** 2 + dof)
+    out["partial_r"] = np.sign(t) * np.sqrt(out["partial_eta2"])
+    out["test"] = (f"OLS t of group ({names[1]} - {names[0]}) adjusted for "
+                   f"{', '.join(map(str, covariates.columns))}")
+    out["p"] = p
+    out["q"] = _bh(p)
+    out["rank"] = out["p"].rank(method="min").astype("Int64")
+    return out.reset_index().sort_values("rank", na_position="last", ignore_index=True)
+
+
+def _bh(p: np.ndarray) -> np.ndarray:
+    from scipy import stats
+
+    q = np.full_like(p, np.nan)
+    ok = np.isfinite(p)
+    if ok.any():
+        q[ok] = stats.false_discovery_control(p[ok])
+    return q
+
+
+#: The trained model's group difference counts when its q is below this.
+CHECK_ALPHA = 0.05
+
+
+def randomisation_check(real: pd.DataFrame, randomised: pd.DataFrame,
+                        alpha: float = CHECK_ALPHA) -> pd.DataFrame:
+    """Compare a region's group difference under the trained and a randomised classifier.
+
+    A difference in attribution that a classifier with a *random* head also shows comes
+    from the input (e.g. one group's larger fluctuation inflating |IG|) and the
+    architecture, not from what the classifier learned (model randomisation check,
+    Adebayo et al. 2018).
+
+    Parameters
+    ----------
+    real, randomised : DataFrame
+        :func:`group_difference` (or :func:`adjusted_group_difference`) tables of the same
+        measure for the trained and the randomised classifier.
+    alpha : float
+        Significance level.
+
+    Returns
+    -------
+    DataFrame
+        Per region ``statistic``, ``p``, ``q`` of both and ``check``:
+
+        ``amplitude``
+            the trained model's difference is nominal (``p < alpha``, uncorrected) and
+            the randomised model shows one in the same direction (``p < alpha``): the
+            input explains it, so it is no evidence of what the model learned (the model
+            may still use the region; attribution cannot tell);
+        ``survives``
+            significant for the trained model after correction (``q < alpha``) and not
+            reproduced by the randomised one;
+        ``randomised only``
+            only the randomised model shows a difference;
+        ``none``.
+
+        Ordered by the trained model's p. Flagging from uncorrected p is deliberate: a
+        region is credited to the model only when the randomised model shows nothing.
+    """
+    keep = [c for c in ("index", "name", "system") if c in real]
+    a = real.set_index("index")
+    b = randomised.set_index("index").reindex(a.index)
+    out = real[keep].copy().set_index("index")
+    out["statistic"] = a["statistic"]
+    out["p"], out["q"] = a["p"], a["q"]
+    out["random_statistic"] = b["statistic"]
+    out["random_p"], out["random_q"] = b["p"], b["q"]
+    real_nominal = (a["p"] < alpha).fillna(False)
+    real_sig = (a["q"] < alpha).fillna(False)
+    same_way = np.sign(a["statistic"]) == np.sign(b["statistic"])
+    random_sig = (b["p"] < alpha).fillna(False)
+    out["check"] = np.select(
+        [real_nominal & random_sig & same_way, real_sig, random_sig],
+        ["amplitude", "survives", "randomised only"], "none")
+    return out.reset_index().sort_values("p", na_position="last", ignore_index=True)
+
+
+__all__ = ["adjusted_group_difference", "complete_covariates", "group_difference",
+           "randomisation_check", "region_ranking", "system_ranking", "system_tables"]

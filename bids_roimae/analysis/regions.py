@@ -130,6 +130,55 @@ def region_table(values: np.ndarray, labels: np.ndarray, table: pd.DataFrame, *,
     return out
 
 
+def scaled_region_values(window_abs: np.ndarray, window_rms: np.ndarray, labels: np.ndarray,
+                         region_index, mask: Optional[np.ndarray] = None) -> np.ndarray:
+    """Mean |attribution| per region divided by the region's own input scale, per window.
+
+    For every window, a region's mean ``|IG|`` over its voxels is divided by the region's
+    RMS input (about the IG baseline; for demeaned data and the ``zeros`` baseline, its
+    signal SD) in that window, then averaged over windows. Integrated Gradients scale
+    with the input (``|IG| ~ |x - b| |grad|``), so this removes what the region's
+    amplitude alone contributes and keeps how strongly the model responds to it.
+
+    Parameters
+    ----------
+    window_abs, window_rms : ndarray, shape (K, N, P)
+        From :class:`~bids_roimae.analysis.attribution.IGResult`.
+    labels : ndarray of int, shape (N, P)
+        Each token voxel's atlas label.
+    region_index : sequence of int
+        Regions to summarise, in output order.
+    mask : ndarray of bool, shape (N, P), optional
+        Voxels to count (e.g. ``geometry.voxel_mask``).
+
+    Returns
+    -------
+    ndarray, shape (R,)
+        NaN for a region without voxels or with zero input in every window.
+    """
+    labels = np.asarray(labels)
+    keep = labels > 0 if mask is None else (labels > 0) & np.asarray(mask, bool)
+    lab = labels[keep].astype(np.int64)
+    ids = np.asarray(region_index, dtype=np.int64)
+    size = int(max(lab.max(initial=0), ids.max(initial=0))) + 1
+    counts = np.bincount(lab, minlength=size).astype(float)
+    per_window = []
+    for a, r in zip(np.asarray(window_abs, np.float64), np.asarray(window_rms, np.float64)):
+        mean_abs = np.bincount(lab, weights=a[keep], minlength=size)
+        mean_sq = np.bincount(lab, weights=r[keep] ** 2, minlength=size)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rms = np.sqrt(mean_sq / counts)
+            per_window.append(np.where(rms > 0, mean_abs / counts / rms, np.nan))
+    if not per_window:
+        return np.full(ids.size, np.nan)
+    with np.errstate(invalid="ignore"):
+        stacked = np.stack(per_window)[:, ids]
+        valid = np.isfinite(stacked).any(axis=0)
+        out = np.full(ids.size, np.nan)
+        out[valid] = np.nanmean(stacked[:, valid], axis=0)
+    return out
+
+
 def region_values(geometry: TokenGeometry, scores: Mapping[int, float]) -> np.ndarray:
     """Per-voxel ``(N, P)`` array painting every labelled voxel with its region's score.
 

@@ -61,7 +61,11 @@ class RunContext:
     pretrained: Optional[Path] = None
     model_path: Optional[Path] = None
     compare_masking: bool = False
+    allow_mismatch: bool = False
     fidelity: bool = True
+    randomised_check: bool = True
+    # group report
+    covariates: list[str] = field(default_factory=list)
 
     def discover(self, participant_labels: Optional[list] = None) -> list[BoldRun]:
         """BOLD runs selected by the labels and filters."""
@@ -88,7 +92,7 @@ def _cli_overrides(o: dict) -> dict[str, Any]:
                   "batch_size": o.get("batch_size"), "lr": o.get("lr"),
                   "compile": True if o.get("compile_model") else None},
         "finetune": {"strategy": o.get("finetune_strategy"), "task_type": o.get("task_type"),
-                     "folds": o.get("folds")},
+                     "folds": o.get("folds"), "cv_repeats": o.get("cv_repeats")},
         "attribution": {"steps": o.get("ig_steps"),
                         "fidelity_windows": o.get("fidelity_windows")},
         "seed": o.get("seed"),
@@ -230,5 +234,7 @@ def build_context(o: dict) -> RunContext:
         target=o.get("target"), positive=[str(v) for v in o.get("positive") or ()],
         cv_group=o.get("cv_group"), pretrained=o.get("pretrained"),
         model_path=o.get("model_path"), compare_masking=bool(o.get("compare_masking")),
-        fidelity=bool(o.get("fidelity", True)),
+        allow_mismatch=bool(o.get("allow_mismatch")), fidelity=bool(o.get("fidelity", True)),
+        randomised_check=bool(o.get("randomised_check", True)),
+        covariates=[str(v) for v in o.get("covariates") or ()],
     )

@@ -18,7 +18,7 @@ from bids_roimae.io.checkpoint import read_model_info
 from bids_roimae.io.discovery import read_participants
 from bids_roimae.io.model_store import find_models, models_dir, pick_model
 from bids_roimae.io.templates import load_template
-from bids_roimae.training.comparison import compare_masking
+from bids_roimae.training.comparison import checkpoint_label, compare_masking
 from bids_roimae.training.finetune import run_finetune as finetune_model
 
 log = logging.getLogger("bids_roimae")
@@ -39,17 +39,21 @@ def _labelled_entries(ctx: RunContext, labels: pd.Series, geometry: TokenGeometr
 
 
 def _comparison_models(ctx: RunContext) -> dict[str, Path]:
-    """Every pretrained model in OUTPUT_DIR/models, the random-masking one first so
-    differences read roi - random; named by strategy when each strategy is there once."""
+    """Every pretrained model in OUTPUT_DIR/models, named ``<masking>-seed<seed>``, the
+    random-masking ones first so differences read roi - random. Several seeds of one
+    masking are pooled by the comparison."""
     paths = find_models(ctx.output_dir, "pretrain")
     if len(paths) < 2:
         raise MissingInputError(
             f"--compare-masking needs two pretrained models in {models_dir(ctx.output_dir)} "
-            "(run 'group --masking roi' and 'group --masking random')")
-    strategies = {p: read_model_info(p)[0].masking.strategy for p in paths}
-    unique = len(set(strategies.values())) == len(strategies)
-    return {(strategy if unique else path.parent.name): path
-            for path, strategy in sorted(strategies.items(), key=lambda kv: kv[1] != "random")}
+            "(run 'group --masking roi' and 'group --masking random', with --seed for "
+            "several seeds)")
+    configs = {p: read_model_info(p)[0] for p in paths}
+    named: dict[str, Path] = {}
+    for path, cfg in sorted(configs.items(),
+                            key=lambda kv: (kv[1].masking.strategy != "random", kv[1].seed)):
+        named[checkpoint_label(cfg.masking.strategy, cfg.seed, set(named))] = path
+    return named
 
 
 def run_finetune(ctx: RunContext) -> int:
@@ -71,11 +75,15 @@ def run_finetune(ctx: RunContext) -> int:
     if ctx.compare_masking:
         out_dir = models_dir(ctx.output_dir) / "masking_comparison"
         result = compare_masking(models, entries, labels, ctx.cfg, out_dir,
-                                 device=ctx.device, groups=groups, label_info=info)
+                                 device=ctx.device, groups=groups, label_info=info,
+                                 allow_mismatch=ctx.allow_mismatch)
+        if result["mismatch"]:
+            log.warning("compared models differ in: %s", "; ".join(result["mismatch"]))
         table = result["table"]
-        keep = [c for c in table.columns if c.startswith(("accuracy_", "roc_auc_"))]
-        log.info("masking comparison (details in %s):\n%s", out_dir,
-                 table.loc[["mean", "sd"], keep].round(3).to_string())
+        shown = table[table["metric"].isin(["accuracy", "roc_auc"])]
+        log.info("masking comparison (difference [95%% interval], p; details in %s):\n%s",
+                 out_dir, shown[["metric", "model", "reference", "estimate", "ci_low",
+                                 "ci_high", "p", "test"]].round(3).to_string(index=False))
     else:
         result = finetune_model(entries, labels, models["model"], ctx.cfg, ctx.output_dir,
                                 device=ctx.device, groups=groups, label_info=info)

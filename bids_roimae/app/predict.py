@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -13,12 +13,13 @@ import pandas as pd
 from torch import nn
 
 from bids_roimae.analysis.attribution import integrated_gradients
+from bids_roimae.analysis.evaluation import CHANCE_WARNING, OutOfFoldSummary
 from bids_roimae.analysis.fidelity import region_fidelity
 from bids_roimae.app.common import exit_code_for, prepare, start_output, with_prep
 from bids_roimae.app.context import RunContext
 from bids_roimae.config import MODEL_RESOLUTION
 from bids_roimae.io.bids_names import derivative_path
-from bids_roimae.io.checkpoint import LoadedModel, load_model
+from bids_roimae.io.checkpoint import FoldModel, LoadedModel, load_model
 from bids_roimae.io.derivatives import write_sidecar, write_tsv
 from bids_roimae.io.model_store import models_dir, pick_model
 from bids_roimae.io.templates import load_template
@@ -30,7 +31,8 @@ from bids_roimae.training.windows import load_windows, subject_windows
 log = logging.getLogger("bids_roimae")
 
 
-def _write_prediction(ctx: RunContext, subject: str, pred: dict, model_path: Path) -> None:
+def _write_prediction(ctx: RunContext, subject: str, pred: dict, model_path: Path,
+                      source: dict) -> None:
     ents = {"subject": subject}
     row = {"participant_id": f"sub-{subject}", "model": model_path.parent.name,
            "predicted_label": pred["label"], "prediction": pred["prediction"],
@@ -41,7 +43,8 @@ def _write_prediction(ctx: RunContext, subject: str, pred: dict, model_path: Pat
     write_tsv(tsv, pd.DataFrame([row]))
     write_sidecar(tsv, {
         "Description": "Prediction of the fine-tuned model (mean of window logits)",
-        "Model": str(model_path), "participant_id": "Participant",
+        "Model": str(model_path), "AttributionModel": source,
+        "participant_id": "Participant",
         "predicted_label": "Predicted class (or value for regression)"})
     emb = derivative_path(ctx.output_dir, ents, suffix="embedding", extension=".tsv",
                           desc="predict")
@@ -82,6 +85,17 @@ def _fidelity_model(ctx: RunContext, finetuned: LoadedModel) -> Optional[nn.Modu
     return None
 
 
+def _attribution_source(subject: str, fold: Optional[FoldModel], trained: Sequence[str]
+                        ) -> dict:
+    """Which classifier predicted and attributed ``subject``, for the sidecars."""
+    if fold is not None:
+        return {"Source": f"cross-validation fold {fold.fold} (repeat 0)",
+                "TrainedOnThisParticipant": False}
+    seen = subject in set(trained)
+    return {"Source": "model refit on all labelled participants",
+            "TrainedOnThisParticipant": seen if trained else "unknown"}
+
+
 def run_predict(ctx: RunContext) -> int:
     """Per subject: prediction, embedding, attribution and fidelity maps, HTML page."""
     model_path = pick_model(ctx.output_dir, ctx.model_path, "finetune", "--model")
@@ -108,9 +122,18 @@ def run_predict(ctx: RunContext) -> int:
                  "on %s (--fidelity-windows or --no-fidelity to change)",
                  attr.fidelity_windows, n_regions, attr.fidelity_windows * n_regions,
                  ctx.device)
+    evidence = OutOfFoldSummary.from_dict(meta.out_of_fold)
+    if evidence is not None and not evidence.above_chance:
+        log.warning("%s: %s %s", model_path.parent.name, evidence.headline(), CHANCE_WARNING)
+    random_clf = classifier.with_random_head(ctx.cfg.seed) if ctx.randomised_check else None
     for subject, subj_entries in sorted(by_subject.items()):
-        pred = predict_subject(classifier, subj_entries, cfg, ctx.device)
-        _write_prediction(ctx, subject, pred, model_path)
+        # Out-of-fold: a participant of the cross-validation is predicted and attributed
+        # by the fold model that never trained on it.
+        subject_clf, fold = finetuned.classifier_for(subject)
+        source = _attribution_source(subject, fold, meta.trained_subjects)
+        subject_meta = dict(model_meta, AttributionModel=source)
+        pred = predict_subject(subject_clf, subj_entries, cfg, ctx.device)
+        _write_prediction(ctx, subject, pred, model_path, source)
         log.info("sub-%s: predicted %s (p=%s) from %d windows", subject, pred["label"],
                  None if pred["probability"] is None else f"{pred['probability']:.3f}",
                  pred["n_windows"])
@@ -123,12 +146,15 @@ def run_predict(ctx: RunContext) -> int:
             reference = nib.load(str(entry.source))
             sources = [f"bids:fmriprep:{Path(entry.source).name}",
                        f"models/{model_path.parent.name}"]
-            ig = integrated_gradients(classifier, windows, steps=attr.steps,
-                                      min_steps=attr.min_steps,
-                                      baseline=attr.baseline, batch_size=attr.batch_size)
+            ig_settings = dict(steps=attr.steps, min_steps=attr.min_steps,
+                               baseline=attr.baseline, batch_size=attr.batch_size)
+            ig = integrated_gradients(subject_clf, windows, **ig_settings)
+            randomised = None if random_clf is None else \
+                integrated_gradients(random_clf, windows, **ig_settings)
             write_run_attribution(ctx.output_dir, ents, ig, geometry, reference, atlas.name,
                                   atlas.table, space=ctx.space, res=ents.get("res"),
-                                  model_meta=model_meta, sources=sources)
+                                  model_meta=subject_meta, sources=sources,
+                                  randomised=randomised, evidence=evidence)
             if mae is not None:
                 n_fid = min(len(windows), attr.fidelity_windows)
                 some = windows[np.linspace(0, len(windows) - 1, n_fid).round().astype(int)]

@@ -9,6 +9,10 @@ shared model file cannot run code on load. Keys:
 ``scheduler``, ``rng`` (torch CPU/CUDA generator states), ``versions`` and ``extra``:
 what :class:`ModelMeta` holds (kind, atlas, labels, head, fine-tuning strategy), stored
 as flat plain values so checkpoints written before the dataclass existed still load.
+Fine-tuned models with a frozen encoder also keep ``fold_heads``: each cross-validation
+fold's head and standardisation with the subjects it was tested on, so attribution of a
+subject in the cross-validation uses the model that never trained on it
+(:meth:`LoadedModel.classifier_for`).
 
 :func:`load_model` rebuilds a pretrained autoencoder or a fine-tuned classifier from the
 file alone; :func:`read_model_info` gives its configuration, geometry and metadata
@@ -21,7 +25,7 @@ import platform
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -95,6 +99,10 @@ class ModelMeta:
     pretrained: Optional[str] = None
     pretrained_kind: Optional[str] = None
     cv_metrics: dict = field(default_factory=dict)
+    #: Out-of-fold accuracy/AUC with intervals (``OutOfFoldSummary.to_dict()``).
+    out_of_fold: dict = field(default_factory=dict)
+    #: Participants the stored (refit) model was trained on.
+    trained_subjects: tuple[str, ...] = ()
 
     def to_extra(self) -> dict:
         """The flat plain mapping stored under the checkpoint's ``extra``."""
@@ -106,6 +114,8 @@ class ModelMeta:
             extra.update(label_info=dict(self.label_info), strategy=self.strategy,
                          pretrained=self.pretrained, pretrained_kind=self.pretrained_kind,
                          cv_metrics=dict(self.cv_metrics),
+                         out_of_fold=dict(self.out_of_fold),
+                         trained_subjects=list(self.trained_subjects),
                          head=None if self.head is None else vars(self.head).copy())
         return extra
 
@@ -126,7 +136,19 @@ class ModelMeta:
                                  int(head["n_outputs"])) if head else None,
                    strategy=extra.get("strategy"), pretrained=extra.get("pretrained"),
                    pretrained_kind=extra.get("pretrained_kind"),
-                   cv_metrics=dict(extra.get("cv_metrics") or {}))
+                   cv_metrics=dict(extra.get("cv_metrics") or {}),
+                   out_of_fold=dict(extra.get("out_of_fold") or {}),
+                   trained_subjects=tuple(str(s) for s in extra.get("trained_subjects") or ()))
+
+
+@dataclass(frozen=True)
+class FoldModel:
+    """One cross-validation fold's classifier and the participants it was tested on
+    (never trained on)."""
+
+    fold: int
+    test_subjects: frozenset
+    classifier: nn.Module
 
 
 @dataclass
@@ -138,6 +160,20 @@ class LoadedModel:
     geometry: TokenGeometry
     meta: ModelMeta
     path: Path
+    fold_models: tuple[FoldModel, ...] = ()
+
+    def classifier_for(self, subject: str) -> tuple[nn.Module, Optional[FoldModel]]:
+        """The classifier that should predict and attribute ``subject``.
+
+        A participant of the cross-validation gets the fold model that was tested on it
+        (so its map is out-of-fold); anyone else gets the refit model, with ``None`` as
+        the fold.
+        """
+        subject = str(subject).removeprefix("sub-")
+        for fold in self.fold_models:
+            if subject in fold.test_subjects:
+                return fold.classifier, fold
+        return self.model, None
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -179,7 +215,8 @@ def rng_states() -> dict:
 
 
 def save_checkpoint(path, *, model: nn.Module, cfg: AppConfig, geometry: TokenGeometry,
-                    meta: ModelMeta, step: int = 0, optimizer=None, scheduler=None) -> Path:
+                    meta: ModelMeta, step: int = 0, optimizer=None, scheduler=None,
+                    fold_models: Sequence[tuple[Sequence[str], nn.Module]] = ()) -> Path:
     """Write a checkpoint atomically (temporary file, then ``os.replace``).
 
     Parameters
@@ -196,6 +233,9 @@ def save_checkpoint(path, *, model: nn.Module, cfg: AppConfig, geometry: TokenGe
         Kind, atlas and (fine-tuned models) head and labels.
     optimizer : torch.optim.Optimizer, optional
     scheduler : object with ``state_dict()`` or a plain dict, optional
+    fold_models : sequence of (test subjects, Classifier)
+        Cross-validation fold classifiers that share ``model``'s frozen encoder; only
+        their heads and standardisation are stored.
 
     Returns
     -------
@@ -213,6 +253,10 @@ def save_checkpoint(path, *, model: nn.Module, cfg: AppConfig, geometry: TokenGe
         "rng": rng_states(),
         "versions": versions(),
         "extra": _to_plain(meta.to_extra()),
+        "fold_heads": [{"test_subjects": [str(s) for s in subjects],
+                        "state": {k: v for k, v in unwrap_model(clf).state_dict().items()
+                                  if not k.startswith("encoder.")}}
+                       for subjects, clf in fold_models],
     }
     needed = _tensor_bytes(payload) + 2 ** 20  # tensors dominate; 1 MB for the rest
 
@@ -378,7 +422,23 @@ def load_model(path, device="cpu", *, kind: Optional[ModelKind] = None) -> Loade
                            meta.head.embed_dim, label_info=meta.label_info)
     try:
         model.load_state_dict(ckpt["model"])
+        folds = tuple(_fold_model(k, fold, model, meta)
+                      for k, fold in enumerate(ckpt.get("fold_heads") or ()))
     except RuntimeError as exc:
         raise BadDataError(f"{path}: weights do not fit the stored configuration "
                            f"({' '.join(str(exc).split())[:200]})") from exc
-    return LoadedModel(model.to(device).eval(), cfg, geometry, meta, path)
+    return LoadedModel(model.to(device).eval(), cfg, geometry, meta, path,
+                       tuple(FoldModel(f.fold, f.test_subjects, f.classifier.to(device).eval())
+                             for f in folds))
+
+
+def _fold_model(k: int, stored: dict, refit: Classifier, meta: ModelMeta) -> FoldModel:
+    """A fold's classifier: the refit model's (shared, frozen) encoder with its own head."""
+    head = meta.head
+    clf = Classifier(refit.encoder, build_head(head.kind, head.embed_dim, head.n_outputs),
+                     head.embed_dim, label_info=meta.label_info)
+    result = clf.load_state_dict(stored["state"], strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith("encoder.")]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(f"fold {k}: missing {missing}, unexpected {result.unexpected_keys}")
+    return FoldModel(k, frozenset(str(s) for s in stored["test_subjects"]), clf)

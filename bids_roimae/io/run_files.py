@@ -14,6 +14,8 @@ import os
 from pathlib import Path
 from typing import Iterable
 
+import pandas as pd
+
 from bids_roimae.io.bids_names import SOURCE_KEYS, parse_name
 
 log = logging.getLogger(__name__)
@@ -68,6 +70,21 @@ def _companion(bold: Path, listing: FolderListings, pairs, suffix: str, exts: It
         if stem + ext in listing[bold.parent]:
             return bold.parent / (stem + ext)
     return None
+
+
+def mean_framewise_displacement(confounds_path) -> float:
+    """Mean of fMRIPrep's ``framewise_displacement`` column (its first frame is ``n/a``).
+
+    NaN when the file cannot be read or lacks the column, so a caller can report the run
+    as missing a value instead of failing.
+    """
+    try:
+        table = pd.read_csv(confounds_path, sep="\t", usecols=["framewise_displacement"],
+                            na_values="n/a")
+    except (OSError, ValueError) as err:
+        log.warning("no framewise_displacement in %s: %s", confounds_path, err)
+        return float("nan")
+    return float(table["framewise_displacement"].mean())
 
 
 def mask_and_confounds(bold: Path, listing: FolderListings):

@@ -8,6 +8,7 @@ averages its window logits (:func:`subject_output`).
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Optional
 
@@ -76,6 +77,28 @@ class Classifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Windows ``x`` (B, W, N, P) -> logits (B, C)."""
         return self.head_forward(self.encoder.embed(x))
+
+    def with_random_head(self, seed: int) -> "Classifier":
+        """The same encoder and standardisation with a freshly initialised head.
+
+        The model-randomisation check of Adebayo et al. (2018): attributions that this
+        model also produces come from the input and the architecture, not from what the
+        classifier learned. The encoder is shared (not copied); ``seed`` makes the random
+        head reproducible, so every participant is attributed by the same random model.
+        """
+        head = copy.deepcopy(self.head)
+        gen_state = torch.random.get_rng_state()
+        torch.manual_seed(int(seed))
+        try:
+            for module in head.modules():
+                if hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
+        finally:
+            torch.random.set_rng_state(gen_state)
+        out = Classifier(self.encoder, head, int(self.feature_mean.numel()),
+                         self.feature_mean, self.feature_scale, float(self.target_mean),
+                         float(self.target_scale), self.label_info)
+        return out.to(self.feature_mean.device).eval()
 
 
 def subject_output(window_logits: np.ndarray, task_type: str) -> np.ndarray:

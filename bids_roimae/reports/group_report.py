@@ -16,6 +16,7 @@ each table and image with a JSON sidecar. The statistics are
 from __future__ import annotations
 
 import logging
+from html import escape as html_escape
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -23,8 +24,11 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
+from bids_roimae.analysis.evaluation import CHANCE_WARNING, OutOfFoldSummary, evidence_sidecar
 from bids_roimae.analysis.group_stats import (
+    adjusted_group_difference,
     group_difference,
+    randomisation_check,
     region_ranking,
     system_ranking,
     system_tables,
@@ -32,7 +36,7 @@ from bids_roimae.analysis.group_stats import (
 from bids_roimae.analysis.regions import paint_regions, to_source_grid
 from bids_roimae.io.atlas import Atlas, resample_labels
 from bids_roimae.io.bids_names import group_path
-from bids_roimae.io.derivatives import save_image, write_text, write_tsv
+from bids_roimae.io.derivatives import save_image, write_sidecar, write_text, write_tsv
 from bids_roimae.io.templates import Template
 from bids_roimae.reports.figures import brain_png
 from bids_roimae.reports.html import figure_html, html_page, html_table, ranking_section
@@ -45,14 +49,65 @@ def _top_differences_html(differences, html_table, n_top: int = 5) -> str:
     """The ``n_top`` regions of every group-difference table, side by side in one table."""
     rows = []
     for measure, diff in differences:
-        cols = [c for c in ("name", "system", "statistic", "cohen_d", "p", "q", "rank")
-                if c in diff]
+        cols = [c for c in ("name", "system", "statistic", "cohen_d", "partial_eta2", "p",
+                            "q", "rank", "check") if c in diff]
         rows.append(diff.head(n_top)[cols].assign(measure=measure))
     table = pd.concat(rows, ignore_index=True)
     test = differences[0][1]["test"].iloc[0] if "test" in differences[0][1] else ""
     return (f"<p class='meta'>Regions ranked by p ({test}); every table in full below. "
             "Uncorrected p over many regions: read q (Benjamini-Hochberg).</p>"
             + html_table(table[["measure"] + [c for c in table if c != "measure"]]))
+
+
+#: IG measures compared between groups: (region-table column, desc of the outputs).
+IG_MEASURES = (("mean_abs", "groupdiff"), ("scaled_mean_abs", "scaledgroupdiff"),
+               ("random_mean_abs", "randomgroupdiff"),
+               ("random_scaled_mean_abs", "randomscaledgroupdiff"))
+#: Trained-model measures checked against their randomised-head twin: (column, desc).
+RANDOMISATION_CHECKS = (("mean_abs", "randomcheck"), ("scaled_mean_abs", "scaledrandomcheck"))
+
+
+def _difference(tables, column, groups, covariates):
+    """Welch (or ANOVA) per region, or the covariate-adjusted linear model."""
+    if covariates is None:
+        return group_difference(tables, column, groups)
+    return adjusted_group_difference(tables, column, groups, covariates)
+
+
+def _write_stats(path: Path, table: pd.DataFrame, opening: dict) -> Path:
+    """A group table whose sidecar opens with ``opening`` (for attribution tables, the
+    classifier's out-of-fold performance) and then names its columns."""
+    write_tsv(path, table)
+    write_sidecar(path, {**opening, **{c: {"Description": c} for c in table.columns}})
+    return path
+
+
+def _evidence_html(evidence: Optional[OutOfFoldSummary]) -> str:
+    if evidence is None:
+        return ("<p class='warning'><b>No out-of-fold evaluation is stored with the model "
+                "(not a binary target, or an older model)</b>: nothing here says whether "
+                "the classifier predicts the diagnosis, so its attributions are not "
+                "evidence of what drives it.</p>")
+    text = f"<p><b>{html_escape(evidence.headline())}</b></p>"
+    if not evidence.above_chance:
+        text += f"<p class='warning'><b>Warning:</b> {html_escape(CHANCE_WARNING)}</p>"
+    return text
+
+
+def _checks_html(checks) -> str:
+    parts = ["<p class='meta'>Group differences of attributions from the trained "
+             "classifier beside those of the same classifier with a randomised head "
+             "(Adebayo et al. 2018). <b>survives</b>: significant (q &lt; 0.05) for the "
+             "trained model only; <b>amplitude</b>: the randomised model shows it too "
+             "(p &lt; 0.05), so it comes from the input (e.g. a group's larger fluctuation), "
+             "not from what the model learned.</p>"]
+    for column, check in checks:
+        flagged = check[check["check"] != "none"]
+        parts.append(f"<p>{column}: {int((check['check'] == 'survives').sum())} regions "
+                     f"survive, {int((check['check'] == 'amplitude').sum())} are "
+                     f"amplitude</p>" + html_table(flagged if len(flagged) else check.head(5),
+                                                   max_rows=20))
+    return "".join(parts)
 
 
 def _template_labels(output_dir, atlas_name: str, atlas_table: pd.DataFrame,
@@ -121,7 +176,9 @@ def mean_sd_maps(paths_by_subject: dict, target_img):
 def build_group_report(output_dir, participants: Optional[pd.DataFrame], atlas_name: str,
                        atlas_table: pd.DataFrame, template: Template, *, atlas_img=None,
                        label_column: Optional[str] = None,
-                       subjects: Optional[Iterable[str]] = None) -> dict:
+                       subjects: Optional[Iterable[str]] = None,
+                       evidence: Optional[OutOfFoldSummary] = None,
+                       covariates: Optional[pd.DataFrame] = None) -> dict:
     """Group summary of attribution and fidelity outputs (``group --mode report``).
 
     Reads the per-run region tables and maps written by ``participant --mode predict``;
@@ -147,6 +204,12 @@ def build_group_report(output_dir, participants: Optional[pd.DataFrame], atlas_n
         Diagnostic group column of ``participants``.
     subjects : iterable of str, optional
         Restrict to these participants.
+    evidence : OutOfFoldSummary, optional
+        The classifier's out-of-fold performance: the report opens with it, and with a
+        warning when the AUC interval includes 0.5.
+    covariates : DataFrame, optional
+        Per participant (index: label without ``sub-``), complete: group differences come
+        from region-wise linear models with these covariates instead of Welch t-tests.
 
     Returns
     -------
@@ -154,7 +217,8 @@ def build_group_report(output_dir, participants: Optional[pd.DataFrame], atlas_n
         Paths written, keyed by what they hold; ``"html"`` is the report.
     """
     out, seg = {}, atlas_name
-    sections, differences, figures, labels = [], [], [], None
+    sections, differences, figures, checks, labels = [], [], [], [], None
+    opening = {"ig": evidence_sidecar(evidence), "fidelity": {}}
     res = getattr(template, "resolution", None)
     brain = np.asarray(template.mask_img.dataobj) > 0
     bg = str(template.t1w_path) if template.t1w_path is not None else None
@@ -177,7 +241,8 @@ def build_group_report(output_dir, participants: Optional[pd.DataFrame], atlas_n
         for key, table in (("regions", ranking), ("systems", systems)):
             path = group_path(output_dir, suffix="stats", extension=".tsv", seg=seg, stat=stat,
                               desc=key)
-            out[f"{stat}_{key}"] = write_tsv(path, table, {c: c for c in table.columns})
+            out[f"{stat}_{key}"] = _write_stats(path, table,
+                                                opening[stat])
         inner = [f"<p class='meta'>{n_sub} participants, {len(tables)} region rows.</p>"]
         maps = {}
         for ents, path in find_outputs(output_dir, stat=stat, suffix="boldmap",
@@ -204,65 +269,93 @@ def build_group_report(output_dir, participants: Optional[pd.DataFrame], atlas_n
             ranking, "mean", f"{stat}: regions by group mean {value}")))
         sections.append((f"{stat}: systems", ranking_section(
             systems, "mean", f"{stat}: systems by group mean {value}", label="system")))
+        if stat == "ig" and "scaled_mean_abs" in tables:
+            scaled = region_ranking(tables, "scaled_mean_abs")
+            path = group_path(output_dir, suffix="stats", extension=".tsv", seg=seg,
+                              stat=stat, desc="scaledregions")
+            out["ig_scaledregions"] = _write_stats(path, scaled, opening[stat])
+            sections.append(("ig: regions by scale-normalised attribution", ranking_section(
+                scaled, "mean", "ig: regions by group mean scaled_mean_abs (amplitude "
+                "taken out)")))
         # Fidelity also compares the reconstruction error (a region that decouples from its
         # network, or fluctuates more, is rebuilt worse from its context), relative to
         # each window's mean over regions: what differs is the region, not how
         # predictable a participant's data are as a whole.
         error = "error_relative" if "error_relative" in tables else "error"
-        compared = [(value, "groupdiff")] + ([(error, "errorgroupdiff")]
-                                             if stat == "fidelity" else [])
+        if stat == "fidelity":
+            compared = [(value, "groupdiff"), (error, "errorgroupdiff")]
+        else:
+            compared = [(c, d) for c, d in IG_MEASURES if c in tables]
+        stat_diffs = {}
         for column, desc in compared if groups is not None else []:
-            diff = group_difference(tables, column, groups)
-            if diff is not None:
-                path = group_path(output_dir, suffix="stats", extension=".tsv", seg=seg, stat=stat,
-                                   desc=desc)
-                out[f"{stat}_{desc}"] = write_tsv(path, diff, {c: c for c in diff})
+            diff = _difference(tables, column, groups, covariates)
+            if diff is None:
+                continue
+            stat_diffs[column] = diff
+            path = group_path(output_dir, suffix="stats", extension=".tsv", seg=seg, stat=stat,
+                              desc=desc)
+            out[f"{stat}_{desc}"] = _write_stats(path, diff, opening[stat])
+            if not column.startswith("random_"):
                 differences.append((f"{stat} {column}", diff))
-                if labels is None:
-                    labels = _template_labels(output_dir, atlas_name, atlas_table, atlas_img,
-                                              template)
-                if labels is False:
-                    img = None
-                else:
-                    img = region_value_image(labels, brain, template.mask_img.affine,
-                                             diff["index"], diff["statistic"])
-                    path = group_path(output_dir, suffix="boldmap", extension=".nii.gz",
-                                       space=template.space, res=res, seg=seg, stat=stat,
-                                       desc=desc)
-                    source = Path(out[f"{stat}_{desc}"]).relative_to(Path(output_dir))
-                    out[f"{stat}_{desc}_map"] = save_image(img, path, {
-                        "Description": f"Each {seg} region painted with the group "
-                                       f"difference statistic of {stat} {column}",
-                        "Test": str(diff["test"].iloc[0]), "Atlas": seg,
-                        "Sources": [str(source)]})
-                if img is not None and desc == "groupdiff" and stat == "ig":
-                    figures.append(figure_html(
-                        brain_png(img, title=f"{stat} {column}: t", kind="stat", bg_img=bg,
-                                  symmetric=True),
-                        f"Group difference statistic per region, {diff['test'].iloc[0]}"))
-                sections.append((f"{stat}: {label_column} group differences in {column}",
-                                 html_table(diff)))
-                # The same by system (limbic, cerebellum, ...): mean over its regions.
-                sys_diff = group_difference(system_tables(tables, column), column, groups)
-                if sys_diff is not None:
-                    sys_diff = sys_diff.drop(columns=["index", "name"])
-                    sys_desc = desc.replace("groupdiff", "systemgroupdiff")
-                    path = group_path(output_dir, suffix="stats", extension=".tsv", seg=seg,
-                                      stat=stat, desc=sys_desc)
-                    out[f"{stat}_{sys_desc}"] = write_tsv(path, sys_diff,
-                                                          {c: c for c in sys_diff})
-                    differences.append((f"{stat} {column} by system", sys_diff))
-                    sections.append((f"{stat}: {label_column} group differences in {column} "
-                                     "by system", html_table(sys_diff)))
+            if labels is None:
+                labels = _template_labels(output_dir, atlas_name, atlas_table, atlas_img,
+                                          template)
+            if labels is False:
+                img = None
+            else:
+                img = region_value_image(labels, brain, template.mask_img.affine,
+                                         diff["index"], diff["statistic"])
+                path = group_path(output_dir, suffix="boldmap", extension=".nii.gz",
+                                  space=template.space, res=res, seg=seg, stat=stat,
+                                  desc=desc)
+                source = Path(out[f"{stat}_{desc}"]).relative_to(Path(output_dir))
+                out[f"{stat}_{desc}_map"] = save_image(img, path, {
+                    "Description": f"Each {seg} region painted with the group "
+                                   f"difference statistic of {stat} {column}",
+                    "Test": str(diff["test"].iloc[0]), "Atlas": seg,
+                    "Sources": [str(source)]})
+            if img is not None and desc == "groupdiff" and stat == "ig":
+                figures.append(figure_html(
+                    brain_png(img, title=f"{stat} {column}: t", kind="stat", bg_img=bg,
+                              symmetric=True),
+                    f"Group difference statistic per region, {diff['test'].iloc[0]}"))
+            sections.append((f"{stat}: {label_column} group differences in {column}",
+                             html_table(diff)))
+            if column.startswith("random_"):
+                continue
+            # The same by system (limbic, cerebellum, ...): mean over its regions.
+            sys_diff = _difference(system_tables(tables, column), column, groups, covariates)
+            if sys_diff is not None:
+                sys_diff = sys_diff.drop(columns=["index", "name"])
+                sys_desc = desc.replace("groupdiff", "systemgroupdiff")
+                path = group_path(output_dir, suffix="stats", extension=".tsv", seg=seg,
+                                  stat=stat, desc=sys_desc)
+                out[f"{stat}_{sys_desc}"] = _write_stats(path, sys_diff,
+                                                         opening[stat])
+                differences.append((f"{stat} {column} by system", sys_diff))
+                sections.append((f"{stat}: {label_column} group differences in {column} "
+                                 "by system", html_table(sys_diff)))
+        for column, desc in RANDOMISATION_CHECKS:
+            if column in stat_diffs and f"random_{column}" in stat_diffs:
+                check = randomisation_check(stat_diffs[column], stat_diffs[f"random_{column}"])
+                path = group_path(output_dir, suffix="stats", extension=".tsv", seg=seg,
+                                  stat=stat, desc=desc)
+                out[f"{stat}_{desc}"] = _write_stats(path, check, opening[stat])
+                checks.append((column, check))
+                verdict = check.set_index("index")["check"]
+                stat_diffs[column]["check"] = stat_diffs[column]["index"].map(verdict)
     for path in sorted(Path(output_dir).glob("models/*/*comparison*.tsv")):
         table = pd.read_csv(path, sep="\t")
         sections.append((f"Masking comparison: {path.parent.name}/{path.name}",
                          html_table(table)))
         out.setdefault("comparisons", []).append(path)
-    if differences:  # what a reader looks for first
+    if checks:
+        sections.insert(0, ("Randomised-model check", _checks_html(checks)))
+    if differences:  # what a reader looks for first, after whether the model is any good
         sections.insert(0, ("Group differences: top regions",
                             _top_differences_html(differences, html_table)
                             + "".join(figures)))
+    sections.insert(0, ("Classifier out of fold", _evidence_html(evidence)))
     if not sections:
         sections.append(("No outputs", "<p>No attribution outputs were found; run "
                          "participant --mode predict first.</p>"))

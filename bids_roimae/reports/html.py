@@ -28,6 +28,7 @@ th,td{border:1px solid #ccc;padding:.2em .5em;text-align:right}
 th{background:#eef}td:nth-child(-n+3){text-align:left}
 figure{margin:1em 0}figcaption{font-size:.85em;color:#555}
 img{max-width:100%}.meta{font-size:.85em;color:#555}
+.warning{background:#fde8e8;border-left:4px solid #c00;padding:.5em .8em}
 </style></head><body>
 <h1>$title</h1>
 <p class="meta">$subtitle</p>

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 from pathlib import Path
 
@@ -14,6 +15,20 @@ from bids_roimae.reports.html import figure_html, html_page, ranking_section
 from bids_roimae.reports.run_derivatives import find_outputs
 
 
+def _evidence_html(meta: dict) -> str:
+    """The classifier's out-of-fold line, the chance warning and which model attributed
+    this participant, from an IG sidecar."""
+    source = (meta.get("Model") or {}).get("AttributionModel") or {}
+    text = f"<p><b>{html.escape(str(meta.get('ClassifierOutOfFold', 'not available')))}</b></p>"
+    if meta.get("Warning"):
+        text += f"<p class='warning'><b>Warning:</b> {html.escape(meta['Warning'])}</p>"
+    if source:
+        text += (f"<p class='meta'>Attributed by: {html.escape(str(source.get('Source')))}"
+                 f" (trained on this participant: "
+                 f"{html.escape(str(source.get('TrainedOnThisParticipant')))})</p>")
+    return text
+
+
 def build_participant_report(output_dir, subject: str, *, template=None) -> Path:
     """``OUTPUT_DIR/sub-<label>.html``: every run's maps, region rankings and fidelity."""
     label = str(subject).removeprefix("sub-")
@@ -22,6 +37,8 @@ def build_participant_report(output_dir, subject: str, *, template=None) -> Path
                                    extension=".nii.gz", subjects=[label]):
         run = path.name.split("_space-")[0]
         meta = json.loads(path.with_name(path.name.replace(".nii.gz", ".json")).read_text())
+        if not sections:  # the page opens with whether the classifier is any good
+            sections.append(("Classifier out of fold", _evidence_html(meta)))
         img = nib.load(str(path))
         inner = [f"<p class='meta'>steps {meta.get('Steps')}, baseline "
                  f"{meta.get('Baseline')}, windows {meta.get('NumberOfWindows')}, "

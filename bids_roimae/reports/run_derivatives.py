@@ -26,10 +26,17 @@ import nibabel as nib
 import pandas as pd
 
 from bids_roimae.analysis.attribution import IGResult
-from bids_roimae.analysis.regions import region_table, region_values, to_source_grid, token_map
+from bids_roimae.analysis.evaluation import OutOfFoldSummary, evidence_sidecar
+from bids_roimae.analysis.regions import (
+    region_table,
+    region_values,
+    scaled_region_values,
+    to_source_grid,
+    token_map,
+)
 from bids_roimae.core.geometry import TokenGeometry
 from bids_roimae.io.bids_names import derivative_path, name_entities
-from bids_roimae.io.derivatives import save_image, write_tsv
+from bids_roimae.io.derivatives import save_image, write_sidecar, write_tsv
 
 #: Patterns the dataset's ``.bidsignore`` needs for what this module writes.
 BIDSIGNORE = ["*_stat-*", "*_boldmap.*", "*.html", "group"]
@@ -70,8 +77,18 @@ def write_run_attribution(output_dir, source_entities: dict, ig: IGResult,
                           geometry: TokenGeometry, reference, atlas_name: str,
                           atlas_table: pd.DataFrame, *, space: str, res=None,
                           model_meta: Optional[dict] = None,
-                          sources: Sequence[str] = ()) -> dict:
+                          sources: Sequence[str] = (),
+                          randomised: Optional[IGResult] = None,
+                          evidence: Optional[OutOfFoldSummary] = None) -> dict:
     """Write one run's IG maps (on the source grid) and its region table.
+
+    The region table holds, per region, the mean ``|IG|`` (``mean_abs``), the same
+    divided by the region's own input scale in each window (``scaled_mean_abs``: what
+    is left when the region's amplitude is taken out), and, with ``randomised``, both
+    for the classifier with a randomised head (``random_*``: what any model of this
+    architecture would attribute, the model-randomisation check of Adebayo et al. 2018).
+    The sidecar opens with the classifier's out-of-fold accuracy and AUC, and a warning
+    when it is not above chance.
 
     Parameters
     ----------
@@ -90,6 +107,10 @@ def write_run_attribution(output_dir, source_entities: dict, ig: IGResult,
         Model facts for the sidecars (checkpoint, name, preset, ...).
     sources : sequence of str
         Sidecar ``Sources`` (e.g. BIDS URIs of the BOLD and the model).
+    randomised : IGResult, optional
+        IG of the same windows by the classifier with a randomised head.
+    evidence : OutOfFoldSummary, optional
+        The classifier's out-of-fold performance.
 
     Returns
     -------
@@ -97,8 +118,9 @@ def write_run_attribution(output_dir, source_entities: dict, ig: IGResult,
         ``{"absmean": Path, "signedmean": Path, "table": Path}``.
     """
     reference = _image(reference)
-    meta = {**ig.metadata(), "Model": dict(model_meta or {}), "Atlas": atlas_name,
-            "Sources": list(sources), "Space": space, **_resolution_meta(res, reference)}
+    meta = {**evidence_sidecar(evidence), **ig.metadata(), "Model": dict(model_meta or {}),
+            "Atlas": atlas_name, "Sources": list(sources), "Space": space,
+            **_resolution_meta(res, reference)}
     paths = {}
     for desc, values, what in (("absmean", ig.abs_mean, "mean |attribution|"),
                                ("signedmean", ig.signed_mean, "mean signed attribution")):
@@ -110,12 +132,42 @@ def write_run_attribution(output_dir, source_entities: dict, ig: IGResult,
                                              f"Integrated Gradients: {what} per voxel"})
     table = region_table(ig.abs_mean, geometry.labels, atlas_table,
                          signed_values=ig.signed_mean, mask=geometry.voxel_mask)
+    columns = dict(SCALED_COLUMNS)
+    ids = table["index"].to_numpy()
+    table["scaled_mean_abs"] = scaled_region_values(ig.window_abs, ig.window_rms,
+                                                    geometry.labels, ids, geometry.voxel_mask)
+    table["scaled_rank"] = table["scaled_mean_abs"].rank(ascending=False,
+                                                         method="min").astype("Int64")
+    if randomised is not None:
+        random_table = region_table(randomised.abs_mean, geometry.labels, atlas_table,
+                                    mask=geometry.voxel_mask).set_index("index")
+        table["random_mean_abs"] = random_table["mean_abs"].reindex(ids).to_numpy()
+        table["random_scaled_mean_abs"] = scaled_region_values(
+            randomised.window_abs, randomised.window_rms, geometry.labels, ids,
+            geometry.voxel_mask)
+        columns.update(RANDOMISED_COLUMNS)
     tpath = derivative_path(output_dir, source_entities, suffix="bold", extension=".tsv",
                             space=space, seg=atlas_name, stat="ig")
-    paths["table"] = write_tsv(tpath, table, _region_columns({
-        "mean_abs": "Mean |IG attribution| over the region's voxels",
-        "signed_mean": "Mean signed IG attribution over the region's voxels"}))
+    paths["table"] = write_tsv(tpath, table)
+    described = {c: {"Description": d} for c, d in _region_columns(columns).items()
+                 if c in table}
+    write_sidecar(tpath, {**evidence_sidecar(evidence), "Model": dict(model_meta or {}),
+                          **described})
     return paths
+
+
+SCALED_COLUMNS = {
+    "mean_abs": "Mean |IG attribution| over the region's voxels (grows with the region's "
+                "signal amplitude, whatever the model)",
+    "signed_mean": "Mean signed IG attribution over the region's voxels",
+    "scaled_mean_abs": "Per window, the region's mean |IG| divided by its RMS input about "
+                       "the IG baseline (its signal SD for demeaned data), averaged over "
+                       "windows: attribution per unit of the region's own amplitude",
+    "scaled_rank": "Rank by scaled_mean_abs (1 = largest)"}
+RANDOMISED_COLUMNS = {
+    "random_mean_abs": "mean_abs of the same classifier with a randomised head (model "
+                       "randomisation check): what the input alone produces",
+    "random_scaled_mean_abs": "scaled_mean_abs of the classifier with a randomised head"}
 
 
 def write_run_fidelity(output_dir, source_entities: dict, fidelity: pd.DataFrame,

@@ -55,7 +55,8 @@ def _predict(classifier, subjects, refs, emb, cfg, device, frozen: bool) -> list
 
 
 def cross_validate(encoder, labels: pd.Series, refs: dict, cfg, label_info: dict, folds,
-                   device, emb: Optional[dict] = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+                   device, emb: Optional[dict] = None, fold_models: Optional[list] = None
+                   ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Out-of-fold predictions and per-fold metrics of one strategy.
 
     Parameters
@@ -72,6 +73,10 @@ def cross_validate(encoder, labels: pd.Series, refs: dict, cfg, label_info: dict
         Subject indices into ``labels``.
     emb : dict, optional
         ``{subject: (K_s, D)}`` frozen window embeddings (computed when omitted).
+    fold_models : list, optional
+        When given, each fold's ``(test subjects, fitted Classifier)`` is appended, so a
+        caller can keep the models that never saw their test subjects (out-of-fold
+        attribution).
 
     Returns
     -------
@@ -93,6 +98,8 @@ def cross_validate(encoder, labels: pd.Series, refs: dict, cfg, label_info: dict
                      cfg, label_info, device, seed=cfg.seed + 1009 * (k + 1))
         pred = _predict(model, [subjects[i] for i in test], refs, emb, cfg, device,
                         frozen=strategy != "full")
+        if fold_models is not None:
+            fold_models.append(([str(subjects[i]) for i in test], model))
         for i, p in zip(test, pred):
             outputs[i] = p
         metrics = compute_metrics(task, y[test], np.stack(pred))

@@ -28,10 +28,13 @@ import pandas as pd
 
 from bids_roimae.analysis.evaluation import (
     PREDICTION_COLUMNS,
+    OutOfFoldSummary,
     decode_output,
-    make_folds,
+    make_repeated_folds,
     mean_sd,
+    out_of_fold_summary,
     prediction_rows,
+    summarise_folds,
 )
 from bids_roimae.analysis.labels import label_attrs
 from bids_roimae.errors import BadDataError, OutputError
@@ -129,13 +132,22 @@ def run_finetune(entries: Sequence, labels: pd.Series, pretrained, cfg, output_d
     labels, refs, groups, info, counts = prepare_inputs(entries, labels, run_cfg, groups,
                                                         label_info)
     task, strategy = info["task_type"], run_cfg.finetune.strategy
-    folds = make_folds(labels.to_numpy(), run_cfg.finetune.folds, run_cfg.seed, task,
-                       None if groups is None else groups.to_numpy())
-    log.info("fine-tuning %s (%s) on %d subjects, %d folds", info.get("target"), strategy,
-             labels.size, len(folds))
+    repeats = make_repeated_folds(labels.to_numpy(), run_cfg.finetune.folds,
+                                  run_cfg.finetune.cv_repeats, run_cfg.seed, task,
+                                  None if groups is None else groups.to_numpy())
+    folds = repeats[0]
+    log.info("fine-tuning %s (%s) on %d subjects, %d repeats x %d folds", info.get("target"),
+             strategy, labels.size, len(repeats), len(folds))
     emb = frozen_embeddings(encoder, refs, run_cfg, device)
-    predictions, table = cross_validate(encoder, labels, refs, run_cfg, info, folds, device,
-                                        emb)
+    # Repeat 0's fold models are kept: with a frozen encoder only their heads are stored,
+    # and predict attributes each CV participant with the one that never trained on it.
+    fold_models: list = []
+    runs = [cross_validate(encoder, labels, refs, run_cfg, info, f, device, emb,
+                           fold_models=fold_models if r == 0 and strategy != "full" else None)
+            for r, f in enumerate(repeats)]
+    predictions = runs[0][0]
+    table = _repeated_fold_table([t for _, t in runs], task)
+    oof = _out_of_fold(runs, labels, task)
     final = fit_classifier(encoder, strategy, list(labels.index), labels.to_numpy(), refs, emb,
                  run_cfg, info, device, seed=run_cfg.seed)
 
@@ -145,11 +157,16 @@ def run_finetune(entries: Sequence, labels: pd.Series, pretrained, cfg, output_d
                "strategy": strategy,
                "pretrained": recorded_pretrained(loaded.path, output_dir / "models"),
                "cv": "leave-one-group-out" if groups is not None else "stratified-kfold",
-               "n_folds": len(folds), "n_subjects": int(labels.size),
+               "n_folds": len(folds), "n_repeats": len(repeats), "n_subjects": int(labels.size),
                "seed": run_cfg.seed, "label_info": info, "metrics": mean_sd(table),
+               "out_of_fold": None if oof is None else oof.to_dict(),
+               "fold_models_stored": len(fold_models),
                "excluded": counts["counts"], "folds": table.reset_index().to_dict("records")}
+    if oof is not None:
+        log.info("%s%s", oof.headline(), "" if oof.above_chance else
+                 " -- NOT above chance: attributions of this model are not evidence")
     _save_finetuned(model_dir / "model.pt", final, run_cfg, geometry, loaded.meta, info,
-                    summary)
+                    summary, fold_models, list(labels.index))
     _write_tsv(model_dir / "fold_metrics.tsv", table.reset_index())
     _write_json(model_dir / "metrics.json", summary)
     rows = prediction_rows(predictions, info, name)
@@ -158,7 +175,27 @@ def run_finetune(entries: Sequence, labels: pd.Series, pretrained, cfg, output_d
         _write_subject_predictions(output_dir, subject, row)
     return {"model_path": model_dir / "model.pt", "model_dir": model_dir, "name": name,
             "metrics": summary["metrics"], "n_subjects": int(labels.size),
-            "n_folds": len(folds), "excluded": counts["counts"], "predictions": rows}
+            "n_folds": len(folds), "n_repeats": len(repeats), "out_of_fold": oof,
+            "excluded": counts["counts"], "predictions": rows}
+
+
+def _repeated_fold_table(tables: Sequence[pd.DataFrame], task: str) -> pd.DataFrame:
+    """Every repeat's folds in one table (``repeat`` column; ``fold`` restarts at 0 in each
+    repeat), then mean and SD over all of them."""
+    per_fold = [t.drop(index=["mean", "sd"]).assign(repeat=r) for r, t in enumerate(tables)]
+    rows = pd.concat(per_fold)
+    table = summarise_folds(rows.to_dict("records"), task)
+    table.insert(0, "repeat", list(rows["repeat"]) + [None, None])
+    table.index = pd.Index(list(rows.index) + ["mean", "sd"], name="fold")
+    return table
+
+
+def _out_of_fold(runs, labels: pd.Series, task: str) -> Optional[OutOfFoldSummary]:
+    """Accuracy and AUC intervals of each subject's P(positive) averaged over repeats."""
+    if task != "binary":
+        return None
+    prob = pd.concat([p["output"].astype(float) for p, _ in runs], axis=1).mean(axis=1)
+    return out_of_fold_summary(labels.loc[prob.index].to_numpy(), prob.to_numpy(), len(runs))
 
 
 # -- files ------------------------------------------------------------------------------
@@ -192,16 +229,20 @@ def _write_subject_predictions(output_dir: Path, subject_id: str, rows: pd.DataF
 
 
 def _save_finetuned(path: Path, classifier: Classifier, cfg, geometry, pre_meta: ModelMeta,
-                    info: dict, summary: dict) -> None:
+                    info: dict, summary: dict, fold_models: Sequence = (),
+                    trained_subjects: Sequence[str] = ()) -> None:
     head_kind = cfg.finetune.head if cfg.finetune.strategy != "linear-probe" else "linear"
     meta = ModelMeta(
         kind="finetune", atlas=pre_meta.atlas, label_info=label_attrs(info),
         head=HeadSpec(head_kind, int(classifier.feature_mean.numel()),
                       n_outputs(info["task_type"], len(info.get("classes", [])) or 2)),
         strategy=cfg.finetune.strategy, pretrained=summary["pretrained"],
-        pretrained_kind=pre_meta.kind, cv_metrics=summary["metrics"])
+        pretrained_kind=pre_meta.kind, cv_metrics=summary["metrics"],
+        out_of_fold=summary["out_of_fold"] or {},
+        trained_subjects=tuple(str(s) for s in trained_subjects))
     try:
-        save_checkpoint(path, model=classifier, cfg=cfg, geometry=geometry, meta=meta)
+        save_checkpoint(path, model=classifier, cfg=cfg, geometry=geometry, meta=meta,
+                        fold_models=fold_models)
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {exc}") from exc
 

@@ -14,8 +14,10 @@
 #                    machines reaching only PyPI can build
 #   OFFLINE_WHEELS   folder of wheels to offer pip at build time (e.g. a CPU torch wheel)
 #   REF_DATA         folder with tpl-MNI152NLin2009cAsym/ and aal3/ (see docs/containers.md);
-#                    when it exists the image is built with RESOURCES=copy from it,
-#                    otherwise with RESOURCES=fetch (needs internet)
+#                    when given, the image is built with RESOURCES=copy from it; else
+#                    from the user's TemplateFlow and nilearn caches (TEMPLATEFLOW_HOME,
+#                    NILEARN_DATA) when they hold the template and AAL3; otherwise with
+#                    RESOURCES=fetch (needs internet)
 #   SMOKE_DIR        where the example dataset and outputs go (a new temporary folder)
 #   N_SUBJECTS       size of the example dataset (4; finetune uses 2 folds)
 #   RUN_UID          UID:GID the container runs as (12345:12345)
@@ -39,7 +41,9 @@ IMAGE=${IMAGE:-bids_roimae:smoke}
 TORCH_VARIANT=${TORCH_VARIANT:-cpu}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 PIP_INDEX_ARGS=${PIP_INDEX_ARGS---index-url https://pypi.org/simple}
-REF_DATA=${REF_DATA:-$repo/../shared/data}
+REF_DATA=${REF_DATA:-}
+TF_CACHE=${TEMPLATEFLOW_HOME:-$HOME/.cache/templateflow}/tpl-MNI152NLin2009cAsym
+AAL_CACHE=${NILEARN_DATA:-$HOME/nilearn_data}/aal_3v2/AAL3
 N_SUBJECTS=${N_SUBJECTS:-4}
 RUN_UID=${RUN_UID:-12345:12345}
 
@@ -80,7 +84,8 @@ stage_offline() {
         cp -l "$OFFLINE_WHEELS"/*.whl "$offline/wheels/" 2>/dev/null \
             || cp "$OFFLINE_WHEELS"/*.whl "$offline/wheels/"
     fi
-    if [ -d "$REF_DATA/tpl-MNI152NLin2009cAsym" ] && [ -d "$REF_DATA/aal3" ]; then
+    if [ -n "$REF_DATA" ] && [ -d "$REF_DATA/tpl-MNI152NLin2009cAsym" ] \
+            && [ -d "$REF_DATA/aal3" ]; then
         # The layouts the libraries cache them in, so the app's own fetch code finds them.
         local tpl=$offline/templateflow/tpl-MNI152NLin2009cAsym
         local aal=$offline/nilearn_data/aal_3v2/AAL3
@@ -88,6 +93,12 @@ stage_offline() {
         cp "$REF_DATA"/tpl-MNI152NLin2009cAsym/* "$tpl/"
         gunzip -c "$REF_DATA/aal3/AAL3v1.nii.gz" > "$aal/AAL3v1.nii"
         cp "$REF_DATA/aal3/AAL3v1.xml" "$aal/"
+        echo copy
+    elif [ -s "$TF_CACHE/tpl-MNI152NLin2009cAsym_res-02_desc-brain_mask.nii.gz" ] \
+            && [ -s "$AAL_CACHE/AAL3v1.nii" ]; then
+        mkdir -p "$offline/templateflow" "$offline/nilearn_data/aal_3v2"
+        cp -r "$TF_CACHE" "$offline/templateflow/"
+        cp -r "$AAL_CACHE" "$offline/nilearn_data/aal_3v2/"
         echo copy
     else
         echo fetch
@@ -136,8 +147,8 @@ run_app -- --version | tee "$smoke/version.txt"
 grep -q '^bids_roimae ' "$smoke/version.txt"
 
 step "example dataset ($N_SUBJECTS subjects) with bids_roimae-synth"
-run_app -v "$smoke/data:/work" --entrypoint bids_roimae-synth -- \
-    /work/ds --n-subjects "$N_SUBJECTS"
+run_app -v "$smoke/data:/synth" --entrypoint bids_roimae-synth -- \
+    /synth/ds --n-subjects "$N_SUBJECTS"
 
 mounts=(-v "$smoke/data/ds:/data:ro" -v "$smoke/out:/out")
 

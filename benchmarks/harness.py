@@ -151,6 +151,19 @@ def run_child(argv: Sequence[str], env: Optional[dict] = None, timeout: float = 
                     rec["kb"] * kb_unit / 1024, rec["tail"])
 
 
+def app_env(workdir: Path, grid: BenchGrid) -> dict:
+    """Environment for the app run as a child: the user's caches, or (when the benchmark
+    generated its grid) synthetic ones on that grid written under ``workdir``."""
+    env = dict(os.environ, TEMPLATEFLOW_AUTOUPDATE="0", MPLBACKEND="Agg")
+    if grid.mask_source.startswith("generated") or grid.labels_source.startswith("generated"):
+        from bids_roimae.synth.resources import write_synthetic_resources
+
+        tf, nl = workdir / "templateflow", workdir / "nilearn_data"
+        write_synthetic_resources(tf, nl, shape=grid.shape)
+        env.update(TEMPLATEFLOW_HOME=str(tf), NILEARN_DATA=str(nl))
+    return env
+
+
 def self_peak_rss_mb() -> float:
     """This process's peak resident memory so far (MB)."""
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from harness import AFFINE, GRID, RESULTS, SPACE, template_mask
+from harness import RESULTS, SPACE, model_grid
 
 from bids_roimae.config import PrepConfig
 from bids_roimae.core.geometry import build_geometry
@@ -32,18 +32,18 @@ from bids_roimae.io.discovery import BoldRun
 from bids_roimae.io.preparation import prepare_run
 
 
-def make_entries(workdir: Path, mask: np.ndarray, geometry, n_runs: int, n_frames: int):
-    template = nib.Nifti1Image(mask.astype(np.uint8), AFFINE)
+def make_entries(workdir: Path, grid, geometry, n_runs: int, n_frames: int):
+    mask, template = grid.mask, grid.mask_img()
     out = workdir / "out"
     for i in range(n_runs):
         sub = f"{i + 1:02d}"
         path = workdir / "bids" / f"sub-{sub}_task-rest_space-{SPACE}_desc-preproc_bold.nii"
         if not path.is_file():
             rng = np.random.default_rng(i)
-            data = np.zeros(GRID + (n_frames,), np.float32)
+            data = np.zeros(grid.shape + (n_frames,), np.float32)
             data[mask] = rng.normal(1000, 20, size=(int(mask.sum()), n_frames))
             path.parent.mkdir(parents=True, exist_ok=True)
-            nib.save(nib.Nifti1Image(data, AFFINE), path)
+            nib.save(nib.Nifti1Image(data, grid.affine), path)
             del data
         run = BoldRun(sub, None, "rest", None, {"subject": sub, "task": "rest"}, path, None,
                       None, 2.0, "sidecar", SPACE)
@@ -80,9 +80,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args(argv)
     workdir = args.workdir or Path(tempfile.gettempdir()) / "bids_roimae_bench_cache"
-    mask, _ = template_mask()
-    geometry = build_geometry(mask, AFFINE, None, patch_size=6)
-    entries = make_entries(workdir, mask, geometry, args.runs, args.frames)
+    grid = model_grid(with_atlas=False)
+    geometry = build_geometry(grid.mask, grid.affine, None, patch_size=6)
+    entries = make_entries(workdir, grid, geometry, args.runs, args.frames)
     tokens = [e.tokens() for e in entries]  # one memory map per run, opened once
     shape = (args.batch_size, args.window, geometry.n_tokens, geometry.patch_voxels)
     window_bytes = args.window * geometry.n_tokens * geometry.patch_voxels * 2
@@ -92,7 +92,8 @@ def main(argv=None) -> dict:
         np.asarray(e.tokens()).sum(dtype=np.float32)
     result = {"runs": len(entries), "frames": args.frames, "window": args.window,
               "batch": list(shape), "window_mb": round(window_bytes / 2**20, 2),
-              "python": platform.python_version(), "machine": platform.machine()}
+              "mask": grid.mask_source, "python": platform.python_version(),
+              "machine": platform.machine()}
     print(f"{'batch':<34}{'GB/s':>8}{'windows/s':>12}")
     cases = [("float16 batch, np.copyto", np.float16, "copyto"),
              ("float32 batch, np.copyto (cast)", np.float32, "copyto"),

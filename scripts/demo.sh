@@ -5,54 +5,70 @@ set -euo pipefail
 demo=${1:-demo}
 mkdir -p "$demo"
 demo=$(cd "$demo" && pwd)
-here=$(cd "$(dirname "$0")/.." && pwd)
+started=$SECONDS  # the demo's own time: everything after the virtual environment exists
 
 # Caches: the user's own TemplateFlow/nilearn caches when set; otherwise private ones in
-# the demo folder, seeded from (1) the real files in ../shared/data when this checkout has
-# them, (2) the network through bids_roimae-fetch, (3) synthetic stand-ins on the real
-# MNI152NLin2009cAsym 2 mm grid (offline machines).
+# the demo folder, filled (1) from the network through bids_roimae-fetch, else (2) with
+# synthetic stand-ins on the real MNI152NLin2009cAsym 2 mm grid (offline machines).
 export TEMPLATEFLOW_HOME=${TEMPLATEFLOW_HOME:-$demo/templateflow}
 export NILEARN_DATA=${NILEARN_DATA:-$demo/nilearn_data}
 export TEMPLATEFLOW_AUTOUPDATE=0
 export MPLBACKEND=Agg
-tpl=$TEMPLATEFLOW_HOME/tpl-MNI152NLin2009cAsym
-shared=$here/../shared/data
-if [ ! -s "$tpl/tpl-MNI152NLin2009cAsym_res-02_desc-brain_mask.nii.gz" ]; then
-  if [ -d "$shared/tpl-MNI152NLin2009cAsym" ]; then
-    echo "demo: using the template and AAL3 files in $shared"
-    mkdir -p "$tpl" "$NILEARN_DATA/aal_3v2/AAL3"
-    cp "$shared"/tpl-MNI152NLin2009cAsym/*.nii.gz "$tpl/"
-    gunzip -c "$shared/aal3/AAL3v1.nii.gz" > "$NILEARN_DATA/aal_3v2/AAL3/AAL3v1.nii"
-    cp "$shared/aal3/AAL3v1.xml" "$NILEARN_DATA/aal_3v2/AAL3/"
-  elif bids_roimae-fetch >/dev/null 2>&1; then
-    echo "demo: fetched the template and AAL3 into $TEMPLATEFLOW_HOME and $NILEARN_DATA"
-  else
-    echo "demo: offline; writing a synthetic template and atlas on the real 2 mm grid"
-    python -c "from bids_roimae.synth.resources import write_synthetic_resources as w; \
+if ! bids_roimae-fetch >/dev/null 2>&1; then
+  echo "demo: offline; writing a synthetic template and atlas on the real 2 mm grid"
+  export TEMPLATEFLOW_HOME=$demo/templateflow NILEARN_DATA=$demo/nilearn_data
+  python -c "from bids_roimae.synth.resources import write_synthetic_resources as w; \
 w('$TEMPLATEFLOW_HOME', '$NILEARN_DATA', shape=(97, 115, 97))"
-  fi
 fi
+echo "demo: template from $TEMPLATEFLOW_HOME, atlas from $NILEARN_DATA"
 
 data=$demo/data
 out=$demo/out
-[ -f "$data/participants.tsv" ] || bids_roimae-synth "$data" --n-subjects 12 --n-frames 60
+# The demo's choices, for minutes on a 2-core CPU: 12 subjects (6 per group in the group
+# comparison) of 60 frames (3 windows); Integrated Gradients on one window per run with
+# 4-8 integration points; region fidelity on one window of one subject.
+cat > "$demo/demo.toml" <<'TOML'
+[attribution]
+windows = 1
+min_steps = 4
+steps = 8
+TOML
+common=(--model-preset tiny -w "$demo/work" --nprocs 2 --config "$demo/demo.toml")
 
-common=(--model-preset tiny -w "$demo/work" --nprocs 2)
-set -x
-bids_roimae "$data" "$out" participant --mode prepare "${common[@]}"
-bids_roimae "$data" "$out" group --mode pretrain --masking roi --steps 20 --batch-size 2 "${common[@]}"
-bids_roimae "$data" "$out" group --mode pretrain --masking random --steps 20 --batch-size 2 "${common[@]}"
-bids_roimae "$data" "$out" participant --mode finetune --target dx --positive 1 2 3 \
-  --folds 3 --compare-masking "${common[@]}"
-bids_roimae "$data" "$out" participant --mode finetune --target dx --positive 1 2 3 \
-  --folds 3 --pretrained "$out/models/roimae_mask-roi_preset-tiny_ps-6/model.pt" "${common[@]}"
+children_cpu() {  # $cpu: CPU seconds used so far by this script's finished children
+  times > "$demo/.times"  # in this shell (not a $(...) subshell), so it sees them
+  cpu=$(awk 'NR == 2 { for (i = 1; i <= 2; i++) { split($i, t, /[ms]/); n += 60 * t[1] + t[2] }
+        printf "%d", n }' "$demo/.times")
+}
+step() {  # step LABEL COMMAND...: run it, print it, its elapsed time and CPU time
+  local label=$1 t0=$SECONDS c0
+  children_cpu
+  c0=$cpu
+  shift
+  echo "+ $*"
+  "$@"
+  children_cpu
+  printf 'demo: %-36s %4d s  (%d CPU-s)\n' "$label" $(( SECONDS - t0 )) $(( cpu - c0 ))
+}
+[ -f "$data/participants.tsv" ] || \
+  step "synthetic dataset" bids_roimae-synth "$data" --n-subjects 12 --n-frames 60
+step "participant prepare" bids_roimae "$data" "$out" participant --mode prepare "${common[@]}"
+step "group pretrain (roi)" bids_roimae "$data" "$out" group --mode pretrain --masking roi \
+  --steps 20 --batch-size 2 "${common[@]}"
+step "group pretrain (random)" bids_roimae "$data" "$out" group --mode pretrain \
+  --masking random --steps 20 --batch-size 2 "${common[@]}"
+step "participant finetune (compare)" bids_roimae "$data" "$out" participant --mode finetune \
+  --target dx --positive 1 2 3 --folds 3 --compare-masking "${common[@]}"
+step "participant finetune (roi)" bids_roimae "$data" "$out" participant --mode finetune \
+  --target dx --positive 1 2 3 --folds 3 \
+  --pretrained "$out/models/roimae_mask-roi_preset-tiny_ps-6/model.pt" "${common[@]}"
 # Integrated Gradients for everyone (the group tables compare ADHD with controls); region
-# fidelity (one forward pass per window and region, slow on a CPU) for sub-01 only.
-bids_roimae "$data" "$out" participant --mode predict --no-fidelity "${common[@]}"
-bids_roimae "$data" "$out" participant --mode predict --participant_label 01 \
-  --fidelity-windows 2 "${common[@]}"
-bids_roimae "$data" "$out" group --mode report "${common[@]}"
-set +x
+# fidelity for sub-01 only.
+step "participant predict (IG, all)" bids_roimae "$data" "$out" participant --mode predict \
+  --no-fidelity "${common[@]}"
+step "participant predict (fidelity, 01)" bids_roimae "$data" "$out" participant \
+  --mode predict --participant_label 01 --fidelity-windows 1 "${common[@]}"
+step "group report" bids_roimae "$data" "$out" group --mode report "${common[@]}"
 python - "$out" "$data" <<'PY'
 import json, sys
 import pandas as pd
@@ -64,3 +80,7 @@ print(f"demo: planted regions {', '.join(planted)}; top of {path.split('/')[-1]}
 print(table.head(5)[["rank", "name", "system", "statistic", "cohen_d", "p"]].to_string(index=False))
 PY
 echo "demo: outputs in $out (open $out/group/group_report.html and $out/sub-01.html)"
+elapsed=$(( SECONDS - started ))
+children_cpu
+echo "demo: finished in $(( elapsed / 60 )) min $(( elapsed % 60 )) s, $cpu CPU-s \
+(every level and mode, from generating the dataset to the group report)"

@@ -14,7 +14,7 @@ from bids_roimae.config import MODEL_RESOLUTION, AppConfig, PrepConfig
 from bids_roimae.core.geometry import TokenGeometry, build_geometry, describe_regions
 from bids_roimae.errors import EXIT_OK, AppError
 from bids_roimae.io.atlas import Atlas, check_atlas_on_grid, load_atlas, resample_labels
-from bids_roimae.io.cache import CacheEntry
+from bids_roimae.io.cache import CacheEntry, lookup
 from bids_roimae.io.derivatives import (
     ensure_output_dir,
     write_bidsignore,
@@ -24,6 +24,7 @@ from bids_roimae.io.discovery import BoldRun, find_derivatives
 from bids_roimae.io.preparation import prepare_runs
 from bids_roimae.io.templates import Template, load_template
 from bids_roimae.reports.run_derivatives import BIDSIGNORE
+from bids_roimae.training.distributed import DistContext
 
 log = logging.getLogger("bids_roimae")
 
@@ -89,6 +90,54 @@ def prepare(ctx: RunContext, runs: Sequence[BoldRun], geometry: TokenGeometry,
                                      ctx.output_dir, window=cfg.geometry.window,
                                      nprocs=ctx.nprocs, work_dir=ctx.work_dir,
                                      space=ctx.space)
+    if failures:
+        log.warning("%d of %d runs were skipped (see the errors above)", len(failures),
+                    len(runs))
+    return entries, failures
+
+
+def prepare_shared(ctx: RunContext, runs: Sequence[BoldRun], geometry: TokenGeometry,
+                   template: Template, cfg: AppConfig, dist: DistContext
+                   ) -> tuple[list[CacheEntry], list[tuple[BoldRun, AppError]]]:
+    """:func:`prepare` under ``torchrun``: each run is prepared once, by one rank.
+
+    Rank ``r`` prepares every ``world``-th run (with ``--nprocs`` processes of its own);
+    the ranks then wait for each other and exchange their failures, and every rank opens
+    all the successful runs from the shared cache. OUTPUT_DIR must be on a filesystem all
+    ranks see (as the checkpoint written by rank 0 must be); a run a rank cannot find
+    there after the wait is prepared again, with a warning, rather than left out.
+
+    Returns
+    -------
+    entries : list of CacheEntry
+        Every successful run, in ``runs`` order, the same on every rank.
+    failures : list of (BoldRun, AppError)
+        Every rank's failures, the same on every rank.
+    """
+    if not dist.active:
+        return prepare(ctx, runs, geometry, template, cfg)
+    mine = dist.shard(runs)
+    log.info("rank %d of %d prepares %d of %d runs", dist.rank, dist.world, len(mine),
+             len(runs))
+    _, failed = prepare_runs(mine, geometry, template.mask_img, cfg.prep, ctx.output_dir,
+                             window=cfg.geometry.window, nprocs=ctx.nprocs,
+                             work_dir=ctx.work_dir, space=ctx.space)
+    # every rank's (run key, error) pairs; waiting here is the barrier after preparation
+    failed_keys = {key: err for rank_failures in dist.gather_objects(
+        [(run.key, err) for run, err in failed]) for key, err in rank_failures}
+    failures = [(run, failed_keys[run.key]) for run in runs if run.key in failed_keys]
+    usable = [run for run in runs if run.key not in failed_keys]
+    unseen = [run.key for run in usable
+              if lookup(ctx.output_dir, run, geometry, cfg.prep, ctx.space) is None]
+    if unseen:
+        log.warning("rank %d does not see %d prepared runs in %s (is OUTPUT_DIR shared by "
+                    "all nodes?); preparing them here: %s", dist.rank, len(unseen),
+                    ctx.output_dir, ", ".join(unseen[:5]))
+    entries, late = prepare_runs(usable, geometry, template.mask_img, cfg.prep,
+                                 ctx.output_dir, window=cfg.geometry.window,
+                                 nprocs=ctx.nprocs if unseen else 1, work_dir=ctx.work_dir,
+                                 space=ctx.space)
+    failures += late
     if failures:
         log.warning("%d of %d runs were skipped (see the errors above)", len(failures),
                     len(runs))

@@ -2,15 +2,25 @@
 
 A plain ``python`` start is a world of one and needs no process group. Backend: NCCL on
 CUDA, gloo on CPU. Only rank 0 writes files; ranks meet at barriers.
+
+Work that takes long and unevenly across ranks (preparing BOLD runs before pretraining)
+meets in :meth:`DistContext.gather_objects`, over a separate gloo group whose timeout is
+:data:`SLOW_WAIT`: NCCL's default collective timeout (10 minutes) would kill ranks that
+finish their share of the preparation early.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.distributed as torch_dist
+
+#: How long ranks wait for each other in :meth:`DistContext.gather_objects`.
+SLOW_WAIT = datetime.timedelta(hours=24)
 
 
 @dataclass
@@ -21,6 +31,7 @@ class DistContext:
     world: int
     device: torch.device
     owns_group: bool = False
+    _slow_group: Optional[Any] = field(default=None, repr=False)
 
     @property
     def active(self) -> bool:
@@ -35,6 +46,28 @@ class DistContext:
         if self.active:
             torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.MAX)
         return tensor
+
+    def shard(self, items: Sequence) -> list:
+        """This rank's share of ``items``: every ``world``-th item from ``rank`` on.
+
+        Striding (not blocks) spreads subjects sorted by size over all ranks.
+        """
+        return list(items[self.rank::self.world])
+
+    def gather_objects(self, obj: Any) -> list:
+        """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` alone.
+
+        A collective: each rank waits (up to :data:`SLOW_WAIT`) until all have called
+        it, so it doubles as a barrier after uneven work. It runs over a gloo group made
+        on first use, the same call on every rank.
+        """
+        if not self.active:
+            return [obj]
+        if self._slow_group is None:
+            self._slow_group = torch_dist.new_group(backend="gloo", timeout=SLOW_WAIT)
+        gathered: list = [None] * self.world
+        torch_dist.all_gather_object(gathered, obj, group=self._slow_group)
+        return gathered
 
     def close(self) -> None:
         if self.owns_group and self.active:

@@ -163,8 +163,8 @@ run_app -- --version | tee "$smoke/version.txt"
 grep -q '^bids_roimae ' "$smoke/version.txt"
 
 step "example dataset ($N_SUBJECTS subjects) with bids_roimae-synth"
-run_app -v "$smoke/data:/work" --entrypoint bids_roimae-synth -- \
-    /work/ds --n-subjects "$N_SUBJECTS"
+run_app -v "$smoke/data:/synth" --entrypoint bids_roimae-synth -- \
+    /synth/ds --n-subjects "$N_SUBJECTS"
 
 mounts=(-v "$smoke/data/ds:/data:ro" -v "$smoke/out:/out")
 

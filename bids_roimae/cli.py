@@ -158,7 +158,9 @@ RES = "Resources and run control"
 @_opt("--atlas-labels", type=click.Path(path_type=Path), default=None, section=ATLAS,
       help="TSV (index, name[, system]) for --atlas-file.")
 @_setting("--roi-assign", setting=(GeometryConfig, "roi_assign"), section=ATLAS,
-          help="Which patches belong to a region.")
+          help="How patches become tokens and tokens regions: exact splits a patch "
+               "holding several regions into one token per region piece (voxel-exact "
+               "regions); majority/any/pure keep one token per patch.")
 @_setting("--confounds", setting=(PrepConfig, "confounds"), section=PREP,
           help="Confound regression with fMRIPrep's confounds.")
 @_setting("--normalize", setting=(PrepConfig, "normalize"), section=PREP,

@@ -8,8 +8,10 @@ boolean, ``True`` = hidden from the encoder.
 The encoder sees visible tokens only. With ``attention="divided"`` each block attends
 over space within a time step, then over time per location; this needs *tube* masks
 (one spatial set for every time step), so the visible tokens form a ``T' x N_vis`` grid.
-ROI masks hide a different number of tokens per sample: visible locations are gathered
-and padded to the batch maximum, and a key-padding mask keeps padded slots from
+Masks of the default ``exact`` count rule (random, and ROI with a partly hidden last
+region) hide the same number of tokens in every sample, so attention runs unpadded with
+no mask. Masks with unequal counts (ROI ``whole`` rule, region fidelity batches) are
+gathered and padded to the batch maximum, and a key-padding mask keeps padded slots from
 influencing real tokens. ``attention="joint"`` attends over all visible tokens at once
 and accepts any mask (per-chunk masks included). The light decoder sees every token, with
 a learned mask token in the hidden places. The loss is the MSE over hidden tokens,

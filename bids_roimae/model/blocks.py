@@ -3,7 +3,9 @@
 Fixed sine-cosine position features (of time steps and of patch centres in mm), and the
 transformer blocks: multi-head self-attention with an optional key-padding mask, the MLP,
 ``DividedBlock`` (space within a time step, then time per location) and ``JointBlock``
-(all tokens of a sample at once).
+(all tokens of a sample at once). Each block's ``forward_at`` computes its output at a
+few query positions only, exactly as ``forward`` would there (keys and values still span
+every token): region fidelity needs the decoder's output at the hidden region alone.
 """
 
 from __future__ import annotations
@@ -58,6 +60,21 @@ class Attention(nn.Module):
             q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0)
         return self.proj(out.transpose(1, 2).reshape(m, length, dim))
 
+    def forward_queries(self, xq: torch.Tensor, x: torch.Tensor,
+                        key_valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Attention of ``xq (M, Q, D)`` over ``x (M, L, D)``: what ``forward(x)`` gives at
+        the query rows, with keys and values from every row of ``x``."""
+        m, length, dim = x.shape
+        heads, width = self.heads, dim // self.heads
+        weight, bias = self.qkv.weight, self.qkv.bias
+        q = F.linear(xq, weight[:dim], bias[:dim])
+        kv = F.linear(x, weight[dim:], bias[dim:]).reshape(m, length, 2, heads, width)
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
+        q = q.reshape(m, xq.shape[1], heads, width).transpose(1, 2)
+        attn_mask = None if key_valid is None else key_valid[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.proj(out.transpose(1, 2).reshape(m, xq.shape[1], dim))
+
 
 class Mlp(nn.Module):
     def __init__(self, dim: int, ratio: float, dropout: float = 0.0):
@@ -93,6 +110,27 @@ class DividedBlock(nn.Module):
         x = x + self.time(xt).reshape(b, length, t, d).transpose(1, 2)
         return x + self.mlp(self.norm_mlp(x))
 
+    def forward_at(self, x: torch.Tensor, rows: torch.Tensor,
+                   valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``forward(x, valid)`` at the locations ``rows (B, Q)`` only: ``(B, T, Q, D)``.
+
+        Temporal attention and the MLP act per location, so only the spatial attention
+        needs every location (as keys and values).
+        """
+        b, t, length, d = x.shape
+        q = rows.shape[1]
+        key_valid = (None if valid is None
+                     else valid[:, None, :].expand(b, t, length).reshape(b * t, length))
+        h = self.norm_space(x)
+        pick = rows[:, None, :, None].expand(b, t, q, d)
+        x_at = torch.gather(x, 2, pick)
+        x_at = x_at + self.space.forward_queries(
+            torch.gather(h, 2, pick).reshape(b * t, q, d), h.reshape(b * t, length, d),
+            key_valid).reshape(b, t, q, d)
+        xt = self.norm_time(x_at).transpose(1, 2).reshape(b * q, t, d)
+        x_at = x_at + self.time(xt).reshape(b, q, t, d).transpose(1, 2)
+        return x_at + self.mlp(self.norm_mlp(x_at))
+
 
 class JointBlock(nn.Module):
     """Full attention over all tokens of a sample: ``x (B, L, D)``, ``valid (B, L)``."""
@@ -106,3 +144,13 @@ class JointBlock(nn.Module):
     def forward(self, x: torch.Tensor, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = x + self.attn(self.norm_attn(x), valid)
         return x + self.mlp(self.norm_mlp(x))
+
+    def forward_at(self, x: torch.Tensor, rows: torch.Tensor,
+                   valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``forward(x, valid)`` at the tokens ``rows (B, Q)`` only: ``(B, Q, D)``."""
+        d = x.shape[-1]
+        h = self.norm_attn(x)
+        pick = rows[..., None].expand(*rows.shape, d)
+        x_at = torch.gather(x, 1, pick) + self.attn.forward_queries(torch.gather(h, 1, pick),
+                                                                    h, valid)
+        return x_at + self.mlp(self.norm_mlp(x_at))

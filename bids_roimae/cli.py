@@ -224,8 +224,12 @@ RES = "Resources and run control"
       help="Region reconstruction fidelity maps in predict.")
 @_setting("--fidelity-windows", type=click.IntRange(1),
           setting=(AttributionConfig, "fidelity_windows"), section=ATTR,
-          help="Windows per run for region fidelity (one forward pass per window and "
+          help="Windows per run for region fidelity (one region hidden per window and "
                "region: fewer is faster on a CPU, more is less noisy).")
+@_setting("--fidelity-batch", type=click.IntRange(0),
+          setting=(AttributionConfig, "fidelity_batch"), section=ATTR,
+          help="(window, region) pairs per forward pass of region fidelity; 0 sizes it "
+               "from free memory.")
 @_opt("-w", "--work-dir", type=click.Path(path_type=Path), default=None, section=RES,
       help="Scratch folder. Default: a temporary folder.")
 @_opt("--nprocs", type=click.IntRange(1), default=1, section=RES,

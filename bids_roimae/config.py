@@ -219,8 +219,10 @@ class AttributionConfig:
 
     IG integrates with Gauss-Legendre points, starting at ``min_steps`` and doubling up to
     ``steps`` until every window's completeness error is under 5%; each window-step is a
-    forward and backward pass, so ``windows`` (per run) bounds the cost. Fidelity costs
-    one forward pass per (window, region).
+    forward and backward pass, so ``windows`` (per run) bounds the cost; ``batch_size``
+    window-steps share a pass (0: as many as free memory allows). Fidelity hides one region
+    per (window, region) pair; ``fidelity_batch`` pairs share a forward pass (0: as many
+    as free memory allows).
     """
 
     steps: int = 32
@@ -228,15 +230,18 @@ class AttributionConfig:
     windows: int = 4
     fidelity_windows: int = 4
     baseline: Literal["zeros", "mean"] = "zeros"
-    batch_size: int = 8
+    batch_size: int = 0
+    fidelity_batch: int = 0
 
     def validate(self) -> None:
         _check_choices(self)
         if self.steps < 2 or self.min_steps < 2:
             raise ConfigError("attribution.steps and attribution.min_steps must be >= 2")
-        if self.windows < 1 or self.fidelity_windows < 1 or self.batch_size < 1:
-            raise ConfigError("attribution.windows, fidelity_windows and batch_size must "
-                              "be >= 1")
+        if self.windows < 1 or self.fidelity_windows < 1:
+            raise ConfigError("attribution.windows and fidelity_windows must be >= 1")
+        if self.batch_size < 0 or self.fidelity_batch < 0:
+            raise ConfigError("attribution.batch_size and fidelity_batch must be >= 0 "
+                              "(0: sized from free memory)")
 
 
 @dataclass

@@ -62,11 +62,11 @@ def region_fidelity(mae: ReconstructionModel, windows: Union[torch.Tensor, np.nd
     """Reconstruction error and embedding shift when one region at a time is hidden.
 
     For every (window, region) pair the region's tokens are masked through the whole
-    window (a tube). Every pair of the run goes through the model in as few passes as
-    ``batch_size`` allows: pairs are sorted by region size so a pass pads little, and the
-    decoder works at the hidden tokens only
-    (:meth:`~bids_roimae.model.mae.RoiMAE.hidden_error_and_embedding`). The numbers equal
-    one region per pass.
+    window (a tube). A window's regions go through the model in as few passes as
+    ``batch_size`` allows, sorted by size so a pass pads little;
+    :meth:`~bids_roimae.model.mae.RoiMAE.hidden_error_and_embedding` shares the window's
+    first attention block between them and runs the decoder's last block at the hidden
+    tokens only. The numbers equal one region per pass (to float rounding).
 
     Parameters
     ----------
@@ -108,22 +108,23 @@ def region_fidelity(mae: ReconstructionModel, windows: Union[torch.Tensor, np.nd
     shifts = np.zeros_like(errors)
     cosines = np.zeros_like(errors)
     sizes = [int(owned[r].size) for r in regions]
-    # Similar sizes side by side: a pass pads its visible tokens to its smallest region.
-    pairs = sorted(((k, j) for k in range(n_windows) for j in range(len(regions))),
-                   key=lambda kj: (sizes[kj[1]], kj[1], kj[0]))
+    # A pass holds one window's regions (the model shares the window's first attention
+    # block between them), similar sizes side by side (it pads to its smallest region).
+    by_size = sorted(range(len(regions)), key=lambda j: (sizes[j], j))
+    batches = [[(k, j) for j in by_size[start:start + batch_size]]
+               for k in range(n_windows) for start in range(0, len(regions), batch_size)]
     with frozen(mae), torch.inference_mode():
         t_prime = mae.group_time(x_all[:1]).shape[1]
         reference = torch.cat([mae.embed(x_all[k:k + batch_size])
                                for k in range(0, n_windows, batch_size)])  # (K, D)
         ref_norm = reference.norm(dim=1).double().cpu().numpy()
-        for start in range(0, len(pairs), batch_size):
-            batch = pairs[start:start + batch_size]
-            ks = torch.tensor([k for k, _ in batch], device=device)
+        for batch in batches:
+            k = batch[0][0]
             mask = torch.zeros((len(batch), t_prime, n_tok), dtype=torch.bool, device=device)
             for row, (_, j) in enumerate(batch):
                 mask[row, :, torch.as_tensor(owned[regions[j]], device=device)] = True
-            region_err, emb = mae.hidden_error_and_embedding(x_all[ks], mask)
-            ref = reference[ks]
+            region_err, emb = mae.hidden_error_and_embedding(x_all[k:k + 1], mask)
+            ref = reference[k:k + 1]
             shift = (emb - ref).norm(dim=1)
             cos = torch.nn.functional.cosine_similarity(emb, ref, dim=1)
             for row, (k, j) in enumerate(batch):

@@ -76,6 +76,41 @@ class Attention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(m, xq.shape[1], dim))
 
 
+    def softmax_parts(self, x: torch.Tensor, chunk: int = 256) -> tuple:
+        """Everything :meth:`output_without` needs, from one pass over ``x (M, L, D)``:
+        ``q, k, v (M, H, L, d)`` and each query's output and log-sum-exp over all keys,
+        in float64 so that taking keys out later loses no precision."""
+        m, length, dim = x.shape
+        qkv = self.qkv(x).reshape(m, length, 3, self.heads, dim // self.heads)
+        q, k, v = (t.double() for t in qkv.permute(2, 0, 3, 1, 4).unbind(0))
+        scale = q.shape[-1] ** -0.5
+        outs, lses = [], []
+        for start in range(0, length, chunk):  # bounded memory: (M, H, chunk, L) scores
+            scores = (q[:, :, start:start + chunk] @ k.transpose(-1, -2)) * scale
+            lse = torch.logsumexp(scores, dim=-1)
+            outs.append(torch.exp(scores - lse[..., None]) @ v)
+            lses.append(lse)
+        return q, k, v, torch.cat(outs, 2), torch.cat(lses, 2)
+
+    def output_without(self, parts: tuple, removed: torch.Tensor, kept: torch.Tensor,
+                       dtype: torch.dtype) -> torch.Tensor:
+        """What :meth:`forward` gives at the ``kept`` rows when the ``removed`` rows are
+        not in the input, ``(M, K, D)``, from :meth:`softmax_parts` of the full input.
+
+        Softmax over the kept keys = (full output - removed keys' share) / (1 - their
+        weight): ``O(L * R)`` work instead of ``O(L^2)`` for ``R`` removed rows.
+        """
+        q, k, v, out, lse = parts
+        scale = q.shape[-1] ** -0.5
+        q = q[:, :, kept]
+        weight = torch.exp((q @ k[:, :, removed].transpose(-1, -2)) * scale
+                           - lse[:, :, kept, None])  # (M, H, K, R)
+        share = weight.sum(-1, keepdim=True)
+        new = (out[:, :, kept] - weight @ v[:, :, removed]) / (1.0 - share)
+        m, heads, n_kept, width = new.shape
+        return self.proj(new.transpose(1, 2).reshape(m, n_kept, heads * width).to(dtype))
+
+
 class Mlp(nn.Module):
     def __init__(self, dim: int, ratio: float, dropout: float = 0.0):
         super().__init__()
@@ -109,6 +144,25 @@ class DividedBlock(nn.Module):
         xt = self.norm_time(x).transpose(1, 2).reshape(b * length, t, d)
         x = x + self.time(xt).reshape(b, length, t, d).transpose(1, 2)
         return x + self.mlp(self.norm_mlp(x))
+
+    def space_parts(self, x: torch.Tensor) -> tuple:
+        """Spatial-attention parts of one sample ``x (1, T, L, D)`` for
+        :meth:`forward_without` (see :meth:`Attention.softmax_parts`)."""
+        _, t, length, d = x.shape
+        return self.space.softmax_parts(self.norm_space(x).reshape(t, length, d))
+
+    def forward_without(self, x: torch.Tensor, parts: tuple, removed: torch.Tensor,
+                        kept: torch.Tensor) -> torch.Tensor:
+        """``forward`` of ``x (1, T, L, D)`` with the locations ``removed`` taken out,
+        at the locations ``kept``: ``(1, T, K, D)``, reusing :meth:`space_parts` of the
+        full ``x`` (temporal attention and the MLP act per location)."""
+        _, t, _, d = x.shape
+        x_at = x[:, :, kept] + self.space.output_without(parts, removed, kept,
+                                                         x.dtype).reshape(1, t, -1, d)
+        n_kept = x_at.shape[2]
+        xt = self.norm_time(x_at).transpose(1, 2).reshape(n_kept, t, d)
+        x_at = x_at + self.time(xt).reshape(1, n_kept, t, d).transpose(1, 2)
+        return x_at + self.mlp(self.norm_mlp(x_at))
 
     def forward_at(self, x: torch.Tensor, rows: torch.Tensor,
                    valid: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -233,6 +233,28 @@ class RoiMAE(nn.Module):
             h = blk(h, valid)
         return self.norm(h), index, valid
 
+    def _encode_occluded(self, tokens: torch.Tensor, mask: torch.Tensor):
+        """:meth:`_encode` of one window ``tokens (1, T', N, F)`` under several tube masks
+        ``(B, T', N)``, for divided attention: the first block's spatial attention over all
+        tokens is computed once, and each mask's version follows from it by taking the
+        hidden keys out (:meth:`DividedBlock.forward_without`); the later blocks run on
+        each mask's visible tokens as usual. Same numbers as :meth:`_encode` of the
+        repeated window."""
+        b, t = mask.shape[:2]
+        index, valid = _to_device(visible_index(mask[:, 0]), tokens.device)
+        h0 = self.patch_embed(tokens) + self.pos_space + self.pos_time[:t, None, :]
+        first = self.blocks[0]
+        parts = first.space_parts(h0)
+        spatial = mask[:, 0].to(tokens.device)
+        h = h0.new_zeros(b, t, index.shape[1], h0.shape[-1])
+        for i in range(b):
+            n_kept = index.shape[1] if valid is None else int(valid[i].sum())
+            removed = torch.nonzero(spatial[i]).flatten()
+            h[i, :, :n_kept] = first.forward_without(h0, parts, removed, index[i, :n_kept])[0]
+        for blk in self.blocks[1:]:
+            h = blk(h, valid)
+        return self.norm(h), index, valid
+
     # -- decoder ------------------------------------------------------------------------
     def _decoder_input(self, latent, index, valid, b: int, t: int) -> torch.Tensor:
         """Decoder tokens with positions: ``(B, T', N, Dd)`` (divided) or ``(B, T'*N, Dd)``
@@ -364,17 +386,27 @@ class RoiMAE(nn.Module):
         """Mean per-token MSE over each sample's hidden tokens ``(B,)`` and the mean encoder
         output over its visible tokens ``(B, D)``.
 
+        ``x`` is ``(B, W, N, P)``, or one window ``(1, W, N, P)`` under all ``B`` masks:
+        with divided attention the first block's spatial attention is then shared by
+        every mask (only the hidden keys' share is taken out per mask).
+
         The same numbers as averaging :meth:`errors_and_embedding`'s errors over the hidden
         tokens, but the decoder's last block and the prediction head run at the hidden
         tokens only (every token still serves as key and value), which is most of the
         decoder's work when few tokens are hidden (region fidelity).
         """
         tokens = self.group_time(x)
+        one_window = tokens.shape[0] == 1 and mask.shape[0] > 1
+        if one_window:  # one window under several masks
+            tokens = tokens.expand(mask.shape[0], -1, -1, -1)
         mask = self._check_mask(mask, tokens)
         b, t, n, f = tokens.shape
         if not bool(mask.any(dim=tuple(range(1, mask.ndim))).all()):
             raise ValueError("every sample needs at least one hidden token")
-        latent, index, valid = self._encode(tokens, mask)
+        if one_window and self.attention == "divided" and len(self.blocks) > 0:
+            latent, index, valid = self._encode_occluded(tokens[:1], mask)
+        else:
+            latent, index, valid = self._encode(tokens, mask)
         h = self._decoder_input(latent, index, valid, b, t)
         for blk in self.decoder_blocks[:-1]:
             h = blk(h)

@@ -76,20 +76,22 @@ class Attention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(m, xq.shape[1], dim))
 
 
-    def softmax_parts(self, x: torch.Tensor, chunk: int = 256) -> tuple:
+    def softmax_parts(self, x: torch.Tensor, chunk: int = 512) -> tuple:
         """Everything :meth:`output_without` needs, from one pass over ``x (M, L, D)``:
-        ``q, k, v (M, H, L, d)`` and each query's output and log-sum-exp over all keys,
-        in float64 so that taking keys out later loses no precision."""
+        ``q, k, v (M, H, L, d)`` and each query's output and log-sum-exp over all keys
+        (one exponential per score; the corrections are then taken in float64)."""
         m, length, dim = x.shape
         qkv = self.qkv(x).reshape(m, length, 3, self.heads, dim // self.heads)
-        q, k, v = (t.double() for t in qkv.permute(2, 0, 3, 1, 4).unbind(0))
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         scale = q.shape[-1] ** -0.5
         outs, lses = [], []
         for start in range(0, length, chunk):  # bounded memory: (M, H, chunk, L) scores
-            scores = (q[:, :, start:start + chunk] @ k.transpose(-1, -2)) * scale
-            lse = torch.logsumexp(scores, dim=-1)
-            outs.append(torch.exp(scores - lse[..., None]) @ v)
-            lses.append(lse)
+            scores = (q[:, :, start:start + chunk] * scale) @ k.transpose(-1, -2)
+            top = scores.amax(dim=-1, keepdim=True)
+            weights = torch.exp(scores - top)
+            total = weights.sum(dim=-1, keepdim=True)
+            outs.append((weights @ v) / total)
+            lses.append((top + torch.log(total)).squeeze(-1))
         return q, k, v, torch.cat(outs, 2), torch.cat(lses, 2)
 
     def output_without(self, parts: tuple, removed: torch.Tensor, kept: torch.Tensor,
@@ -102,11 +104,12 @@ class Attention(nn.Module):
         """
         q, k, v, out, lse = parts
         scale = q.shape[-1] ** -0.5
-        q = q[:, :, kept]
-        weight = torch.exp((q @ k[:, :, removed].transpose(-1, -2)) * scale
-                           - lse[:, :, kept, None])  # (M, H, K, R)
+        q = q[:, :, kept].double()
+        k_out, v_out = k[:, :, removed].double(), v[:, :, removed].double()
+        weight = torch.exp((q @ k_out.transpose(-1, -2)) * scale
+                           - lse[:, :, kept, None].double())  # (M, H, K, R)
         share = weight.sum(-1, keepdim=True)
-        new = (out[:, :, kept] - weight @ v[:, :, removed]) / (1.0 - share)
+        new = (out[:, :, kept].double() - weight @ v_out) / (1.0 - share)
         m, heads, n_kept, width = new.shape
         return self.proj(new.transpose(1, 2).reshape(m, n_kept, heads * width).to(dtype))
 

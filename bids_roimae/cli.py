@@ -182,7 +182,9 @@ RES = "Resources and run control"
 @_opt("--atlas-labels", type=click.Path(path_type=Path), default=None, section=ATLAS,
       help="TSV (index, name[, system]) for --atlas-file.")
 @_setting("--roi-assign", setting=(GeometryConfig, "roi_assign"), section=ATLAS,
-          help="Which patches belong to a region.")
+          help="How patches become tokens and tokens regions: exact splits a patch "
+               "holding several regions into one token per region piece (voxel-exact "
+               "regions); majority/any/pure keep one token per patch.")
 @_setting("--confounds", setting=(PrepConfig, "confounds"), section=PREP,
           help="Confound regression with fMRIPrep's confounds.")
 @_setting("--normalize", setting=(PrepConfig, "normalize"), section=PREP,
@@ -262,8 +264,12 @@ RES = "Resources and run control"
            "Doubles the Integrated Gradients time.")
 @_setting("--fidelity-windows", type=click.IntRange(1),
           setting=(AttributionConfig, "fidelity_windows"), section=ATTR,
-          help="Windows per run for region fidelity (one forward pass per window and "
+          help="Windows per run for region fidelity (one region hidden per window and "
                "region: fewer is faster on a CPU, more is less noisy).")
+@_setting("--fidelity-batch", type=click.IntRange(0),
+          setting=(AttributionConfig, "fidelity_batch"), section=ATTR,
+          help="(window, region) pairs per forward pass of region fidelity; 0 sizes it "
+               "from free memory.")
 @_opt("-w", "--work-dir", type=click.Path(path_type=Path), default=None, section=RES,
       help="Scratch folder. Default: a temporary folder.")
 @_opt("--nprocs", type=click.IntRange(1), default=1, section=RES,

@@ -76,7 +76,10 @@ class GeometryConfig:
     """How a 4D BOLD window is cut into brain tokens.
 
     A token is ``patch_size**3`` voxels x ``temporal_patch`` frames; a window is
-    ``window`` frames. ``roi_assign`` decides which patches belong to a region.
+    ``window`` frames. ``roi_assign`` decides how patches become tokens and tokens regions:
+    ``exact`` splits a patch holding several atlas regions into one token per region
+    piece, so regions are voxel-exact everywhere; ``majority``, ``any`` and ``pure`` keep
+    one token per patch (see :mod:`bids_roimae.core.geometry`).
     ``min_brain_fraction`` drops patches whose brain share is below it (0 keeps every
     patch that touches the brain).
     """
@@ -84,7 +87,7 @@ class GeometryConfig:
     patch_size: int = 6
     window: int = 20
     temporal_patch: int = 4
-    roi_assign: Literal["majority", "any", "pure"] = "majority"
+    roi_assign: Literal["exact", "majority", "any", "pure"] = "exact"
     min_brain_fraction: float = 0.0
 
     def validate(self) -> None:
@@ -128,6 +131,10 @@ class MaskingConfig:
     ratio: float = 0.5
     region_weighting: Literal["uniform", "size"] = "uniform"
     per_chunk: bool = False
+    # "exact": ROI masks hide exactly as many tokens as random masking (the last drawn
+    # region partly), so batches need no padding; "whole": whole regions only, within one
+    # region of the target (padded batches). See bids_roimae.core.masking.
+    roi_count: Literal["exact", "whole"] = "exact"
 
     def validate(self) -> None:
         _check_choices(self)
@@ -217,8 +224,10 @@ class AttributionConfig:
 
     IG integrates with Gauss-Legendre points, starting at ``min_steps`` and doubling up to
     ``steps`` until every window's completeness error is under 5%; each window-step is a
-    forward and backward pass, so ``windows`` (per run) bounds the cost. Fidelity costs
-    one forward pass per (window, region).
+    forward and backward pass, so ``windows`` (per run) bounds the cost; ``batch_size``
+    window-steps share a pass (0: as many as free memory allows). Fidelity hides one region
+    per (window, region) pair; ``fidelity_batch`` pairs share a forward pass (0: as many
+    as free memory allows).
     """
 
     steps: int = 32
@@ -226,15 +235,18 @@ class AttributionConfig:
     windows: int = 4
     fidelity_windows: int = 4
     baseline: Literal["zeros", "mean"] = "zeros"
-    batch_size: int = 8
+    batch_size: int = 0
+    fidelity_batch: int = 0
 
     def validate(self) -> None:
         _check_choices(self)
         if self.steps < 2 or self.min_steps < 2:
             raise ConfigError("attribution.steps and attribution.min_steps must be >= 2")
-        if self.windows < 1 or self.fidelity_windows < 1 or self.batch_size < 1:
-            raise ConfigError("attribution.windows, fidelity_windows and batch_size must "
-                              "be >= 1")
+        if self.windows < 1 or self.fidelity_windows < 1:
+            raise ConfigError("attribution.windows and fidelity_windows must be >= 1")
+        if self.batch_size < 0 or self.fidelity_batch < 0:
+            raise ConfigError("attribution.batch_size and fidelity_batch must be >= 0 "
+                              "(0: sized from free memory)")
 
 
 @dataclass

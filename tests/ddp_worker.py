@@ -24,7 +24,7 @@ from bids_roimae.core.geometry import build_geometry
 GRID = (13, 17, 11)  # unequal so axis mix-ups fail
 
 
-def make_geometry(patch_size: int = 3, grid=GRID, rule: str = "majority"):
+def make_geometry(patch_size: int = 3, grid=GRID, rule: str = "exact"):
     """An ellipsoid brain on an unequal grid with 8 slab-and-side regions.
 
     Labels split the brain into 4 slabs along y and 2 hemispheres along x, and leave a

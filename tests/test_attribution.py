@@ -115,6 +115,13 @@ class TinyMAE(nn.Module):
         pooled = (self.encode(x, mask) * visible).sum((1, 2)) / visible.sum((1, 2))
         return self.token_errors(x, mask), pooled
 
+    def hidden_error_and_embedding(self, x, mask):
+        err, pooled = self.errors_and_embedding(x, mask)
+        return (err * mask).sum((1, 2)) / mask.sum((1, 2)), pooled
+
+    def embed(self, x):
+        return self.encode(x).mean((1, 2))
+
 
 # -- Integrated Gradients --------------------------------------------------------------
 def test_ig_completeness_within_documented_tolerance():
@@ -286,7 +293,7 @@ def test_region_fidelity_bigger_region_moves_embedding_more():
     # Hiding more tokens of a mean-pooled embedding moves it more, on average.
     corr = np.corrcoef(table["n_tokens"], table["embedding_shift"])[0, 1]
     assert corr > 0
-    with pytest.raises(ValueError, match="own no patch"):
+    with pytest.raises(ValueError, match="own no token"):
         region_fidelity(mae, make_windows(geometry, 1), geometry, regions=[9])
 
 

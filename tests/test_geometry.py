@@ -3,7 +3,12 @@
 import numpy as np
 import pytest
 
-from bids_roimae.core.geometry import TokenGeometry, build_geometry, window_tokens
+from bids_roimae.core.geometry import (
+    TokenGeometry,
+    build_geometry,
+    describe_regions,
+    window_tokens,
+)
 
 SHAPE = (13, 17, 11)
 
@@ -54,13 +59,14 @@ def test_extract_puts_each_voxel_at_its_grid_position(geom):
     mask = _ellipsoid()
     np.testing.assert_allclose(back[mask], vol[..., 2][mask])
     assert np.all(back[~mask] == 0)
-    # a single voxel lands in the token whose box contains it
+    # a single voxel lands in the one token whose patch contains it and whose piece has it
     i, j, k = 7, 9, 4
-    t = np.flatnonzero(np.all(geom.patch_ijk == (np.array([i, j, k]) - geom.origin) // 3,
-                              axis=1))[0]
     off = (np.array([i, j, k]) - geom.origin) % 3
     p = off[0] * 9 + off[1] * 3 + off[2]
-    assert tok[1, t, p] == vol[i, j, k, 1]
+    in_patch = np.all(geom.patch_ijk == (np.array([i, j, k]) - geom.origin) // 3, axis=1)
+    owners = np.flatnonzero(in_patch & geom.voxel_mask[:, p])
+    assert owners.size == 1
+    assert tok[1, owners[0], p] == vol[i, j, k, 1]
 
 
 def test_extract_3d_matches_4d(geom):
@@ -68,23 +74,32 @@ def test_extract_3d_matches_4d(geom):
     np.testing.assert_array_equal(geom.extract(vol), geom.extract(vol[..., None])[0])
 
 
-def test_region_rules(geom):
-    maj = geom.region_patches()
+def test_region_rules():
+    majg = build_geometry(_ellipsoid(), AFFINE, _labels(_ellipsoid()), 3, "majority")
+    maj = majg.region_patches()
     assert set(maj) <= {5, 7, 9}
     # majority: each patch in at most one region
-    assert len(np.unique(geom.member_patch)) == len(geom.member_patch)
+    assert len(np.unique(majg.member_patch)) == len(majg.member_patch)
     anyg = build_geometry(_ellipsoid(), AFFINE, _labels(_ellipsoid()), 3, "any")
     pure = build_geometry(_ellipsoid(), AFFINE, _labels(_ellipsoid()), 3, "pure")
-    assert len(anyg.member_patch) > len(geom.member_patch) > len(pure.member_patch)
+    assert len(anyg.member_patch) > len(majg.member_patch) > len(pure.member_patch)
     for region, patches in pure.region_patches().items():
         labs = pure.labels[patches][pure.voxel_mask[patches]]
         assert set(np.unique(labs[labs > 0])) == {region}
 
 
 def test_centres_in_mm(geom):
-    c = geom.centres_mm
-    first = geom.origin + geom.patch_ijk[0] * 3 + 1
-    np.testing.assert_allclose(c[0], AFFINE[:3, :3] @ first + AFFINE[:3, 3])
+    majg = build_geometry(_ellipsoid(), AFFINE, _labels(_ellipsoid()), 3, "majority")
+    first = majg.origin + majg.patch_ijk[0] * 3 + 1  # patch centre, as old checkpoints expect
+    np.testing.assert_allclose(majg.centres_mm[0], AFFINE[:3, :3] @ first + AFFINE[:3, 3])
+    # exact: a piece sits at the centroid of its own voxels (pieces of a patch differ)
+    ijk = np.stack(np.unravel_index(geom.voxel_index[0][geom.voxel_mask[0]], SHAPE,
+                                    order="F"), axis=1)
+    np.testing.assert_allclose(geom.centres_mm[0],
+                               AFFINE[:3, :3] @ ijk.mean(axis=0) + AFFINE[:3, 3])
+    _, first_rows = np.unique(geom.patch_ijk, axis=0, return_index=True)
+    assert np.unique(geom.centres_mm.round(6), axis=0).shape[0] == geom.n_tokens
+    assert first_rows.size < geom.n_tokens  # some patch was split, yet positions differ
 
 
 def test_round_trip_and_hashes(geom):
@@ -94,9 +109,37 @@ def test_round_trip_and_hashes(geom):
     assert again.extraction_hash == geom.extraction_hash
     assert again.atlas_hash == geom.atlas_hash
     other = build_geometry(_ellipsoid(), AFFINE, None, patch_size=3)
-    assert other.extraction_hash == geom.extraction_hash  # labels do not change tokens
     assert other.atlas_hash != geom.atlas_hash
     assert build_geometry(_ellipsoid(), AFFINE, None, 4).extraction_hash != geom.extraction_hash
+    # one token per patch: labels do not change tokens; exact: the split follows the atlas
+    majg = build_geometry(_ellipsoid(), AFFINE, _labels(_ellipsoid()), 3, "majority")
+    assert other.extraction_hash == majg.extraction_hash
+    assert other.extraction_hash != geom.extraction_hash
+
+
+def test_exact_tokens_are_region_pieces_and_keep_every_region():
+    mask = _ellipsoid()
+    labels = _labels(mask)
+    labels[8, 10, 5] = 11  # a one-voxel region, far smaller than a patch
+    labels[3, 6, 4:6] = 12  # two voxels inside a patch of region 5
+    exact = build_geometry(mask, AFFINE, labels, 3, "exact")
+    majg = build_geometry(mask, AFFINE, labels, 3, "majority")
+    present = set(np.unique(labels[mask & (labels > 0)]).tolist())
+    assert set(exact.region_patches()) == present == set(exact.region_ids.tolist())
+    assert not {11, 12} <= set(majg.region_patches())  # what the majority rule loses
+    # pieces are disjoint and cover the brain once; a token holds one region only
+    assert exact.voxel_mask.sum() == mask.sum()
+    np.testing.assert_array_equal(exact.scatter(np.ones(exact.n_tokens)) > 0, mask)
+    for t in range(exact.n_tokens):
+        labs = np.unique(exact.labels[t][exact.voxel_mask[t]])
+        assert (labs > 0).sum() <= 1
+    # a region's tokens hold exactly its voxels (plus unlabelled ones)
+    for region, tokens in exact.region_patches().items():
+        painted = exact.scatter(np.isin(np.arange(exact.n_tokens), tokens).astype(float))
+        np.testing.assert_array_equal((painted > 0) & (labels > 0), labels == region)
+    assert exact.region_patches()[11].size == 1
+    assert exact.n_tokens > majg.n_tokens == exact.n_patches
+    assert "can be masked" in describe_regions(exact)
 
 
 def test_min_brain_fraction_drops_edge_patches():

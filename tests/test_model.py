@@ -32,9 +32,46 @@ def _window(geometry, batch=2, seed=0):
     return x * torch.as_tensor(geometry.voxel_mask)
 
 
-def _roi_masks(geometry, batch, seed):
+def _roi_masks(geometry, batch, seed, count="exact"):
     return torch.as_tensor(make_batch_masks("roi", geometry, 0.5, batch, 4,
-                                            np.random.default_rng(seed)))
+                                            np.random.default_rng(seed), count=count))
+
+
+@pytest.mark.parametrize("attention", ["divided", "joint"])
+def test_roi_batches_reach_sdpa_unpadded(geometry, attention, monkeypatch):
+    """The default ROI count rule gives every sample the visible count of random masking:
+    attention runs with no mask (the flash/efficient kernels stay eligible)."""
+    import torch.nn.functional as F
+
+    calls = []
+    real = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        calls.append((attn_mask, tuple(q.shape)))
+        return real(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    model = _model(geometry, attention=attention)
+    rng = np.random.default_rng(2)
+    roi = torch.as_tensor(make_batch_masks("roi", geometry, 0.5, 6, 4, rng))
+    rnd = torch.as_tensor(make_batch_masks("random", geometry, 0.5, 6, 4, rng))
+    visible = (~roi[:, 0]).sum(1)
+    assert (visible == visible[0]).all()
+    assert torch.equal(roi.sum((1, 2)), rnd.sum((1, 2)))  # same masked fraction, exactly
+    assert visible_index(roi[:, 0])[1] is None
+    with torch.no_grad():
+        model(_window(geometry, 6), roi)
+    assert calls and all(mask is None for mask, _ in calls)
+    n_vis = int(visible[0])
+    expect = n_vis if attention == "divided" else n_vis * 4
+    assert any(shape[2] == expect for _, shape in calls)  # the encoder saw only visible tokens
+    # the legacy whole-region rule still pads, and then passes a key-padding mask
+    calls.clear()
+    whole = _roi_masks(geometry, 6, 0, count="whole")
+    assert len(set((~whole[:, 0]).sum(1).tolist())) > 1
+    with torch.no_grad():
+        model(_window(geometry, 6), whole)
+    assert any(mask is not None for mask, _ in calls)
 
 
 @pytest.mark.parametrize("attention", ["divided", "joint"])
@@ -63,7 +100,7 @@ def test_padding_never_influences_real_tokens(geometry, attention):
     model = _model(geometry, attention=attention)
     # two ROI masks with different visible counts -> the batch needs padding
     for seed in range(50):
-        masks = _roi_masks(geometry, 2, seed)
+        masks = _roi_masks(geometry, 2, seed, count="whole")
         counts = (~masks[:, 0]).sum(1)
         if counts[0] < counts[1]:
             break
@@ -185,7 +222,7 @@ def test_errors_and_embedding_match_the_two_separate_passes(geometry, attention)
     also when the batch's masks hide different numbers of tokens (padding)."""
     model = _model(geometry, attention=attention)
     x = _window(geometry, 3, seed=4)
-    mask = _roi_masks(geometry, 3, 5)
+    mask = _roi_masks(geometry, 3, 5, count="whole")
     counts = mask[:, 0].sum(1)
     assert len(set(counts.tolist())) > 1  # ragged: the padded path is exercised
     with torch.no_grad():

@@ -1,9 +1,11 @@
-"""Running a trained module for analysis: evaluation mode, no parameter gradients."""
+"""Running a trained module for analysis: evaluation mode, no parameter gradients, and
+how much work one pass may take on the device."""
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+import os
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
@@ -30,3 +32,31 @@ def device_of(module: nn.Module) -> torch.device:
     for p in module.parameters():
         return p.device
     return torch.device("cpu")
+
+
+#: The most a CPU pass may use: other work (cache reads, other processes) shares the RAM.
+CPU_BUDGET_BYTES = 2 << 30
+
+
+def available_memory() -> int:
+    """Physical memory available on this machine in bytes (4 GiB when unknown)."""
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 4 << 30
+
+
+def memory_budget(device: torch.device) -> int:
+    """Bytes one analysis pass may use: half the free GPU memory on CUDA; on CPU a quarter
+    of the available memory, at most :data:`CPU_BUDGET_BYTES`."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0] * 0.5)
+    return min(CPU_BUDGET_BYTES, available_memory() // 4)
+
+
+def items_per_pass(bytes_per_item: int, device, budget_bytes: Optional[int] = None,
+                   most: int = 64) -> int:
+    """How many items of ``bytes_per_item`` fit the budget: between 1 and ``most``."""
+    budget = memory_budget(device) if budget_bytes is None else int(budget_bytes)
+    return int(min(most, max(1, budget // max(int(bytes_per_item), 1))))

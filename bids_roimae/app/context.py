@@ -94,7 +94,8 @@ def _cli_overrides(o: dict) -> dict[str, Any]:
         "finetune": {"strategy": o.get("finetune_strategy"), "task_type": o.get("task_type"),
                      "folds": o.get("folds"), "cv_repeats": o.get("cv_repeats")},
         "attribution": {"steps": o.get("ig_steps"),
-                        "fidelity_windows": o.get("fidelity_windows")},
+                        "fidelity_windows": o.get("fidelity_windows"),
+                        "fidelity_batch": o.get("fidelity_batch")},
         "seed": o.get("seed"),
     }
 

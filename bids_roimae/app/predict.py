@@ -4,12 +4,14 @@ fidelity maps, and the participant page."""
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 import nibabel as nib
 import numpy as np
 import pandas as pd
+import torch
 from torch import nn
 
 from bids_roimae.analysis.attribution import integrated_gradients
@@ -18,6 +20,8 @@ from bids_roimae.analysis.fidelity import region_fidelity
 from bids_roimae.app.common import exit_code_for, prepare, start_output, with_prep
 from bids_roimae.app.context import RunContext
 from bids_roimae.config import MODEL_RESOLUTION
+from bids_roimae.core.geometry import describe_regions
+from bids_roimae.errors import BadDataError
 from bids_roimae.io.bids_names import derivative_path
 from bids_roimae.io.checkpoint import FoldModel, LoadedModel, load_model
 from bids_roimae.io.derivatives import write_sidecar, write_tsv
@@ -25,8 +29,8 @@ from bids_roimae.io.model_store import models_dir, pick_model
 from bids_roimae.io.templates import load_template
 from bids_roimae.reports.participant_report import build_participant_report
 from bids_roimae.reports.run_derivatives import write_run_attribution, write_run_fidelity
-from bids_roimae.training.finetune import predict_subject
-from bids_roimae.training.windows import load_windows, subject_windows
+from bids_roimae.training.finetune import subject_prediction
+from bids_roimae.training.windows import embed_loaded, load_windows, window_starts
 
 log = logging.getLogger("bids_roimae")
 
@@ -96,13 +100,43 @@ def _attribution_source(subject: str, fold: Optional[FoldModel], trained: Sequen
             "TrainedOnThisParticipant": seen if trained else "unknown"}
 
 
+@dataclass
+class RunWindows:
+    """One run's windows, read from the cache once, and which of them each analysis uses."""
+
+    entry: object
+    windows: np.ndarray  # (K, W, N, P) float32
+    predict_rows: np.ndarray  # rows for the prediction (finetune.windows_per_run)
+    attribution_rows: np.ndarray  # rows for IG and fidelity (attribution.windows)
+
+
+def read_run_windows(entry, window: int, per_run_predict: int, per_run_attribution: int
+                     ) -> Optional[RunWindows]:
+    """The union of the prediction's and the attribution's windows of a run, in one read
+    of the cache (None when the run is shorter than a window)."""
+    n_frames = int(entry.n_frames)
+    for_predict = window_starts(n_frames, window, per_run_predict)
+    for_attribution = window_starts(n_frames, window, per_run_attribution)
+    starts = np.union1d(for_predict, for_attribution)
+    if starts.size == 0:
+        return None
+    windows = load_windows([(entry, int(s)) for s in starts], window)
+    return RunWindows(entry, windows, np.searchsorted(starts, for_predict),
+                      np.searchsorted(starts, for_attribution))
+
+
 def run_predict(ctx: RunContext) -> int:
-    """Per subject: prediction, embedding, attribution and fidelity maps, HTML page."""
+    """Per subject: prediction, embedding, attribution and fidelity maps, HTML page.
+
+    The models are loaded once for all subjects; each run's windows are read from the
+    cache once and serve the prediction, Integrated Gradients and region fidelity.
+    """
     model_path = pick_model(ctx.output_dir, ctx.model_path, "finetune", "--model")
     finetuned = load_model(model_path, ctx.device, kind="finetune")
     classifier, cfg, geometry, meta = (finetuned.model, finetuned.cfg, finetuned.geometry,
                                        finetuned.meta)
     atlas = meta.atlas
+    log.info("model geometry: %s", describe_regions(geometry, ids=list(atlas.index) or None))
     start_output(ctx)
     runs = ctx.discover()
     template = load_template(ctx.space, resolution=MODEL_RESOLUTION)
@@ -118,10 +152,9 @@ def run_predict(ctx: RunContext) -> int:
     window, attr = cfg.geometry.window, ctx.cfg.attribution
     if mae is not None:
         n_regions = len(geometry.region_patches())
-        log.info("region fidelity: up to %d windows x %d regions = %d forward passes per run "
-                 "on %s (--fidelity-windows or --no-fidelity to change)",
-                 attr.fidelity_windows, n_regions, attr.fidelity_windows * n_regions,
-                 ctx.device)
+        log.info("region fidelity: up to %d windows x %d regions per run on %s, batched "
+                 "(--fidelity-windows, --fidelity-batch or --no-fidelity to change)",
+                 attr.fidelity_windows, n_regions, ctx.device)
     evidence = OutOfFoldSummary.from_dict(meta.out_of_fold)
     if evidence is not None and not evidence.above_chance:
         log.warning("%s: %s %s", model_path.parent.name, evidence.headline(), CHANCE_WARNING)
@@ -130,18 +163,26 @@ def run_predict(ctx: RunContext) -> int:
         # Out-of-fold: a participant of the cross-validation is predicted and attributed
         # by the fold model that never trained on it.
         subject_clf, fold = finetuned.classifier_for(subject)
+        subject_clf = subject_clf.to(ctx.device).eval()
         source = _attribution_source(subject, fold, meta.trained_subjects)
         subject_meta = dict(model_meta, AttributionModel=source)
-        pred = predict_subject(subject_clf, subj_entries, cfg, ctx.device)
+        run_windows = [rw for rw in (read_run_windows(e, window, cfg.finetune.windows_per_run,
+                                                      attr.windows) for e in subj_entries)
+                       if rw is not None]
+        if not run_windows:
+            raise BadDataError(f"sub-{subject}: no run has {window} frames (one window)")
+        for_predict = np.concatenate([rw.windows[rw.predict_rows] for rw in run_windows])
+        embeddings = embed_loaded(subject_clf.encoder, for_predict, cfg.finetune.batch_size,
+                                  ctx.device)
+        logits = subject_clf.head_forward(torch.from_numpy(embeddings).to(ctx.device))
+        pred = subject_prediction(subject_clf, logits.detach().float().cpu().numpy(),
+                                  embeddings)
         _write_prediction(ctx, subject, pred, model_path, source)
         log.info("sub-%s: predicted %s (p=%s) from %d windows", subject, pred["label"],
                  None if pred["probability"] is None else f"{pred['probability']:.3f}",
                  pred["n_windows"])
-        for entry in subj_entries:
-            refs = subject_windows([entry], window, attr.windows).get(subject)
-            if not refs:
-                continue
-            windows = load_windows(refs, window)
+        for rw in run_windows:
+            entry, windows = rw.entry, rw.windows[rw.attribution_rows]
             ents = dict(entry.meta.get("entities") or {})
             reference = nib.load(str(entry.source))
             sources = [f"bids:fmriprep:{Path(entry.source).name}",
@@ -159,7 +200,7 @@ def run_predict(ctx: RunContext) -> int:
                 n_fid = min(len(windows), attr.fidelity_windows)
                 some = windows[np.linspace(0, len(windows) - 1, n_fid).round().astype(int)]
                 fid = region_fidelity(mae, some, geometry, table=atlas.table,
-                                      batch_size=attr.batch_size)
+                                      batch_size=attr.fidelity_batch)
                 write_run_fidelity(ctx.output_dir, ents, fid, geometry, reference, atlas.name,
                                    space=ctx.space, res=ents.get("res"),
                                    model_meta=model_meta, sources=sources)

@@ -15,7 +15,9 @@ def run_prepare(ctx: RunContext) -> int:
     """Index the selected subjects' BOLD runs and write their token caches."""
     runs = ctx.discover()
     start_output(ctx)
-    grid = model_grid(ctx, ctx.cfg, with_atlas=False)
+    # Region-split tokens (the exact rule) follow the atlas, so the cache does too: the
+    # group level must find what the participant level wrote.
+    grid = model_grid(ctx, ctx.cfg, with_atlas=ctx.cfg.geometry.roi_assign == "exact")
     log.info("%d BOLD runs selected; %d brain tokens of %d^3 voxels per frame", len(runs),
              grid.geometry.n_tokens, grid.geometry.patch_size)
     entries, failures = prepare(ctx, runs, grid.geometry, grid.template, ctx.cfg)

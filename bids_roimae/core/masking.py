@@ -6,17 +6,32 @@ fair:
 ``random``
     exactly ``round(ratio * N)`` patches drawn uniformly;
 ``roi``
-    whole atlas regions drawn at random (without replacement, weighted uniformly or by
-    region size) until the target count is reached.
+    atlas regions drawn at random (without replacement, weighted uniformly or by region
+    size) until the target count is reached.
 
-ROI stop rule: regions are added in draw order; the region whose addition reaches or
-passes the target ends the draw. It is kept when that lands closer to the target than
-stopping before it (ties keep it), so the masked count is within one region of the
-target and, averaged over draws, on target. At least one region is always masked and
-never every brain token (the encoder needs something to see).
+ROI count rule (``count``, recorded in a checkpoint's ``masking.roi_count``):
 
-Patches that belong to no region (unlabelled brain, about 7 % of patches for AAL3 at
-6 mm) join the region(s) of the nearest labelled patch. Masking them as singleton
+``exact`` (default)
+    whole regions are hidden in draw order while they fit under the target; the region
+    that would pass it is hidden **partially**: its tokens nearest to a random token of
+    it (a compact piece, not scattered tokens), exactly as many as the target still
+    needs. Every mask then hides exactly ``round(ratio * N)`` tokens, as random masking
+    does, so a batch has one visible count: no padding, no attention mask, the fast
+    attention kernels. The price: one region per draw is only partly hidden (its hidden
+    part is seen next to its visible part).
+``whole``
+    only whole regions: the region whose addition reaches or passes the target is kept
+    when that lands closer to the target than stopping before it (ties keep it), so the
+    count is within one region of the target and on target on average; batches then
+    differ in visible count and the encoder pads them (a key-padding mask).
+
+At least one token is always hidden and never every brain token (the encoder needs
+something to see).
+
+With the geometry's ``exact`` rule a region's tokens hold exactly its voxels, so hiding a
+region hides its voxels and no other region's. Tokens that belong to no region (patches
+without any labelled voxel, 108 of 3,726 tokens for AAL3 at 6 mm) join the region(s) of
+the nearest labelled token; they hold no region's voxels. Masking them as singleton
 pseudo-regions would, with uniform weighting, make a large share of draws tiny scattered
 patches that are trivially interpolated, which is what ROI masking is meant to avoid.
 With the ``any`` rule a patch can sit in several regions; it is masked when any of them
@@ -29,6 +44,7 @@ A mask is boolean, ``True`` = hidden. Spatial masks are ``(N,)``; batch masks ar
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
@@ -36,6 +52,7 @@ from bids_roimae.core.geometry import TokenGeometry
 
 STRATEGIES = ("random", "roi")
 WEIGHTINGS = ("uniform", "size")
+COUNT_RULES = ("exact", "whole")
 
 
 @dataclass(frozen=True)
@@ -52,12 +69,15 @@ class RegionGroups:
         Region label of each group (for logs; pseudo-regions get negative labels).
     disjoint : bool
         Whether no token sits in two groups (enables a vectorised draw).
+    positions : ndarray, shape (N, 3), optional
+        Token positions (mm), so a partly hidden region is a compact piece of it.
     """
 
     n_tokens: int
     groups: tuple
     labels: np.ndarray
     disjoint: bool
+    positions: Optional[np.ndarray] = None
 
     @property
     def sizes(self) -> np.ndarray:
@@ -131,7 +151,8 @@ def _groups_from_geometry(geom: TokenGeometry) -> RegionGroups:
     labels = np.array(sorted(members), np.int64)
     groups = tuple(np.unique(np.asarray(members[int(r)], np.int64)) for r in labels)
     disjoint = sum(g.size for g in groups) == np.unique(np.concatenate(groups)).size
-    return RegionGroups(n, groups, labels, bool(disjoint))
+    return RegionGroups(n, groups, labels, bool(disjoint),
+                        np.asarray(geom.centres_mm, np.float64))
 
 
 def target_count(n_tokens: int, ratio: float) -> int:
@@ -171,7 +192,8 @@ def _draw_order(groups: RegionGroups, weighting: str, rng: np.random.Generator) 
 
 
 def _choose_stop(before: int, after: int, target: int, n_tokens: int) -> bool:
-    """Whether to keep the region that takes the count from ``before`` to ``after``."""
+    """``whole`` rule: whether to keep the region taking the count from ``before`` to
+    ``after``."""
     if before == 0:
         return True
     if after >= n_tokens:
@@ -179,9 +201,22 @@ def _choose_stop(before: int, after: int, target: int, n_tokens: int) -> bool:
     return (after - target) <= (target - before)
 
 
+def _compact_part(tokens: np.ndarray, need: int, positions: Optional[np.ndarray],
+                  rng: np.random.Generator) -> np.ndarray:
+    """``need`` of ``tokens``: those nearest a random one of them (random without
+    positions)."""
+    if need >= tokens.size:
+        return tokens
+    if positions is None:
+        return rng.choice(tokens, size=need, replace=False)
+    seed = positions[tokens[rng.integers(tokens.size)]]
+    dist = ((positions[tokens] - seed) ** 2).sum(axis=1)
+    return tokens[np.argsort(dist, kind="stable")[:need]]
+
+
 def roi_mask(geometry_or_membership, ratio: float, rng: np.random.Generator,
-             weighting: str = "uniform") -> np.ndarray:
-    """Hide whole atlas regions until ``round(ratio * N)`` brain tokens are hidden.
+             weighting: str = "uniform", count: str = "exact") -> np.ndarray:
+    """Hide atlas regions until ``round(ratio * N)`` brain tokens are hidden.
 
     Parameters
     ----------
@@ -193,38 +228,46 @@ def roi_mask(geometry_or_membership, ratio: float, rng: np.random.Generator,
         The only source of randomness.
     weighting : {"uniform", "size"}
         Region draw probability: equal, or proportional to the region's token count.
+    count : {"exact", "whole"}
+        ``exact``: exactly the target, the last drawn region partly hidden; ``whole``:
+        whole regions only, within one region of the target (see module notes).
 
     Returns
     -------
     ndarray of bool, shape (N,)
-        The masked count is within one region's size of the target (see module notes).
     """
+    if count not in COUNT_RULES:
+        raise ValueError(f"unknown ROI count rule {count!r}; expected one of {COUNT_RULES}")
     groups = region_groups(geometry_or_membership)
     n = groups.n_tokens
     target = target_count(n, ratio)
     order = _draw_order(groups, weighting, rng)
     mask = np.zeros(n, dtype=bool)
     if groups.disjoint:
-        sizes = groups.sizes[order]
-        cum = np.cumsum(sizes)
-        k = int(np.searchsorted(cum, target))  # first group whose addition reaches target
-        k = min(k, len(order) - 1)
+        cum = np.cumsum(groups.sizes[order])
+        k = min(int(np.searchsorted(cum, target)), len(order) - 1)  # first to reach target
         before = int(cum[k - 1]) if k else 0
-        keep = _choose_stop(before, int(cum[k]), target, n)
-        chosen = order[:k + 1] if keep else order[:k]
-        mask[np.concatenate([groups.groups[i] for i in chosen])] = True
+        if k:
+            mask[np.concatenate([groups.groups[i] for i in order[:k]])] = True
+        last = groups.groups[order[k]]
+        if count == "exact":
+            mask[_compact_part(last, target - before, groups.positions, rng)] = True
+        elif _choose_stop(before, int(cum[k]), target, n):
+            mask[last] = True
         return mask
-    count = 0
+    hidden = 0
     for i in order:
         new = groups.groups[i][~mask[groups.groups[i]]]
         if new.size == 0:
             continue
-        after = count + new.size
+        after = hidden + new.size
         if after < target:
             mask[new] = True
-            count = after
+            hidden = after
             continue
-        if _choose_stop(count, after, target, n):
+        if count == "exact":
+            mask[_compact_part(new, target - hidden, groups.positions, rng)] = True
+        elif _choose_stop(hidden, after, target, n):
             mask[new] = True
         break
     return mask
@@ -248,7 +291,7 @@ def tube(mask_spatial: np.ndarray, n_time: int) -> np.ndarray:
 
 def make_batch_masks(strategy: str, geometry, ratio: float, batch: int, n_time: int,
                      rng: np.random.Generator, weighting: str = "uniform",
-                     per_chunk: bool = False) -> np.ndarray:
+                     per_chunk: bool = False, count: str = "exact") -> np.ndarray:
     """Masks for one training batch.
 
     Parameters
@@ -265,6 +308,9 @@ def make_batch_masks(strategy: str, geometry, ratio: float, batch: int, n_time: 
         ROI draw weighting.
     per_chunk : bool
         Draw an independent spatial mask for every time token instead of a tube.
+    count : {"exact", "whole"}
+        ROI count rule (see module notes): with ``exact`` every mask hides the same
+        number of tokens as ``random`` does.
 
     Returns
     -------
@@ -279,7 +325,7 @@ def make_batch_masks(strategy: str, geometry, ratio: float, batch: int, n_time: 
     def one() -> np.ndarray:
         if strategy == "random":
             return random_mask(n, ratio, rng)
-        return roi_mask(groups, ratio, rng, weighting)
+        return roi_mask(groups, ratio, rng, weighting, count)
 
     spatial = np.stack([one() for _ in range(draws)])
     if per_chunk:

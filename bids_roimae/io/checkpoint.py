@@ -34,7 +34,7 @@ from torch import nn
 
 from bids_roimae import __version__
 from bids_roimae.config import AppConfig
-from bids_roimae.core.geometry import TokenGeometry
+from bids_roimae.core.geometry import RULES, TokenGeometry
 from bids_roimae.errors import BadDataError, MissingInputError, OutputError, one_line
 from bids_roimae.io import atomic
 from bids_roimae.model.classifier import Classifier, build_head
@@ -346,10 +346,29 @@ def load_checkpoint(path, map_location="cpu", mmap: bool = False) -> dict:
 
 
 def geometry_from_checkpoint(ckpt: dict) -> TokenGeometry:
-    """The token geometry stored in a checkpoint dict."""
+    """The token geometry stored in a checkpoint dict.
+
+    Its ``rule`` says what a token is: checkpoints written before region-split tokens
+    existed carry a one-token-per-patch rule (``majority``) and load with it unchanged
+    (their masking, fidelity and region tables use patch-majority regions); a rule this
+    version does not know is refused.
+
+    Raises
+    ------
+    BadDataError
+        The stored geometry is incomplete or has an unknown rule.
+    """
     arrays = {k: (v.numpy() if isinstance(v, torch.Tensor) else v)
               for k, v in ckpt["geometry"].items()}
-    return TokenGeometry.from_arrays(arrays)
+    rule = str(arrays.get("rule", ""))
+    if rule not in RULES:
+        raise BadDataError(f"the checkpoint's token geometry has region rule {rule!r}, which "
+                           f"this version of bids_roimae does not know (known: "
+                           f"{', '.join(RULES)}); use the version that wrote it")
+    try:
+        return TokenGeometry.from_arrays(arrays)
+    except (KeyError, ValueError) as exc:
+        raise BadDataError(f"the checkpoint's token geometry is unreadable: {exc}") from exc
 
 
 def checkpoint_file(path) -> Path:

@@ -8,8 +8,10 @@ boolean, ``True`` = hidden from the encoder.
 The encoder sees visible tokens only. With ``attention="divided"`` each block attends
 over space within a time step, then over time per location; this needs *tube* masks
 (one spatial set for every time step), so the visible tokens form a ``T' x N_vis`` grid.
-ROI masks hide a different number of tokens per sample: visible locations are gathered
-and padded to the batch maximum, and a key-padding mask keeps padded slots from
+Masks of the default ``exact`` count rule (random, and ROI with a partly hidden last
+region) hide the same number of tokens in every sample, so attention runs unpadded with
+no mask. Masks with unequal counts (ROI ``whole`` rule, region fidelity batches) are
+gathered and padded to the batch maximum, and a key-padding mask keeps padded slots from
 influencing real tokens. ``attention="joint"`` attends over all visible tokens at once
 and accepts any mask (per-chunk masks included). The light decoder sees every token, with
 a learned mask token in the hidden places. The loss is the MSE over hidden tokens,
@@ -89,6 +91,15 @@ def visible_index(hidden: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Te
         return order, None
     valid = torch.arange(high, device=hidden.device)[None, :] < counts[:, None]
     return order, valid
+
+
+def _hidden_rows(hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden positions of each row of ``hidden (B, L)``, padded by repeating the row's
+    first one: ``rows (B, Q)`` and which of them are real ``(B, Q)``."""
+    counts = hidden.sum(dim=1)
+    order = torch.argsort((~hidden).to(torch.int8), dim=1, stable=True)[:, :int(counts.max())]
+    real = torch.arange(order.shape[1], device=hidden.device)[None, :] < counts[:, None]
+    return torch.where(real, order, order[:, :1]), real
 
 
 def _to_device(pair, device):
@@ -222,8 +233,32 @@ class RoiMAE(nn.Module):
             h = blk(h, valid)
         return self.norm(h), index, valid
 
+    def _encode_occluded(self, tokens: torch.Tensor, mask: torch.Tensor):
+        """:meth:`_encode` of one window ``tokens (1, T', N, F)`` under several tube masks
+        ``(B, T', N)``, for divided attention: the first block's spatial attention over all
+        tokens is computed once, and each mask's version follows from it by taking the
+        hidden keys out (:meth:`DividedBlock.forward_without`); the later blocks run on
+        each mask's visible tokens as usual. Same numbers as :meth:`_encode` of the
+        repeated window."""
+        b, t = mask.shape[:2]
+        index, valid = _to_device(visible_index(mask[:, 0]), tokens.device)
+        h0 = self.patch_embed(tokens) + self.pos_space + self.pos_time[:t, None, :]
+        first = self.blocks[0]
+        parts = first.space_parts(h0)
+        spatial = mask[:, 0].to(tokens.device)
+        h = h0.new_zeros(b, t, index.shape[1], h0.shape[-1])
+        for i in range(b):
+            n_kept = index.shape[1] if valid is None else int(valid[i].sum())
+            removed = torch.nonzero(spatial[i]).flatten()
+            h[i, :, :n_kept] = first.forward_without(h0, parts, removed, index[i, :n_kept])[0]
+        for blk in self.blocks[1:]:
+            h = blk(h, valid)
+        return self.norm(h), index, valid
+
     # -- decoder ------------------------------------------------------------------------
-    def _decode(self, latent, index, valid, b: int, t: int) -> torch.Tensor:
+    def _decoder_input(self, latent, index, valid, b: int, t: int) -> torch.Tensor:
+        """Decoder tokens with positions: ``(B, T', N, Dd)`` (divided) or ``(B, T'*N, Dd)``
+        (joint); hidden places hold the mask token."""
         n = self.n_tokens
         d = self.decoder_embed(latent)
         dd = d.shape[-1]
@@ -236,18 +271,19 @@ class RoiMAE(nn.Module):
             if index is not None:
                 full = token.expand(b, t, n, dd)
                 d = full.scatter(2, index[:, None, :, None].expand(b, t, index.shape[1], dd), d)
-            h = d + self.dec_pos_space + self.dec_pos_time[:t, None, :]
-            for blk in self.decoder_blocks:
-                h = blk(h)
-        else:
-            if index is not None:
-                full = token.expand(b, t * n, dd)
-                d = full.scatter(1, index[..., None].expand(b, index.shape[1], dd), d)
-            pos = (self.dec_pos_time[:t, None, :] + self.dec_pos_space[None]).reshape(t * n, dd)
-            h = d + pos
-            for blk in self.decoder_blocks:
-                h = blk(h)
-            h = h.reshape(b, t, n, dd)
+            return d + self.dec_pos_space + self.dec_pos_time[:t, None, :]
+        if index is not None:
+            full = token.expand(b, t * n, dd)
+            d = full.scatter(1, index[..., None].expand(b, index.shape[1], dd), d)
+        pos = (self.dec_pos_time[:t, None, :] + self.dec_pos_space[None]).reshape(t * n, dd)
+        return d + pos
+
+    def _decode(self, latent, index, valid, b: int, t: int) -> torch.Tensor:
+        h = self._decoder_input(latent, index, valid, b, t)
+        for blk in self.decoder_blocks:
+            h = blk(h)
+        if self.attention == "joint":
+            h = h.reshape(b, t, self.n_tokens, -1)
         return self.decoder_pred(self.decoder_norm(h))
 
     # -- targets and loss ---------------------------------------------------------------
@@ -344,6 +380,60 @@ class RoiMAE(nn.Module):
         Meaningful for the hidden ones (visible tokens are not trained to be rebuilt).
         """
         return self.errors_and_embedding(x, mask)[0]
+
+    def hidden_error_and_embedding(self, x: torch.Tensor, mask: torch.Tensor
+                                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean per-token MSE over each sample's hidden tokens ``(B,)`` and the mean encoder
+        output over its visible tokens ``(B, D)``.
+
+        ``x`` is ``(B, W, N, P)``, or one window ``(1, W, N, P)`` under all ``B`` masks:
+        with divided attention the first block's spatial attention is then shared by
+        every mask (only the hidden keys' share is taken out per mask).
+
+        The same numbers as averaging :meth:`errors_and_embedding`'s errors over the hidden
+        tokens, but the decoder's last block and the prediction head run at the hidden
+        tokens only (every token still serves as key and value), which is most of the
+        decoder's work when few tokens are hidden (region fidelity).
+        """
+        tokens = self.group_time(x)
+        one_window = tokens.shape[0] == 1 and mask.shape[0] > 1
+        if one_window:  # one window under several masks
+            tokens = tokens.expand(mask.shape[0], -1, -1, -1)
+        mask = self._check_mask(mask, tokens)
+        b, t, n, f = tokens.shape
+        if not bool(mask.any(dim=tuple(range(1, mask.ndim))).all()):
+            raise ValueError("every sample needs at least one hidden token")
+        if one_window and self.attention == "divided" and len(self.blocks) > 0:
+            latent, index, valid = self._encode_occluded(tokens[:1], mask)
+        else:
+            latent, index, valid = self._encode(tokens, mask)
+        h = self._decoder_input(latent, index, valid, b, t)
+        for blk in self.decoder_blocks[:-1]:
+            h = blk(h)
+        hidden = mask[:, 0] if self.attention == "divided" else mask.reshape(b, t * n)
+        rows, row_valid = _to_device(_hidden_rows(hidden), tokens.device)
+        h = self.decoder_blocks[-1].forward_at(h, rows)
+        pred = self.decoder_pred(self.decoder_norm(h)).float()
+        target = self.targets(tokens)
+        if self.attention == "divided":  # pred (B, T', Q, F)
+            target = torch.gather(target, 2, rows[:, None, :, None].expand(b, t, rows.shape[1], f))
+            fm = self.feature_mask[rows][:, None]  # (B, 1, Q, F)
+            weight = row_valid[:, None, :].to(pred.dtype).expand(b, t, rows.shape[1])
+        else:  # pred (B, Q, F) over the flattened T' * N tokens
+            target = torch.gather(target.reshape(b, t * n, f), 1,
+                                  rows[..., None].expand(b, rows.shape[1], f))
+            fm = self.feature_mask[rows % n]
+            weight = row_valid.to(pred.dtype)
+        err = ((pred - target) ** 2 * fm).sum(-1) / fm.sum(-1)
+        dims = tuple(range(1, err.ndim))
+        error = (err * weight).sum(dims) / weight.sum(dims)
+        if valid is None:
+            return error, latent.mean(dim=tuple(range(1, latent.ndim - 1)))
+        w = valid.to(latent.dtype)
+        w = (w[:, None, :, None].expand(-1, latent.shape[1], -1, 1) if latent.ndim == 4
+             else w[..., None])
+        pooled = (latent * w).sum(dim=tuple(range(1, latent.ndim - 1)))
+        return error, pooled / w.sum(dim=tuple(range(1, w.ndim - 1))).clamp_min(1.0)
 
 
 def _init_weights(module: nn.Module) -> None:

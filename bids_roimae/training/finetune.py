@@ -24,6 +24,7 @@ import re
 from pathlib import Path
 from typing import Optional, Sequence
 
+import numpy as np
 import pandas as pd
 
 from bids_roimae.analysis.evaluation import (
@@ -280,10 +281,20 @@ def predict_subject(classifier: Classifier, entries: Sequence, cfg, device="cpu"
     classifier = classifier.to(device).eval()
     logits, emb = window_logits(classifier, refs, cfg.geometry.window,
                                 cfg.finetune.batch_size, device)
+    return subject_prediction(classifier, logits, emb)
+
+
+def subject_prediction(classifier: Classifier, logits: np.ndarray, embeddings: np.ndarray
+                       ) -> dict:
+    """A subject's prediction from its window logits (K, C) and embeddings (K, D).
+
+    Returns the dict :func:`predict_subject` documents.
+    """
     info = classifier.label_info
     output = subject_output(logits, classifier.task_type)
     decoded = decode_output(output, info)
-    result = {"embedding": emb.mean(axis=0), "n_windows": len(refs), "window_logits": logits}
+    result = {"embedding": np.asarray(embeddings).mean(axis=0), "n_windows": len(logits),
+              "window_logits": logits}
     if classifier.task_type == "regression":
         return dict(result, prediction=decoded["predicted_value"], label=None,
                     probability=None, probabilities={})

@@ -90,7 +90,8 @@ def step_plan(index: WindowIndex, step: int, seed: int, batch: int, rank: int, w
     rng = np.random.default_rng([seed, step])
     rows = rng.integers(0, len(index), size=batch * world)
     masks = make_batch_masks(masking.strategy, groups, masking.ratio, batch * world, n_time,
-                             rng, masking.region_weighting, masking.per_chunk)
+                             rng, masking.region_weighting, masking.per_chunk,
+                             masking.roi_count)
     mine = slice(rank * batch, (rank + 1) * batch)
     return index.entry[rows[mine]], index.start[rows[mine]], masks[mine]
 
@@ -102,7 +103,7 @@ def fixed_plan(index: WindowIndex, n_windows: int, seed: int, masking, groups, n
     replace = n_windows > len(index)
     rows = np.sort(rng.choice(len(index), size=n_windows, replace=replace))
     masks = make_batch_masks(masking.strategy, groups, masking.ratio, n_windows, n_time, rng,
-                             masking.region_weighting, masking.per_chunk)
+                             masking.region_weighting, masking.per_chunk, masking.roi_count)
     return index.entry[rows], index.start[rows], masks
 
 

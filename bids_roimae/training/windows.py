@@ -82,6 +82,19 @@ def embed_windows(encoder: nn.Module, refs: Sequence, window: int, batch_size: i
     return np.concatenate(out).astype(np.float32)
 
 
+@torch.no_grad()
+def embed_loaded(encoder: nn.Module, windows: np.ndarray, batch_size: int, device
+                 ) -> np.ndarray:
+    """Encoder embeddings (K, D) float32 of windows already in memory ``(K, W, N, P)``."""
+    encoder.eval()
+    out = []
+    for start in range(0, len(windows), max(1, batch_size)):
+        x = torch.from_numpy(np.ascontiguousarray(windows[start:start + batch_size])).to(device)
+        with autocast(device):
+            out.append(encoder.embed(x).float().cpu().numpy())
+    return np.concatenate(out).astype(np.float32)
+
+
 def autocast(device):
     """bf16 autocast on CUDA, a no-op elsewhere (CPU runs in float32)."""
     dev = torch.device(device)

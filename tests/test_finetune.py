@@ -144,6 +144,15 @@ def test_linear_probe_finds_the_planted_difference(probe_run, study):
     folds = pd.read_csv(model_dir / "fold_metrics.tsv", sep="\t", dtype={"fold": str})
     assert list(folds["fold"]) == ["0", "1", "2", "mean", "sd"]
     assert folds["n_test"].iloc[:3].sum() == N_SUBJECTS
+    # the connectome baseline ran on the same folds, beside the model
+    import json
+    summary = json.loads((model_dir / "metrics.json").read_text())
+    assert summary["baseline"]["name"] == "connectome" and summary["readout"] == "region"
+    assert 0.0 <= summary["baseline"]["metrics"]["accuracy"]["mean"] <= 1.0
+    base = pd.read_csv(model_dir / "baseline_predictions.tsv", sep="\t")
+    model = pd.read_csv(model_dir / "predictions.tsv", sep="\t")
+    assert base.set_index("participant_id")["fold"].equals(
+        model.set_index("participant_id")["fold"])
 
 
 def test_out_of_fold_predictions_are_per_participant_and_subject_disjoint(probe_run, study):
@@ -221,7 +230,8 @@ def test_load_finetuned_rebuilds_the_model_and_predicts_a_new_subject(probe_run,
                    write_run(tmp_path, geometry, subject, 2, amount, rng, n_frames=12)]
         out = predict_subject(clf, entries, cfg, "cpu")
         assert out["label"] == expected
-        assert out["n_windows"] == 4 and out["embedding"].shape == (32,)
+        # the default region readout: 4 atlas regions x 32 encoder features
+        assert out["n_windows"] == 4 and out["embedding"].shape == (4 * 32,)
         assert out["probabilities"]["positive"] == pytest.approx(out["probability"])
     with pytest.raises(BadDataError, match="pretrained model: pass it with --pretrained"):
         load_model(study["pretrained"], kind="finetune")  # not a fine-tuned one
@@ -242,7 +252,9 @@ def test_head_and_full_strategies(study):
         assert result["n_folds"] == 2 and result["n_subjects"] == 12
         assert 0.0 <= result["metrics"]["accuracy"]["mean"] <= 1.0
         after = load_checkpoint(result["model_path"])["model"]
-        changed = any(not torch.equal(before[k], after[f"encoder.{k}"]) for k in before)
+        # the region readout wraps the autoencoder: its weights are encoder.mae.*
+        changed = any(not torch.equal(before[k], after[f"encoder.mae.{k}"])
+                      for k in before)
         assert changed == (strategy == "full")
         loaded = load_model(result["model_path"], kind="finetune")
         clf, cfg2 = loaded.model, loaded.cfg
@@ -293,6 +305,10 @@ def test_compare_masking_uses_the_same_folds(study, tmp_path):
     a = pd.read_csv(tmp_path / "predictions_random.tsv", sep="\t", index_col=0)
     b = pd.read_csv(tmp_path / "predictions_roi.tsv", sep="\t", index_col=0)
     assert a["fold"].equals(b["fold"])
+    # the built-in connectome baseline is one more arm on the same folds
+    assert "accuracy_connectome" in table.columns
+    c = pd.read_csv(tmp_path / "predictions_connectome.tsv", sep="\t", index_col=0)
+    assert a["fold"].equals(c["fold"])
     png = out["paths"]["figure"].read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 

@@ -20,8 +20,10 @@ import pandas as pd
 from bids_roimae.analysis.evaluation import make_folds, mean_sd, metric_names
 from bids_roimae.errors import OutputError, UsageError
 from bids_roimae.io.checkpoint import load_model
+from bids_roimae.model.readout import build_readout
+from bids_roimae.training.baseline import BASELINE_NAME
 from bids_roimae.training.cross_validation import cross_validate, prepare_inputs
-from bids_roimae.training.finetune import check_entries, merged_config
+from bids_roimae.training.finetune import check_entries, merged_config, run_baseline
 
 
 def compare_masking(models: dict, entries, labels: pd.Series, cfg, out_dir, device="cpu", *,
@@ -33,7 +35,9 @@ def compare_masking(models: dict, entries, labels: pd.Series, cfg, out_dir, devi
     ----------
     models : dict
         ``{name: pretrained checkpoint path}``; the first is the reference that the
-        others are compared with (e.g. ``{"random": ..., "roi": ...}``).
+        others are compared with (e.g. ``{"random": ..., "roi": ...}``). With
+        ``cfg.finetune.baseline = "connectome"`` the built-in connectome baseline is one
+        more arm (named ``connectome``, last) on the same folds.
     entries : sequence of CacheEntry
         Prepared runs (the models must share the token geometry of the cache).
     labels : Series
@@ -72,11 +76,20 @@ def compare_masking(models: dict, entries, labels: pd.Series, cfg, out_dir, devi
                        None if ref_groups is None else ref_groups.loc[common].to_numpy())
     per_model, tables = {}, {}
     for n in names:
-        encoder, geometry = loaded[n].model, loaded[n].geometry
+        geometry = loaded[n].geometry
         check_entries(list(entries), geometry)
+        encoder = build_readout(loaded[n].model, run_cfgs[n].finetune.readout, geometry)
         refs = prepared[n][1]
-        per_model[n], tables[n] = cross_validate(encoder, ref_labels, refs, run_cfgs[n],
-                                                    info, folds, device)
+        per_model[n], tables[n] = cross_validate(encoder.to(device), ref_labels, refs,
+                                                 run_cfgs[n], info, folds, device)
+    if cfg.finetune.baseline == "connectome":
+        # The classical arm on the same subjects and folds: does pretraining beat it?
+        if BASELINE_NAME in names:
+            raise UsageError(f"a pretrained model may not be named {BASELINE_NAME!r} in a "
+                             "comparison with the built-in baseline")
+        per_model[BASELINE_NAME], tables[BASELINE_NAME] = run_baseline(
+            entries, loaded[names[0]].geometry, ref_labels, info, folds, run_cfgs[names[0]])
+        names.append(BASELINE_NAME)
     metrics = list(metric_names(task))
     side = pd.concat({n: tables[n][metrics] for n in names}, axis=1)
     side.columns = [f"{m}_{n}" for n, m in side.columns]

@@ -13,6 +13,7 @@ cross-validation itself (inputs, embeddings, fitting, out-of-fold predictions) i
 Outputs of a fine-tuning run::
 
     models/<name>/model.pt  fold_metrics.tsv  metrics.json  predictions.tsv
+    models/<name>/baseline_fold_metrics.tsv  baseline_predictions.tsv  (--baseline connectome)
     sub-<label>/func/sub-<label>_desc-finetune_predictions.tsv (+ .json)  one row per model
 """
 
@@ -39,6 +40,12 @@ from bids_roimae.io.bids_names import derivative_path
 from bids_roimae.io.checkpoint import HeadSpec, ModelMeta, load_model, save_checkpoint
 from bids_roimae.io.derivatives import write_json, write_tsv
 from bids_roimae.model.classifier import Classifier, n_outputs, subject_output
+from bids_roimae.model.readout import build_readout
+from bids_roimae.training.baseline import (
+    BASELINE_NAME,
+    cache_region_series,
+    cross_validate_baseline,
+)
 from bids_roimae.training.classifier_fit import window_logits
 from bids_roimae.training.cross_validation import (
     cross_validate,
@@ -112,8 +119,9 @@ def run_finetune(entries: Sequence, labels: pd.Series, pretrained, cfg, output_d
     """
     output_dir = Path(output_dir)
     loaded = load_model(pretrained, device, kind="pretrain")
-    encoder, geometry = loaded.model, loaded.geometry
+    geometry = loaded.geometry
     run_cfg = merged_config(loaded.cfg, cfg)
+    encoder = build_readout(loaded.model, run_cfg.finetune.readout, geometry).to(device)
     check_entries(list(entries), geometry)
     labels, refs, groups, info, counts = prepare_inputs(entries, labels, run_cfg, groups,
                                                         label_info)
@@ -127,6 +135,9 @@ def run_finetune(entries: Sequence, labels: pd.Series, pretrained, cfg, output_d
                                         emb)
     final = fit_classifier(encoder, strategy, list(labels.index), labels.to_numpy(), refs, emb,
                  run_cfg, info, device, seed=run_cfg.seed)
+    baseline = None
+    if run_cfg.finetune.baseline == "connectome":
+        baseline = run_baseline(entries, geometry, labels, info, folds, run_cfg)
 
     name = name or finetuned_name(pretrained, info.get("target", "target"), strategy)
     model_dir = output_dir / "models" / name
@@ -134,19 +145,47 @@ def run_finetune(entries: Sequence, labels: pd.Series, pretrained, cfg, output_d
                "strategy": strategy, "pretrained": str(pretrained),
                "cv": "leave-one-group-out" if groups is not None else "stratified-kfold",
                "n_folds": len(folds), "n_subjects": int(labels.size),
+               "readout": run_cfg.finetune.readout,
                "seed": run_cfg.seed, "label_info": info, "metrics": mean_sd(table),
                "excluded": counts["counts"], "folds": table.reset_index().to_dict("records")}
+    if baseline is not None:
+        summary["baseline"] = {
+            "name": BASELINE_NAME, "connectivity": run_cfg.finetune.connectivity,
+            "description": "voxel-exact AAL region means from the token cache -> "
+                           "connectivity (upper triangle) + region SD -> standardised "
+                           "logistic regression (ridge for regression), C by inner CV",
+            "metrics": mean_sd(baseline[1]),
+            "folds": baseline[1].reset_index().to_dict("records")}
     _save_finetuned(model_dir / "model.pt", final, run_cfg, geometry, loaded.meta, info,
                     summary)
     _write_tsv(model_dir / "fold_metrics.tsv", table.reset_index())
     _write_json(model_dir / "metrics.json", summary)
     rows = prediction_rows(predictions, info, name)
     _write_tsv(model_dir / "predictions.tsv", rows)
+    if baseline is not None:
+        _write_tsv(model_dir / "baseline_fold_metrics.tsv", baseline[1].reset_index())
+        _write_tsv(model_dir / "baseline_predictions.tsv",
+                   prediction_rows(baseline[0], info, BASELINE_NAME))
     for subject, row in rows.groupby("participant_id", sort=False):
         _write_subject_predictions(output_dir, subject, row)
     return {"model_path": model_dir / "model.pt", "model_dir": model_dir, "name": name,
             "metrics": summary["metrics"], "n_subjects": int(labels.size),
-            "n_folds": len(folds), "excluded": counts["counts"], "predictions": rows}
+            "n_folds": len(folds), "excluded": counts["counts"], "predictions": rows,
+            "baseline_metrics": None if baseline is None else summary["baseline"]["metrics"],
+            "baseline_predictions": None if baseline is None else baseline[0]}
+
+
+def run_baseline(entries: Sequence, geometry, labels: pd.Series, info: dict, folds, cfg
+                 ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The connectome baseline on the given folds (``cfg.finetune.connectivity``), from
+    the labelled subjects' prepared runs; outputs as
+    :func:`~bids_roimae.training.cross_validation.cross_validate`."""
+    wanted = {str(s) for s in labels.index}
+    series = cache_region_series([e for e in entries if str(e.subject) in wanted], geometry)
+    log.info("connectome baseline (%s) on the same %d folds", cfg.finetune.connectivity,
+             len(folds))
+    return cross_validate_baseline(series, labels, info, folds,
+                                   kind=cfg.finetune.connectivity, seed=cfg.seed)
 
 
 # -- files ------------------------------------------------------------------------------

@@ -148,10 +148,11 @@ RES = "Resources and run control"
 @click.argument("bids_dir", type=click.Path(path_type=Path))
 @click.argument("output_dir", type=click.Path(path_type=Path))
 @click.argument("analysis_level")
-@_opt("--mode", type=click.Choice(["prepare", "pretrain", "finetune", "predict", "report"]),
+@_opt("--mode", type=click.Choice(["prepare", "pretrain", "finetune", "predict", "embed",
+                                   "report"]),
       default=None, section="Analysis",
-      help="Stage to run. participant: prepare (default), finetune, predict; "
-           "group: pretrain (default), report.")
+      help="Stage to run. participant: prepare (default), finetune, predict, embed "
+           "(frozen-encoder features); group: pretrain (default), report.")
 @_opt("--participant-label", "--participant_label", "participant_label", multiple=True,
       section=BIDS, help="Participants to process, with or without 'sub-'; several values "
                          "after one flag. Default: all.")
@@ -231,6 +232,14 @@ RES = "Resources and run control"
                "fine-tuning.")
 @_setting("--folds", type=click.IntRange(2), setting=(FinetuneConfig, "folds"),
           section=FINETUNE, help="Cross-validation folds (subject level).")
+@_setting("--readout", setting=(FinetuneConfig, "readout"), section=FINETUNE,
+          help="Encoder features: mean of all tokens, tokens pooled per atlas region "
+               "(voxel-weighted), or that plus the regions' across-time correlation.")
+@_setting("--baseline", setting=(FinetuneConfig, "baseline"), section=FINETUNE,
+          help="Classical arm cross-validated on the same folds: a connectome of "
+               "voxel-exact region means plus region SD, logistic regression.")
+@_setting("--connectivity", setting=(FinetuneConfig, "connectivity"), section=FINETUNE,
+          help="Connectivity measure of the connectome baseline.")
 @_setting("--cv-repeats", type=click.IntRange(1), setting=(FinetuneConfig, "cv_repeats"),
           section=FINETUNE,
           help="Repeats of the stratified subject folds, each with another shuffle; "

@@ -33,7 +33,7 @@ DEFAULT_SPACE = "MNI152NLin2009cAsym"
 MODEL_RESOLUTION = 2
 #: The modes each analysis level runs (BIDS-Apps: participant and group), the first one
 #: being the level's default.
-LEVEL_MODES = {"participant": ("prepare", "finetune", "predict"),
+LEVEL_MODES = {"participant": ("prepare", "finetune", "predict", "embed"),
                "group": ("pretrain", "report")}
 
 
@@ -209,6 +209,14 @@ class FinetuneConfig:
     weight_decay: float = 0.01
     windows_per_run: int = 8
     head: Literal["linear", "mlp"] = "linear"
+    # How a window's encoder tokens become features (bids_roimae.model.readout): the mean
+    # of all tokens, tokens pooled per atlas region with voxel weights, or that plus the
+    # regions' across-time correlation.
+    readout: Literal["mean", "region", "region-cov"] = "region"
+    # The classical arm cross-validated on the same folds: a connectome of voxel-exact
+    # region means from the token cache, plus each region's SD (or none).
+    baseline: Literal["connectome", "none"] = "connectome"
+    connectivity: Literal["correlation", "tangent"] = "correlation"
 
     def validate(self) -> None:
         _check_choices(self)

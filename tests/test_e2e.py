@@ -36,6 +36,8 @@ def study(small_dataset, tmp_path_factory):
                               "--pretrained", str(roi)] + FAST)
     codes["predict"] = main([str(data), str(out), "participant", "--mode", "predict",
                              "--participant_label", "sub-01", "--ig-steps", "4"] + FAST)
+    codes["embed"] = main([str(data), str(out), "participant", "--mode", "embed",
+                           "--participant_label", "01", "02", "--pretrained", str(roi)] + FAST)
     codes["report"] = main([str(data), str(out), "group", "--mode", "report"] + FAST)
     return {"data": data, "out": out, "codes": codes, "manifest": small_dataset}
 
@@ -114,6 +116,32 @@ def test_predict_outputs_on_the_source_grid(study):
     assert source["Source"].startswith("cross-validation fold")
     assert sidecar["ClassifierOutOfFold"].startswith("out-of-fold accuracy")
     assert {"scaled_mean_abs", "random_mean_abs"} <= set(pd.read_csv(table, sep="\t"))
+
+
+def test_embed_writes_frozen_encoder_features_that_read_back(study):
+    import hashlib
+
+    roi = study["out"] / "models" / "roimae_mask-roi_preset-tiny_ps-3" / "model.pt"
+    for sub in ("01", "02"):
+        func = study["out"] / f"sub-{sub}" / "func"
+        stem = func / f"sub-{sub}_atlas-AAL3_desc-region_embedding"
+        region = pd.read_csv(f"{stem}.tsv", sep="\t")
+        matrix = np.load(f"{stem}.npy")
+        assert list(region.columns[:2]) == ["index", "name"]
+        assert matrix.shape == (len(region), region.shape[1] - 2)
+        np.testing.assert_allclose(region.iloc[:, 2:].to_numpy(), matrix, rtol=1e-4,
+                                   atol=1e-6)
+        assert region["name"].str.len().min() > 0 and region["index"].is_monotonic_increasing
+        meta = json.loads(open(f"{stem}.json").read())
+        assert meta["ModelSHA256"] == hashlib.sha256(roi.read_bytes()).hexdigest()
+        assert meta["NumberOfWindows"] >= 1 and meta["Readout"] == "region"
+        corr = np.load(func / f"sub-{sub}_atlas-AAL3_desc-regioncorr_embedding.npy")
+        assert corr.shape == (len(region), len(region))
+        np.testing.assert_allclose(np.diag(corr), 1.0)
+        np.testing.assert_allclose(corr, corr.T)
+        mean = pd.read_csv(func / f"sub-{sub}_atlas-AAL3_desc-mean_embedding.tsv", sep="\t")
+        assert mean.shape == (1, matrix.shape[1])
+    assert not list((study["out"] / "sub-03" / "func").glob("*_desc-region_embedding.tsv"))
 
 
 def test_group_report(study):

@@ -158,6 +158,15 @@ def test_linear_probe_finds_the_planted_difference(probe_run, study):
     assert oof.above_chance and oof.roc_auc.low > 0.5 and oof.n_repeats == 5
     saved = json.loads((model_dir / "metrics.json").read_text())["out_of_fold"]
     assert saved["above_chance"] and saved["n_subjects"] == N_SUBJECTS
+    # the connectome baseline ran on the same folds, beside the model
+    summary = json.loads((model_dir / "metrics.json").read_text())
+    assert summary["baseline"]["name"] == "connectome" and summary["readout"] == "region"
+    assert 0.0 <= summary["baseline"]["metrics"]["accuracy"]["mean"] <= 1.0
+    assert oof.baseline is not None and oof.baseline_name == "connectome"
+    base = pd.read_csv(model_dir / "baseline_predictions.tsv", sep="\t")
+    model = pd.read_csv(model_dir / "predictions.tsv", sep="\t")
+    assert base.set_index("participant_id")["fold"].equals(
+        model.set_index("participant_id")["fold"])
 
 
 def test_out_of_fold_predictions_are_per_participant_and_subject_disjoint(probe_run, study):
@@ -261,7 +270,8 @@ def test_load_finetuned_rebuilds_the_model_and_predicts_a_new_subject(probe_run,
                    write_run(tmp_path, geometry, subject, 2, amount, rng, n_frames=12)]
         out = predict_subject(clf, entries, cfg, "cpu")
         assert out["label"] == expected
-        assert out["n_windows"] == 4 and out["embedding"].shape == (32,)
+        # the default region readout: 4 atlas regions x 32 encoder features
+        assert out["n_windows"] == 4 and out["embedding"].shape == (4 * 32,)
         assert out["probabilities"]["positive"] == pytest.approx(out["probability"])
     with pytest.raises(BadDataError, match="pretrained model: pass it with --pretrained"):
         load_model(study["pretrained"], kind="finetune")  # not a fine-tuned one
@@ -282,7 +292,9 @@ def test_head_and_full_strategies(study):
         assert result["n_folds"] == 2 and result["n_subjects"] == 12
         assert 0.0 <= result["metrics"]["accuracy"]["mean"] <= 1.0
         after = load_checkpoint(result["model_path"])["model"]
-        changed = any(not torch.equal(before[k], after[f"encoder.{k}"]) for k in before)
+        # the region readout wraps the autoencoder: its weights are encoder.mae.*
+        changed = any(not torch.equal(before[k], after[f"encoder.mae.{k}"])
+                      for k in before)
         assert changed == (strategy == "full")
         loaded = load_model(result["model_path"], kind="finetune")
         clf, cfg2 = loaded.model, loaded.cfg
@@ -337,7 +349,7 @@ def test_compare_masking_pools_seeds_on_the_same_repeated_folds(study, seeds, tm
     table = out["table"]
     # Difference and interval first, p second; roi - random (random is the reference).
     assert list(table.columns[3:7]) == ["estimate", "ci_low", "ci_high", "p"]
-    assert set(table["model"]) == {"roi"} and set(table["reference"]) == {"random"}
+    assert {"roi", "connectome"} <= set(table["model"]) and "random" in set(table["reference"])
     tests = set(table["test"])
     assert {"Nadeau-Bengio corrected resampled t-test", "DeLong test of correlated AUCs"} <= tests
     assert any(t.startswith("paired bootstrap") for t in tests)
@@ -353,6 +365,9 @@ def test_compare_masking_pools_seeds_on_the_same_repeated_folds(study, seeds, tm
              .set_index(["repeat", "participant"])["fold"] for arm in seeds}
     assert folds["roi-seed0"].equals(folds["random-seed1"])
     assert folds["roi-seed0"].equals(folds["random-seed2"])
+    # the built-in connectome baseline is one more arm on the same folds
+    baseline = pd.read_csv(tmp_path / "predictions_connectome.tsv", sep="\t")
+    assert folds["roi-seed0"].equals(baseline.set_index(["repeat", "participant"])["fold"])
     assert len(out["folds"]) == 2 and out["folds"][0] != out["folds"][1]
     png = out["paths"]["figure"].read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000

@@ -44,12 +44,19 @@ def test_loss_falls_and_outputs_are_written(geometry, entries, tmp_path):
     assert final == tmp_path / "m" / "model.pt" and final.is_file()
     log = pd.read_csv(tmp_path / "m" / "log.tsv", sep="\t")
     assert list(log.columns) == ["step", "loss", "val_loss", "lr", "tokens_per_s",
-                                 "samples_per_s"]
+                                 "samples_per_s", "val_skill_zero", "val_skill_visible"]
     assert log["step"].tolist() == [0, 20, 40, 60]
     summary = json.loads((tmp_path / "m" / "summary.json").read_text())
     assert summary["steps"] == 60 and summary["n_subjects"] == 4
     assert len(summary["val_subjects"]) == 1
-    assert summary["final_val_loss"] < 0.8 * summary["initial_val_loss"]
+    assert summary["final_val_loss"] < summary["initial_val_loss"]
+    # The output layer starts at zero: step 0 *is* the zero predictor (skill 0), so any
+    # skill above 0 was learned, not the unlearning of a random initialisation.
+    assert summary["initial_val_skill"]["val_skill_zero"] == pytest.approx(0.0, abs=1e-6)
+    skill = summary["final_val_skill"]
+    assert skill["val_skill_zero"] > 0.02
+    assert log["val_skill_zero"].iloc[-1] == pytest.approx(skill["val_skill_zero"], rel=1e-4)
+    assert np.isfinite(log["val_skill_visible"]).all()
     assert log["val_loss"].iloc[-1] == pytest.approx(summary["final_val_loss"], rel=1e-4)
     assert summary["masking"]["strategy"] == "roi"
     assert summary["geometry"]["n_tokens"] == geometry.n_tokens
@@ -214,3 +221,18 @@ def test_ddp_two_cpu_processes(tmp_path):
     assert not [f for f in files if ".tmp" in f]
     summary = json.loads((tmp_path / "model" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["windows_seen"] == 4 * 2 * 4
+
+
+def test_trivial_predictors_of_the_skill():
+    from bids_roimae.training.recon_skill import SkillSums, visible_mean_prediction
+
+    # one sample, one time step, 4 tokens of 2 voxels: regions 0, 0, 1, 1
+    target = torch.tensor([[[[1.0, 3.0], [5.0, 7.0], [2.0, 2.0], [9.0, 9.0]]]])
+    hidden = torch.tensor([[[False, True, True, True]]])
+    fm = torch.ones(4, 2, dtype=torch.bool)
+    pred = visible_mean_prediction(target, hidden, fm, torch.tensor([0, 0, 1, 1]))
+    # token 1: the visible token of its region; tokens 2-3: their region is all hidden,
+    # so the mean of every visible token at that time step
+    assert pred[0, 0].tolist() == [[1.0, 3.0], [1.0, 3.0], [1.0, 3.0], [1.0, 3.0]]
+    sums = SkillSums(model=1.0, zero=4.0, visible=2.0)
+    assert sums.skill_zero == pytest.approx(0.75) and sums.skill_visible == pytest.approx(0.5)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from bids_roimae.app.context import RunContext
+from bids_roimae.app.embed import run_embed
 from bids_roimae.app.finetune import run_finetune
 from bids_roimae.app.predict import run_predict
 from bids_roimae.app.prepare import run_prepare
@@ -20,6 +21,7 @@ STEPS = {
     ("group", "pretrain"): run_pretrain,
     ("participant", "finetune"): run_finetune,
     ("participant", "predict"): run_predict,
+    ("participant", "embed"): run_embed,
     ("group", "report"): run_report,
 }
 

@@ -83,7 +83,8 @@ def _fidelity_model(ctx: RunContext, finetuned: LoadedModel) -> Optional[nn.Modu
     if path is not None:
         return load_model(path, ctx.device, kind="pretrain").model
     if finetuned.meta.strategy != "full":
-        return finetuned.model.encoder
+        # A region readout wraps the autoencoder (ReadoutEncoder.mae).
+        return getattr(finetuned.model.encoder, "mae", finetuned.model.encoder)
     log.warning("region fidelity skipped: the pretrained model %s is gone and full "
                 "fine-tuning changed the encoder", finetuned.meta.pretrained)
     return None

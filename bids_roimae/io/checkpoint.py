@@ -39,6 +39,7 @@ from bids_roimae.errors import BadDataError, MissingInputError, OutputError, one
 from bids_roimae.io import atomic
 from bids_roimae.model.classifier import Classifier, build_head
 from bids_roimae.model.mae import build_model
+from bids_roimae.model.readout import build_readout
 
 ModelKind = Literal["pretrain", "finetune"]
 
@@ -436,7 +437,12 @@ def load_model(path, device="cpu", *, kind: Optional[ModelKind] = None) -> Loade
     if meta.kind == "finetune":
         if meta.head is None:
             raise BadDataError(f"{path}: a fine-tuned model without its head description")
-        model = Classifier(model, build_head(meta.head.kind, meta.head.embed_dim,
+        # Region readouts wrap the autoencoder (keys ``encoder.mae.*``); checkpoints from
+        # before readouts existed hold the plain mean readout whatever the config default.
+        wrapped = any(k.startswith("encoder.mae.") for k in ckpt["model"])
+        readout = cfg.finetune.readout if wrapped else "mean"
+        model = Classifier(build_readout(model, readout, geometry),
+                           build_head(meta.head.kind, meta.head.embed_dim,
                                              meta.head.n_outputs),
                            meta.head.embed_dim, label_info=meta.label_info)
     try:

@@ -32,6 +32,17 @@ from bids_roimae.training.windows import autocast, embed_windows, load_windows
 
 PROBE_C_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
 RIDGE_ALPHAS = (1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)
+#: Above this many features the penalty grids scale with the dimension: a region readout
+#: gives thousands of standardised features for tens of subjects, and the data term of
+#: the fit grows with the number of features while the penalty does not.
+GRID_FEATURES = 256
+
+
+def penalty_grids(n_features: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Logistic C values and ridge alphas searched by the inner CV for ``n_features``."""
+    factor = min(1.0, GRID_FEATURES / max(1, n_features))
+    return (tuple(c * factor for c in PROBE_C_GRID),
+            tuple(a / factor for a in RIDGE_ALPHAS))
 
 
 def fit_linear_probe(features: np.ndarray, y: np.ndarray, task_type: str, seed: int
@@ -67,8 +78,9 @@ def _fit_linear_probe(features, y, task_type, seed) -> dict:
     scale = features.std(axis=0)
     scale[scale < 1e-8] = 1.0  # constant features: leave them at zero
     z = (features - mean) / scale
+    c_grid, alphas = penalty_grids(z.shape[1])
     if task_type == "regression":
-        model = RidgeCV(alphas=RIDGE_ALPHAS).fit(z, y)
+        model = RidgeCV(alphas=alphas).fit(z, y)
         weight, bias, penalty = model.coef_[None, :], np.atleast_1d(model.intercept_), \
             float(model.alpha_)
     else:
@@ -76,11 +88,12 @@ def _fit_linear_probe(features, y, task_type, seed) -> dict:
         base = LogisticRegression(class_weight="balanced", max_iter=2000)
         if smallest >= 2:
             inner = StratifiedKFold(n_splits=min(3, smallest), shuffle=True, random_state=seed)
-            search = GridSearchCV(base, {"C": list(PROBE_C_GRID)}, cv=inner,
+            search = GridSearchCV(base, {"C": list(c_grid)}, cv=inner,
                                   scoring="neg_log_loss").fit(z, y)
             model, penalty = search.best_estimator_, float(search.best_params_["C"])
         else:  # too few subjects in a class for an inner split: a moderate default
-            model, penalty = base.set_params(C=1.0).fit(z, y), 1.0
+            penalty = float(c_grid[len(c_grid) // 2 + 1])
+            model = base.set_params(C=penalty).fit(z, y)
         weight, bias = model.coef_, model.intercept_
     return {"mean": mean.astype(np.float32), "scale": scale.astype(np.float32),
             "weight": np.asarray(weight, np.float32), "bias": np.asarray(bias, np.float32),

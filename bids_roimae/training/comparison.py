@@ -46,6 +46,12 @@ from bids_roimae.analysis.statistics import (
 )
 from bids_roimae.errors import OutputError, UsageError
 from bids_roimae.io.checkpoint import load_model
+from bids_roimae.model.readout import build_readout
+from bids_roimae.training.baseline import (
+    BASELINE_NAME,
+    cache_region_series,
+    cross_validate_baseline,
+)
 from bids_roimae.training.cross_validation import (
     cross_validate,
     frozen_embeddings,
@@ -276,6 +282,8 @@ def compare_masking(models: dict, entries, labels: pd.Series, cfg, out_dir, devi
         strategy (each one's seed is a pretraining seed of its group); the groups are
         compared in order of first appearance, ``random`` first when present, so
         differences read ``roi - random``.
+        With ``cfg.finetune.baseline = "connectome"`` the built-in connectome baseline is
+        one more arm (named ``connectome``) on the same folds.
     entries : sequence of CacheEntry
         Prepared runs (the models must share the token geometry of the cache).
     labels : Series
@@ -329,6 +337,13 @@ def compare_masking(models: dict, entries, labels: pd.Series, cfg, out_dir, devi
     for n in order:
         check_entries(list(entries), loaded[n].geometry)
         arms.append(_checkpoint_arm(n, loaded[n], prepared[n][1], run_cfgs[n], info, device))
+    if cfg.finetune.baseline == "connectome":
+        # The classical arm on the same subjects and folds: does pretraining beat it?
+        if BASELINE_NAME in loaded:
+            raise UsageError(f"a pretrained model may not be named {BASELINE_NAME!r} in a "
+                             "comparison with the built-in baseline")
+        arms.append(baseline_arm(entries, loaded[first].geometry, info,
+                                 run_cfgs[first]))
     result = compare_arms(arms + list(extra_arms), ref_labels, repeats, task, seed=cfg.seed)
     result.mismatch = mismatch
     meta = dict(info, models={n: str(p) for n, p in models.items()},
@@ -340,15 +355,30 @@ def compare_masking(models: dict, entries, labels: pd.Series, cfg, out_dir, devi
 
 
 def _checkpoint_arm(name, loaded, refs, run_cfg, info, device) -> Arm:
-    """An arm that fine-tunes one pretrained checkpoint (frozen embeddings computed once)."""
+    """An arm that fine-tunes one pretrained checkpoint through the configured readout
+    (frozen embeddings computed once)."""
+    encoder = build_readout(loaded.model, run_cfg.finetune.readout, loaded.geometry).to(device)
     emb = None if run_cfg.finetune.strategy == "full" else \
-        frozen_embeddings(loaded.model, refs, run_cfg, device)
+        frozen_embeddings(encoder, refs, run_cfg, device)
 
     def evaluate(labels, folds):
-        return cross_validate(loaded.model, labels, refs, run_cfg, info, folds, device, emb)
+        return cross_validate(encoder, labels, refs, run_cfg, info, folds, device, emb)
 
     strategy, seed = loaded.cfg.masking.strategy, int(loaded.cfg.seed)
     return Arm(name=name, group=strategy, evaluate=evaluate, seed=seed)
+
+
+def baseline_arm(entries, geometry, info: dict, run_cfg) -> Arm:
+    """The connectome baseline as an arm: region series read from the cache once, the
+    connectivity features and the probe fitted inside each fold."""
+    series = cache_region_series(list(entries), geometry)
+
+    def evaluate(labels, folds):
+        subset = {s: series[s] for s in map(str, labels.index)}
+        return cross_validate_baseline(subset, labels, info, folds,
+                                       kind=run_cfg.finetune.connectivity, seed=run_cfg.seed)
+
+    return Arm(name=BASELINE_NAME, group=BASELINE_NAME, evaluate=evaluate)
 
 
 def checkpoint_label(strategy: str, seed: int, taken: set) -> str:

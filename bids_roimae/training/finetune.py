@@ -13,12 +13,14 @@ cross-validation itself (inputs, embeddings, fitting, out-of-fold predictions) i
 Outputs of a fine-tuning run::
 
     models/<name>/model.pt  fold_metrics.tsv  metrics.json  predictions.tsv
+    models/<name>/baseline_fold_metrics.tsv  baseline_predictions.tsv  (--baseline connectome)
     sub-<label>/func/sub-<label>_desc-finetune_predictions.tsv (+ .json)  one row per model
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import re
 from pathlib import Path
@@ -43,6 +45,12 @@ from bids_roimae.io.bids_names import derivative_path
 from bids_roimae.io.checkpoint import HeadSpec, ModelMeta, load_model, save_checkpoint
 from bids_roimae.io.derivatives import write_json, write_tsv
 from bids_roimae.model.classifier import Classifier, n_outputs, subject_output
+from bids_roimae.model.readout import build_readout
+from bids_roimae.training.baseline import (
+    BASELINE_NAME,
+    cache_region_series,
+    cross_validate_baseline,
+)
 from bids_roimae.training.classifier_fit import window_logits
 from bids_roimae.training.cross_validation import (
     cross_validate,
@@ -127,8 +135,9 @@ def run_finetune(entries: Sequence, labels: pd.Series, pretrained, cfg, output_d
     """
     output_dir = Path(output_dir)
     loaded = load_model(pretrained, device, kind="pretrain")
-    encoder, geometry = loaded.model, loaded.geometry
+    geometry = loaded.geometry
     run_cfg = merged_config(loaded.cfg, cfg)
+    encoder = build_readout(loaded.model, run_cfg.finetune.readout, geometry).to(device)
     check_entries(list(entries), geometry)
     labels, refs, groups, info, counts = prepare_inputs(entries, labels, run_cfg, groups,
                                                         label_info)
@@ -151,6 +160,13 @@ def run_finetune(entries: Sequence, labels: pd.Series, pretrained, cfg, output_d
     oof = _out_of_fold(runs, labels, task)
     final = fit_classifier(encoder, strategy, list(labels.index), labels.to_numpy(), refs, emb,
                  run_cfg, info, device, seed=run_cfg.seed)
+    baseline = None  # the connectome arm on every repeat's folds: [(predictions, table)]
+    if run_cfg.finetune.baseline == "connectome":
+        baseline = run_baseline(entries, geometry, labels, info, repeats, run_cfg)
+        baseline_table = _repeated_fold_table([t for _, t in baseline], task)
+        baseline_oof = _out_of_fold(baseline, labels, task)
+        if oof is not None and baseline_oof is not None:
+            oof = dataclasses.replace(oof, baseline_name=BASELINE_NAME, baseline=baseline_oof)
 
     name = name or finetuned_name(pretrained, info.get("target", "target"), strategy)
     model_dir = output_dir / "models" / name
@@ -159,10 +175,19 @@ def run_finetune(entries: Sequence, labels: pd.Series, pretrained, cfg, output_d
                "pretrained": recorded_pretrained(loaded.path, output_dir / "models"),
                "cv": "leave-one-group-out" if groups is not None else "stratified-kfold",
                "n_folds": len(folds), "n_repeats": len(repeats), "n_subjects": int(labels.size),
+               "readout": run_cfg.finetune.readout,
                "seed": run_cfg.seed, "label_info": info, "metrics": mean_sd(table),
                "out_of_fold": None if oof is None else oof.to_dict(),
                "fold_models_stored": len(fold_models),
                "excluded": counts["counts"], "folds": table.reset_index().to_dict("records")}
+    if baseline is not None:
+        summary["baseline"] = {
+            "name": BASELINE_NAME, "connectivity": run_cfg.finetune.connectivity,
+            "description": "voxel-exact AAL region means from the token cache -> "
+                           "connectivity (upper triangle) + region SD -> standardised "
+                           "logistic regression (ridge for regression), C by inner CV",
+            "metrics": mean_sd(baseline_table),
+            "folds": baseline_table.reset_index().to_dict("records")}
     if oof is not None:
         log.info("%s%s", oof.headline(), "" if oof.above_chance else
                  " -- NOT above chance: attributions of this model are not evidence")
@@ -172,12 +197,18 @@ def run_finetune(entries: Sequence, labels: pd.Series, pretrained, cfg, output_d
     _write_json(model_dir / "metrics.json", summary)
     rows = prediction_rows(predictions, info, name)
     _write_tsv(model_dir / "predictions.tsv", rows)
+    if baseline is not None:
+        _write_tsv(model_dir / "baseline_fold_metrics.tsv", baseline_table.reset_index())
+        _write_tsv(model_dir / "baseline_predictions.tsv",
+                   prediction_rows(baseline[0][0], info, BASELINE_NAME))
     for subject, row in rows.groupby("participant_id", sort=False):
         _write_subject_predictions(output_dir, subject, row)
     return {"model_path": model_dir / "model.pt", "model_dir": model_dir, "name": name,
             "metrics": summary["metrics"], "n_subjects": int(labels.size),
             "n_folds": len(folds), "n_repeats": len(repeats), "out_of_fold": oof,
-            "excluded": counts["counts"], "predictions": rows}
+            "excluded": counts["counts"], "predictions": rows,
+            "baseline_metrics": None if baseline is None else summary["baseline"]["metrics"],
+            "baseline_predictions": None if baseline is None else baseline[0][0]}
 
 
 def _repeated_fold_table(tables: Sequence[pd.DataFrame], task: str) -> pd.DataFrame:
@@ -189,6 +220,20 @@ def _repeated_fold_table(tables: Sequence[pd.DataFrame], task: str) -> pd.DataFr
     table.insert(0, "repeat", list(rows["repeat"]) + [None, None])
     table.index = pd.Index(list(rows.index) + ["mean", "sd"], name="fold")
     return table
+
+
+def run_baseline(entries: Sequence, geometry, labels: pd.Series, info: dict, repeats, cfg
+                 ) -> list[tuple[pd.DataFrame, pd.DataFrame]]:
+    """The connectome baseline (``cfg.finetune.connectivity``) on every repeat's folds,
+    from the labelled subjects' prepared runs (read once); per repeat the outputs of
+    :func:`~bids_roimae.training.cross_validation.cross_validate`."""
+    wanted = {str(s) for s in labels.index}
+    series = cache_region_series([e for e in entries if str(e.subject) in wanted], geometry)
+    log.info("connectome baseline (%s) on the same %d repeats x %d folds",
+             cfg.finetune.connectivity, len(repeats), len(repeats[0]))
+    return [cross_validate_baseline(series, labels, info, folds,
+                                    kind=cfg.finetune.connectivity, seed=cfg.seed)
+            for folds in repeats]
 
 
 def _out_of_fold(runs, labels: pd.Series, task: str) -> Optional[OutOfFoldSummary]:

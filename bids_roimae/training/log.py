@@ -13,7 +13,10 @@ from typing import Optional
 
 from bids_roimae.io import atomic
 
-LOG_COLUMNS = ("step", "loss", "val_loss", "lr", "tokens_per_s", "samples_per_s")
+#: ``val_skill_zero`` / ``val_skill_visible``: 1 - validation MSE / MSE of predicting zero
+#: / the mean of the visible tokens of the same region (see ``training.recon_skill``).
+LOG_COLUMNS = ("step", "loss", "val_loss", "lr", "tokens_per_s", "samples_per_s",
+               "val_skill_zero", "val_skill_visible")
 
 
 class TrainLog:
@@ -25,7 +28,9 @@ class TrainLog:
             for line in path.read_text().splitlines()[1:]:
                 fields = line.split("\t")
                 if fields and fields[0].isdigit() and int(fields[0]) <= keep_until:
-                    self.rows.append(fields)
+                    # rows of a log written before a column existed: n/a in it
+                    fields += ["n/a"] * (len(LOG_COLUMNS) - len(fields))
+                    self.rows.append(fields[:len(LOG_COLUMNS)])
         self._flush()
 
     def add(self, **values) -> None:

@@ -1,0 +1,117 @@
+"""The built-in connectome baseline, cross-validated on the foundation model's folds.
+
+Per subject, region time series are read from the prepared token cache (means over each
+region's own voxels), turned into a connectome plus regional SD
+(:class:`~bids_roimae.analysis.connectome.ConnectomeFeatures`, fitted on the training
+subjects of each fold), and classified by the same standardised logistic regression (ridge
+for regression) as the linear probe, its penalty chosen by an inner CV on training
+subjects only. :func:`cross_validate_baseline` returns what
+:func:`~bids_roimae.training.cross_validation.cross_validate` returns, so every
+comparison can treat the baseline as one more arm.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from bids_roimae.analysis.connectome import ConnectomeFeatures, region_series, subject_features
+from bids_roimae.analysis.evaluation import compute_metrics, fold_assignment, summarise_folds
+from bids_roimae.core.region_weights import present_regions, voxel_region_matrix
+from bids_roimae.errors import BadDataError
+from bids_roimae.model.classifier import subject_output
+from bids_roimae.training.classifier_fit import fit_linear_probe
+
+log = logging.getLogger(__name__)
+
+#: Name of the baseline arm in comparison tables and prediction files.
+BASELINE_NAME = "connectome"
+
+
+def cache_region_series(entries: Sequence, geometry) -> dict[str, list[np.ndarray]]:
+    """``{subject: [(T, R) per run]}``: voxel-exact region means of every prepared run.
+
+    Regions are every atlas region with a brain voxel in the geometry (ascending index).
+    """
+    regions = present_regions(geometry.labels, geometry.voxel_mask)
+    matrix = voxel_region_matrix(geometry.labels, geometry.voxel_mask, regions)
+    out: dict[str, list] = {}
+    for entry in entries:
+        tokens = entry.tokens()
+        # One run at a time, a block of frames at a time: bounded memory for long runs.
+        series = np.concatenate([region_series(np.asarray(tokens[t:t + 64]), matrix)
+                                 for t in range(0, tokens.shape[0], 64)])
+        out.setdefault(str(entry.subject), []).append(series)
+    return out
+
+
+def cross_validate_baseline(series: dict, labels: pd.Series, label_info: dict, folds,
+                            *, kind: str = "correlation", seed: int = 0
+                            ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Out-of-fold predictions and per-fold metrics of the connectome baseline.
+
+    Parameters
+    ----------
+    series : dict
+        ``{subject: [(T, R) per run]}`` (:func:`cache_region_series`).
+    labels : Series, shape (S,)
+        Label per subject (index: subject label), in the order the folds index.
+    label_info : dict
+        ``task_type`` (and the class mapping).
+    folds : list of (train_idx, test_idx)
+        The foundation model's folds (indices into ``labels``).
+    kind : {"correlation", "tangent"}
+    seed : int
+        Seeds the inner CV as the linear probe's (``seed + 1009 * (fold + 1)``).
+
+    Returns
+    -------
+    predictions : DataFrame
+        As :func:`~bids_roimae.training.cross_validation.cross_validate`: ``fold``,
+        ``y_true``, ``output``, ``n_windows`` (here: frames of the subject's runs).
+    fold_table : DataFrame
+        :func:`~bids_roimae.analysis.evaluation.summarise_folds` table.
+
+    Raises
+    ------
+    BadDataError
+        A labelled subject has no prepared run, or a training set holds one class.
+    """
+    task = label_info["task_type"]
+    subjects = [str(s) for s in labels.index]
+    missing = [s for s in subjects if not series.get(s)]
+    if missing:
+        raise BadDataError(f"connectome baseline: no prepared run for sub-{missing[0]}"
+                           + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+    y = labels.to_numpy()
+    runs = [r for s in subjects for r in series[s]]
+    owners = [s for s in subjects for _ in series[s]]
+    outputs: list = [None] * len(subjects)
+    fold_metrics = []
+    for k, (train, test) in enumerate(folds):
+        train_subjects = [subjects[i] for i in train]
+        if task != "regression" and np.unique(y[train]).size < 2:
+            raise BadDataError(f"connectome baseline: fold {k} trains on one class only; "
+                               "a classifier needs both")
+        train_runs = [r for r, o in zip(runs, owners) if o in set(train_subjects)]
+        measure = ConnectomeFeatures(kind).fit(train_runs)
+        features = subject_features(measure.transform(runs), owners, subjects)
+        probe = fit_linear_probe(features[train], y[train], task, seed + 1009 * (k + 1))
+        z = (features[test] - probe["mean"]) / probe["scale"]
+        logits = z @ probe["weight"].T + probe["bias"]
+        pred = [subject_output(row[None, :], task) for row in logits]
+        for i, p in zip(test, pred):
+            outputs[i] = p
+        metrics = compute_metrics(task, y[test], np.stack(pred))
+        fold_metrics.append(dict(metrics, n_train=int(train.size), n_test=int(test.size)))
+        log.info("baseline fold %d/%d: %s", k + 1, len(folds), ", ".join(
+            f"{m} {v:.3f}" for m, v in metrics.items()))
+    table = summarise_folds(fold_metrics, task)
+    predictions = pd.DataFrame({
+        "fold": fold_assignment(folds, len(subjects)), "y_true": y, "output": outputs,
+        "n_windows": [int(sum(r.shape[0] for r in series[s])) for s in subjects]},
+        index=pd.Index(labels.index, name="participant"))
+    return predictions, table

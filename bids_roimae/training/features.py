@@ -1,0 +1,84 @@
+"""Frozen-encoder features of one participant, every readout at once.
+
+What ``participant --mode embed`` writes, so the pretrained model can serve as a feature
+extractor in a user's own statistics: the mean readout ``(D,)``, the region readout
+``(R, D)`` (encoder tokens pooled per atlas region with voxel weights, averaged over time
+and windows) and the region correlation ``(R, R)`` (across-time correlation of the
+region-pooled tokens within each window, averaged over windows). These are the same
+quantities the fine-tuning readouts (:mod:`bids_roimae.model.readout`) feed a classifier.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from bids_roimae.core.region_weights import region_weights
+from bids_roimae.model.readout import ReadoutEncoder, region_correlation
+from bids_roimae.training.windows import autocast, batches, load_windows
+
+
+@dataclass(frozen=True)
+class EncoderFeatures:
+    """One participant's frozen-encoder features.
+
+    Attributes
+    ----------
+    mean : ndarray, shape (D,)
+    region : ndarray, shape (R, D)
+    region_correlation : ndarray, shape (R, R)
+        Symmetric, 1 on the diagonal.
+    region_ids : ndarray, shape (R,)
+        Atlas indices of the rows of ``region`` (every region with a brain voxel).
+    n_windows : int
+    """
+
+    mean: np.ndarray
+    region: np.ndarray
+    region_correlation: np.ndarray
+    region_ids: np.ndarray
+    n_windows: int
+
+
+@torch.no_grad()
+def encoder_features(mae: nn.Module, refs: Sequence, geometry, window: int, batch_size: int,
+                     device) -> EncoderFeatures:
+    """Every readout of a participant's windows.
+
+    Parameters
+    ----------
+    mae : nn.Module
+        Pretrained autoencoder (``encode(x) -> (B, T', N, D)``).
+    refs : sequence of (entry, start)
+        The participant's windows (at least one).
+    geometry : TokenGeometry
+        ``labels`` and ``voxel_mask`` give the region weights.
+    window, batch_size : int
+    device : str or torch.device
+    """
+    if not refs:
+        raise ValueError("no window to embed")
+    weights = region_weights(geometry.labels, geometry.voxel_mask)
+    reader = ReadoutEncoder(mae, "region", weights.token_weights).to(device).eval()
+    mean, region, corr = [], [], []
+    for chunk in batches(list(refs), max(1, batch_size)):
+        x = torch.from_numpy(load_windows(chunk, window)).to(device)
+        with autocast(device):
+            tokens = mae.encode(x).float()  # (B, T', N, D)
+        pooled = torch.einsum("btnd,nr->btrd", tokens, reader.token_weights)
+        mean.append(tokens.mean(dim=(1, 2)).cpu().numpy())
+        region.append(pooled.mean(dim=1).cpu().numpy())
+        corr.append(region_correlation(pooled).cpu().numpy())
+    r = weights.n_regions
+    upper = np.concatenate(corr).mean(axis=0)
+    matrix = np.eye(r)
+    i, j = np.triu_indices(r, k=1)
+    matrix[i, j] = upper
+    matrix[j, i] = upper
+    return EncoderFeatures(np.concatenate(mean).mean(axis=0),
+                           np.concatenate(region).mean(axis=0), matrix, weights.region_ids,
+                           len(refs))

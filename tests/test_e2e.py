@@ -76,9 +76,11 @@ def test_models_side_by_side(study):
     folder = models / "masking_comparison"
     comparison = pd.read_csv(folder / "masking_comparison.tsv", sep="\t")
     assert list(comparison.columns[3:7]) == ["estimate", "ci_low", "ci_high", "p"]
-    assert set(comparison["model"]) == {"roi"} and set(comparison["reference"]) == {"random"}
-    assert {"roi-seed1", "random-seed1"} == {p.stem.removeprefix("predictions_")
-                                             for p in folder.glob("predictions_*.tsv")}
+    # roi against random, and the built-in connectome baseline against both
+    assert {"roi", "connectome"} == set(comparison["model"])
+    assert "random" in set(comparison["reference"])
+    assert {"roi-seed1", "random-seed1", "connectome"} == {
+        p.stem.removeprefix("predictions_") for p in folder.glob("predictions_*.tsv")}
     spread = pd.read_csv(folder / "masking_spread.tsv", sep="\t")
     assert (spread["n_splits"] == 15).all()  # 5 repeats x 3 folds by default
 

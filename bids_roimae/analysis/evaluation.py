@@ -15,6 +15,7 @@ error, exit 64, whose message names the largest usable ``--folds``).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -427,3 +428,39 @@ def decode_output(output, info: dict, true=None) -> dict:
     if task == "multiclass":
         out.update({f"probability_{c}": p for c, p in zip(classes, probs)})
     return out
+
+
+class FoldRecorder:
+    """Out-of-fold outputs and per-fold metrics of one cross-validated arm, fold by fold.
+
+    Every arm (a fine-tuned encoder, the connectome baseline) records its folds the same
+    way, so their prediction tables and fold tables line up.
+    """
+
+    def __init__(self, task_type: str, y: np.ndarray, name: str = "fold"):
+        self.task_type, self.y, self.name = task_type, np.asarray(y), name
+        self.outputs: list = [None] * len(self.y)
+        self.fold_metrics: list[dict] = []
+
+    def add(self, train: np.ndarray, test: np.ndarray, pred: Sequence, n_folds: int
+            ) -> dict:
+        """Store one fold's predictions for its ``test`` subjects; returns its metrics."""
+        for i, p in zip(test, pred):
+            self.outputs[i] = p
+        metrics = compute_metrics(self.task_type, self.y[test], np.stack(pred))
+        self.fold_metrics.append(dict(metrics, n_train=int(train.size),
+                                      n_test=int(test.size)))
+        logging.getLogger(__name__).info(
+            "%s %d/%d: %s", self.name, len(self.fold_metrics), n_folds,
+            ", ".join(f"{m} {v:.3f}" for m, v in metrics.items()))
+        return metrics
+
+    def results(self, folds, n_windows: Sequence[int], index: pd.Index
+                ) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """``(predictions, fold_table)``: one row per subject (``fold``, ``y_true``,
+        ``output``, ``n_windows``) and :func:`summarise_folds`."""
+        predictions = pd.DataFrame({
+            "fold": fold_assignment(folds, len(self.y)), "y_true": self.y,
+            "output": self.outputs, "n_windows": list(n_windows)},
+            index=pd.Index(index, name="participant"))
+        return predictions, summarise_folds(self.fold_metrics, self.task_type)

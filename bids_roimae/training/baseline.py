@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from bids_roimae.analysis.connectome import ConnectomeFeatures, region_series, subject_features
-from bids_roimae.analysis.evaluation import compute_metrics, fold_assignment, summarise_folds
+from bids_roimae.analysis.evaluation import FoldRecorder
 from bids_roimae.core.region_weights import present_regions, voxel_region_matrix
 from bids_roimae.errors import BadDataError
 from bids_roimae.model.classifier import subject_output
@@ -89,8 +89,7 @@ def cross_validate_baseline(series: dict, labels: pd.Series, label_info: dict, f
     y = labels.to_numpy()
     runs = [r for s in subjects for r in series[s]]
     owners = [s for s in subjects for _ in series[s]]
-    outputs: list = [None] * len(subjects)
-    fold_metrics = []
+    record = FoldRecorder(task, y, "baseline fold")
     for k, (train, test) in enumerate(folds):
         train_subjects = [subjects[i] for i in train]
         if task != "regression" and np.unique(y[train]).size < 2:
@@ -102,16 +101,7 @@ def cross_validate_baseline(series: dict, labels: pd.Series, label_info: dict, f
         probe = fit_linear_probe(features[train], y[train], task, seed + 1009 * (k + 1))
         z = (features[test] - probe["mean"]) / probe["scale"]
         logits = z @ probe["weight"].T + probe["bias"]
-        pred = [subject_output(row[None, :], task) for row in logits]
-        for i, p in zip(test, pred):
-            outputs[i] = p
-        metrics = compute_metrics(task, y[test], np.stack(pred))
-        fold_metrics.append(dict(metrics, n_train=int(train.size), n_test=int(test.size)))
-        log.info("baseline fold %d/%d: %s", k + 1, len(folds), ", ".join(
-            f"{m} {v:.3f}" for m, v in metrics.items()))
-    table = summarise_folds(fold_metrics, task)
-    predictions = pd.DataFrame({
-        "fold": fold_assignment(folds, len(subjects)), "y_true": y, "output": outputs,
-        "n_windows": [int(sum(r.shape[0] for r in series[s])) for s in subjects]},
-        index=pd.Index(labels.index, name="participant"))
-    return predictions, table
+        record.add(train, test, [subject_output(row[None, :], task) for row in logits],
+                   len(folds))
+    return record.results(folds, [int(sum(r.shape[0] for r in series[s])) for s in subjects],
+                          labels.index)

@@ -14,7 +14,7 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from bids_roimae.analysis.evaluation import compute_metrics, fold_assignment, summarise_folds
+from bids_roimae.analysis.evaluation import FoldRecorder
 from bids_roimae.analysis.labels import align_labels, label_attrs
 from bids_roimae.errors import BadDataError
 from bids_roimae.model.classifier import Classifier, subject_output
@@ -91,8 +91,7 @@ def cross_validate(encoder, labels: pd.Series, refs: dict, cfg, label_info: dict
     y = labels.to_numpy()
     if emb is None:
         emb = frozen_embeddings(encoder, refs, cfg, device)
-    outputs: list = [None] * len(subjects)
-    fold_metrics = []
+    record = FoldRecorder(task, y)
     for k, (train, test) in enumerate(folds):
         model = fit_classifier(encoder, strategy, [subjects[i] for i in train], y[train], refs, emb,
                      cfg, label_info, device, seed=cfg.seed + 1009 * (k + 1))
@@ -100,18 +99,8 @@ def cross_validate(encoder, labels: pd.Series, refs: dict, cfg, label_info: dict
                         frozen=strategy != "full")
         if fold_models is not None:
             fold_models.append(([str(subjects[i]) for i in test], model))
-        for i, p in zip(test, pred):
-            outputs[i] = p
-        metrics = compute_metrics(task, y[test], np.stack(pred))
-        fold_metrics.append(dict(metrics, n_train=int(train.size), n_test=int(test.size)))
-        log.info("fold %d/%d: %s", k + 1, len(folds), ", ".join(
-            f"{m} {v:.3f}" for m, v in metrics.items()))
-    table = summarise_folds(fold_metrics, task)
-    predictions = pd.DataFrame({
-        "fold": fold_assignment(folds, len(subjects)), "y_true": y,
-        "output": outputs, "n_windows": [len(refs[s]) for s in subjects]},
-        index=pd.Index(subjects, name="participant"))
-    return predictions, table
+        record.add(train, test, pred, len(folds))
+    return record.results(folds, [len(refs[s]) for s in subjects], subjects)
 
 
 def frozen_embeddings(encoder, refs: dict, cfg, device) -> dict:

@@ -7,7 +7,7 @@ times as much. Two fine-tunings of the same tiny pretrained encoder:
   report must say so first, and the randomised-head check must flag region 2, whose
   larger |IG| in ADHD is amplitude, not the model;
 * ``planted``: the true labels; each participant is attributed by the fold model that
-  never trained on it, and region 2 must top the scale-normalised table.
+  never trained on it, and region 2 must top the amplitude-controlled tables.
 """
 
 import json
@@ -151,6 +151,9 @@ def test_randomised_check_flags_the_amplitude_region(shuffled):
     check = pd.read_csv(shuffled["written"]["ig_randomcheck"], sep="\t").set_index("index")
     assert check.loc[PLANTED, "check"] == "amplitude"
     assert "survives" not in set(check["check"])
+    # Relative to the randomised head on the same input, the amplitude cancels.
+    relative = pd.read_csv(shuffled["written"]["ig_relativegroupdiff"], sep="\t")
+    assert relative.set_index("index").loc[PLANTED, "q"] > 0.05, relative.head()
     html = shuffled["written"]["html"].read_text()
     assert html.index("Randomised-model check") < html.index("ig: regions")
 
@@ -159,10 +162,20 @@ def test_planted_region_tops_the_out_of_fold_scaled_table(planted):
     assert planted["evidence"].above_chance
     html = planted["written"]["html"].read_text()
     assert CHANCE_WARNING not in html
+    # The amplitude-controlled table: the trained head relies on the planted region more
+    # in the group where it carries the effect than a randomised head would.
+    relative = pd.read_csv(planted["written"]["ig_relativegroupdiff"], sep="\t")
+    top = relative.iloc[0]
+    assert top["index"] == PLANTED and top["statistic"] > 0 and top["q"] < 0.05, relative.head()
+    assert (relative["q"].iloc[1:] > 0.05).all()
+    # Per unit of input scale the planted region also stands out, with a negative sign:
+    # the encoder's layer norms make the response per unit of input fall as amplitude
+    # grows, so the sign of this table is not the direction of reliance (README).
     scaled = pd.read_csv(planted["written"]["ig_scaledgroupdiff"], sep="\t")
     assert scaled.iloc[0]["index"] == PLANTED and scaled.iloc[0]["q"] < 0.05, scaled.head()
     tables = read_region_tables(planted["out"], "ig")
-    assert {"scaled_mean_abs", "random_mean_abs", "random_scaled_mean_abs"} <= set(tables)
+    assert {"scaled_mean_abs", "random_mean_abs", "random_scaled_mean_abs",
+            "relative_mean_abs"} <= set(tables)
     # With a mean-pooled readout the trained head's map is what a random head gives the
     # same input (|IG| ratio real/random is about the same in every region), so the check
     # does not credit the model with the planted region: honest, not a finding.

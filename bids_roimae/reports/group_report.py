@@ -60,9 +60,14 @@ def _top_differences_html(differences, html_table, n_top: int = 5) -> str:
 
 
 #: IG measures compared between groups: (region-table column, desc of the outputs).
-IG_MEASURES = (("mean_abs", "groupdiff"), ("scaled_mean_abs", "scaledgroupdiff"),
+IG_MEASURES = (("mean_abs", "groupdiff"), ("relative_mean_abs", "relativegroupdiff"),
+               ("scaled_mean_abs", "scaledgroupdiff"),
                ("random_mean_abs", "randomgroupdiff"),
                ("random_scaled_mean_abs", "randomscaledgroupdiff"))
+#: Region rankings of IG with the amplitude taken out: (column, desc, title).
+AMPLITUDE_CONTROLLED = (
+    ("relative_mean_abs", "relativeregions", "attribution relative to a randomised head"),
+    ("scaled_mean_abs", "scaledregions", "attribution per unit of input scale"))
 #: Trained-model measures checked against their randomised-head twin: (column, desc).
 RANDOMISATION_CHECKS = (("mean_abs", "randomcheck"), ("scaled_mean_abs", "scaledrandomcheck"))
 
@@ -269,14 +274,15 @@ def build_group_report(output_dir, participants: Optional[pd.DataFrame], atlas_n
             ranking, "mean", f"{stat}: regions by group mean {value}")))
         sections.append((f"{stat}: systems", ranking_section(
             systems, "mean", f"{stat}: systems by group mean {value}", label="system")))
-        if stat == "ig" and "scaled_mean_abs" in tables:
-            scaled = region_ranking(tables, "scaled_mean_abs")
+        for column, desc, title in AMPLITUDE_CONTROLLED if stat == "ig" else ():
+            if column not in tables:
+                continue
+            controlled = region_ranking(tables, column)
             path = group_path(output_dir, suffix="stats", extension=".tsv", seg=seg,
-                              stat=stat, desc="scaledregions")
-            out["ig_scaledregions"] = _write_stats(path, scaled, opening[stat])
-            sections.append(("ig: regions by scale-normalised attribution", ranking_section(
-                scaled, "mean", "ig: regions by group mean scaled_mean_abs (amplitude "
-                "taken out)")))
+                              stat=stat, desc=desc)
+            out[f"ig_{desc}"] = _write_stats(path, controlled, opening[stat])
+            sections.append((f"ig: regions by {title}", ranking_section(
+                controlled, "mean", f"ig: regions by group mean {column}")))
         # Fidelity also compares the reconstruction error (a region that decouples from its
         # network, or fluctuates more, is rebuilt worse from its context), relative to
         # each window's mean over regions: what differs is the region, not how

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 import nibabel as nib
+import numpy as np
 import pandas as pd
 
 from bids_roimae.analysis.attribution import IGResult
@@ -83,10 +84,12 @@ def write_run_attribution(output_dir, source_entities: dict, ig: IGResult,
     """Write one run's IG maps (on the source grid) and its region table.
 
     The region table holds, per region, the mean ``|IG|`` (``mean_abs``), the same
-    divided by the region's own input scale in each window (``scaled_mean_abs``: what
-    is left when the region's amplitude is taken out), and, with ``randomised``, both
-    for the classifier with a randomised head (``random_*``: what any model of this
-    architecture would attribute, the model-randomisation check of Adebayo et al. 2018).
+    divided by the region's own input scale in each window (``scaled_mean_abs``), and,
+    with ``randomised``, both for the classifier with a randomised head (``random_*``:
+    what any model of this architecture would attribute, the model-randomisation check
+    of Adebayo et al. 2018) and the ratio of the trained to the randomised ``mean_abs``
+    (``relative_mean_abs``: the region's amplitude cancels, whatever the encoder's
+    nonlinearity).
     The sidecar opens with the classifier's out-of-fold accuracy and AUC, and a warning
     when it is not above chance.
 
@@ -145,6 +148,15 @@ def write_run_attribution(output_dir, source_entities: dict, ig: IGResult,
         table["random_scaled_mean_abs"] = scaled_region_values(
             randomised.window_abs, randomised.window_rms, geometry.labels, ids,
             geometry.voxel_mask)
+        # The same input through the same encoder: whatever the region's amplitude does
+        # to |IG| (linearly or not: layer norms make the response per unit of input fall
+        # as amplitude grows) is in both, so the ratio is what the trained head adds.
+        random_abs = table["random_mean_abs"].to_numpy(dtype=float)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            table["relative_mean_abs"] = np.where(
+                random_abs > 0, table["mean_abs"].to_numpy(dtype=float) / random_abs, np.nan)
+        table["relative_rank"] = table["relative_mean_abs"].rank(
+            ascending=False, method="min").astype("Int64")
         columns.update(RANDOMISED_COLUMNS)
     tpath = derivative_path(output_dir, source_entities, suffix="bold", extension=".tsv",
                             space=space, seg=atlas_name, stat="ig")
@@ -167,7 +179,12 @@ SCALED_COLUMNS = {
 RANDOMISED_COLUMNS = {
     "random_mean_abs": "mean_abs of the same classifier with a randomised head (model "
                        "randomisation check): what the input alone produces",
-    "random_scaled_mean_abs": "scaled_mean_abs of the classifier with a randomised head"}
+    "random_scaled_mean_abs": "scaled_mean_abs of the classifier with a randomised head",
+    "relative_mean_abs": "mean_abs / random_mean_abs: the trained classifier's |IG| relative "
+                         "to a randomised head's on the same input, so the region's "
+                         "amplitude cancels (> 1: the trained head relies on the region "
+                         "more than chance weights would)",
+    "relative_rank": "Rank by relative_mean_abs (1 = largest)"}
 
 
 def write_run_fidelity(output_dir, source_entities: dict, fidelity: pd.DataFrame,

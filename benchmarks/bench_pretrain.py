@@ -114,7 +114,7 @@ def probe_attention(model, x, mask, autocast, device, force: str) -> dict:
     calls: list = []
     with profile(activities=activities) as prof, sdpa_calls(calls):
         with autocast():
-            loss, _ = model(x, mask)
+            loss, _ = model(x, mask, return_pred=False)
         loss.backward()
     model.zero_grad(set_to_none=True)
     names = {e.key for e in prof.key_averages()}
@@ -130,7 +130,7 @@ def probe_attention(model, x, mask, autocast, device, force: str) -> dict:
     try:
         with sdpa_kernel([backend]):
             with autocast():
-                loss, _ = model(x, mask)
+                loss, _ = model(x, mask, return_pred=False)
             loss.backward()
         out[f"forced_{force}"] = "ok"
     except RuntimeError as exc:
@@ -146,7 +146,7 @@ def count_flops(model, x, mask, autocast) -> float:
     counter = FlopCounterMode(display=False)
     with counter:
         with autocast():
-            loss, _ = model(x, mask)
+            loss, _ = model(x, mask, return_pred=False)
         loss.backward()
     model.zero_grad(set_to_none=True)
     return float(counter.get_total_flops())
@@ -192,7 +192,7 @@ def bench_one(preset, attention, masking, args, geometry, entries, device) -> di
             x, mask = prefetch.get(step)
             wait += time.perf_counter() - tw
             with autocast():
-                loss, _ = net(x, mask)
+                loss, _ = net(x, mask, return_pred=False)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()

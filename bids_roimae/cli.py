@@ -60,8 +60,9 @@ POSITIONALS = (
                    "cache, models, maps, reports. Not BIDS_DIR, and not inside the fMRIPrep "
                    "derivatives or another pipeline's dataset (BIDS_DIR/derivatives/"
                    "bids_roimae is a good choice)."),
-    ("ANALYSIS_LEVEL", "participant (per subject: --mode prepare, finetune, predict) or "
-                       "group (whole dataset: --mode pretrain, report)."),
+    ("ANALYSIS_LEVEL", "participant (per subject: --mode "
+                       + ", ".join(LEVEL_MODES["participant"]) + ") or group (whole "
+                       "dataset: --mode " + ", ".join(LEVEL_MODES["group"]) + ")."),
 )
 
 

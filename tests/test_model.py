@@ -235,3 +235,28 @@ def test_errors_and_embedding_match_the_two_separate_passes(geometry, attention)
         none = torch.zeros_like(mask)
         _, all_visible = model.errors_and_embedding(x, none)
         torch.testing.assert_close(all_visible, model.embed(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("attention,count", [("divided", "exact"), ("joint", "exact"),
+                                             ("divided", "whole"), ("joint", "whole")])
+def test_training_loss_at_hidden_tokens_only_is_the_same_loss(geometry, attention, count):
+    """The training path decodes the hidden tokens only: same loss and same gradients as
+    reconstructing every token, also when samples hide different counts (padded rows)."""
+    x = _window(geometry, 3)
+    mask = _roi_masks(geometry, 3, 1, count=count)
+    if attention == "joint":  # per-chunk masks differ between time steps
+        mask = mask.clone()
+        mask[:, 1] = torch.roll(mask[:, 1], 1, dims=-1)
+    grads = []
+    for return_pred in (True, False):
+        model = _model(geometry, attention=attention).train()
+        loss, pred = model(x, mask, return_pred=return_pred)
+        loss.backward()
+        assert (pred is None) == (not return_pred)
+        grads.append((loss.item(), [p.grad.clone() for p in model.parameters()
+                                    if p.grad is not None]))
+    (full, full_grads), (hidden, hidden_grads) = grads
+    assert hidden == pytest.approx(full, rel=1e-5)
+    assert len(full_grads) == len(hidden_grads)
+    for a, b in zip(full_grads, hidden_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

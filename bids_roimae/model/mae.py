@@ -311,25 +311,73 @@ class RoiMAE(nn.Module):
         pred = self._decode(latent, index, valid, b, t)
         return mask, latent, valid, pred, self._squared_error(pred, self.targets(tokens))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, return_pred: bool = True
+                ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Reconstruct hidden tokens.
 
         Parameters
         ----------
         x : float tensor, shape (B, W, N, P)
         mask : bool tensor, shape (B, T', N); True = hidden
+        return_pred : bool
+            False (training): the decoder's last block and the prediction head run at the
+            hidden tokens only, the only ones the loss counts; same loss, less work at
+            voxel resolution.
 
         Returns
         -------
         loss : scalar tensor
             Mean squared error over hidden tokens' brain voxels.
-        pred : tensor, shape (B, T', N, temporal_patch * P)
+        pred : tensor, shape (B, T', N, temporal_patch * P), or None
             Reconstruction of every token (only hidden ones are trained).
         """
+        if not return_pred:
+            tokens = self.group_time(x)
+            mask = self._check_mask(mask, tokens)
+            latent, index, valid = self._encode(tokens, mask)
+            sq, fm, weight = self._hidden_squared_error(tokens, mask, latent, index, valid)
+            voxels = fm.to(sq.dtype) * weight[..., None]
+            return (sq * voxels).sum() / voxels.sum().clamp(min=1), None
         mask, latent, valid, pred, err = self._reconstruct(x, mask)
         weight = mask.to(err.device, non_blocking=True)[..., None] & self.feature_mask
         loss = (err * weight).sum() / weight.sum().clamp(min=1)
         return loss, pred
+
+    def _hidden_squared_error(self, tokens, mask, latent, index, valid):
+        """Squared error of the hidden tokens' reconstruction, decoded there only.
+
+        Every token still serves the decoder as key and value; its last block and the
+        prediction head run at the hidden tokens ``rows (B, Q)`` (padded by repeating a
+        row where samples hide different counts).
+
+        Returns
+        -------
+        sq : tensor, (B, T', Q, F) divided or (B, Q, F) joint
+            Squared error per feature (not yet masked to brain voxels).
+        fm : bool tensor broadcasting to ``sq``
+            Brain voxels of each hidden token's features.
+        weight : tensor, ``sq.shape[:-1]``
+            1 for a real hidden row, 0 for padding.
+        """
+        b, t, n, f = tokens.shape
+        h = self._decoder_input(latent, index, valid, b, t)
+        for blk in self.decoder_blocks[:-1]:
+            h = blk(h)
+        hidden = mask[:, 0] if self.attention == "divided" else mask.reshape(b, t * n)
+        rows, row_valid = _to_device(_hidden_rows(hidden), tokens.device)
+        h = self.decoder_blocks[-1].forward_at(h, rows)
+        pred = self.decoder_pred(self.decoder_norm(h)).float()
+        target = self.targets(tokens)
+        if self.attention == "divided":  # pred (B, T', Q, F)
+            target = torch.gather(target, 2, rows[:, None, :, None].expand(b, t, rows.shape[1], f))
+            fm = self.feature_mask[rows][:, None]  # (B, 1, Q, F)
+            weight = row_valid[:, None, :].to(pred.dtype).expand(b, t, rows.shape[1])
+        else:  # pred (B, Q, F) over the flattened T' * N tokens
+            target = torch.gather(target.reshape(b, t * n, f), 1,
+                                  rows[..., None].expand(b, rows.shape[1], f))
+            fm = self.feature_mask[rows % n]
+            weight = row_valid.to(pred.dtype)
+        return (pred - target) ** 2, fm, weight
 
     def encode(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Final-norm encoder output, ``(B, T', N, D)``.
@@ -400,31 +448,14 @@ class RoiMAE(nn.Module):
         if one_window:  # one window under several masks
             tokens = tokens.expand(mask.shape[0], -1, -1, -1)
         mask = self._check_mask(mask, tokens)
-        b, t, n, f = tokens.shape
         if not bool(mask.any(dim=tuple(range(1, mask.ndim))).all()):
             raise ValueError("every sample needs at least one hidden token")
         if one_window and self.attention == "divided" and len(self.blocks) > 0:
             latent, index, valid = self._encode_occluded(tokens[:1], mask)
         else:
             latent, index, valid = self._encode(tokens, mask)
-        h = self._decoder_input(latent, index, valid, b, t)
-        for blk in self.decoder_blocks[:-1]:
-            h = blk(h)
-        hidden = mask[:, 0] if self.attention == "divided" else mask.reshape(b, t * n)
-        rows, row_valid = _to_device(_hidden_rows(hidden), tokens.device)
-        h = self.decoder_blocks[-1].forward_at(h, rows)
-        pred = self.decoder_pred(self.decoder_norm(h)).float()
-        target = self.targets(tokens)
-        if self.attention == "divided":  # pred (B, T', Q, F)
-            target = torch.gather(target, 2, rows[:, None, :, None].expand(b, t, rows.shape[1], f))
-            fm = self.feature_mask[rows][:, None]  # (B, 1, Q, F)
-            weight = row_valid[:, None, :].to(pred.dtype).expand(b, t, rows.shape[1])
-        else:  # pred (B, Q, F) over the flattened T' * N tokens
-            target = torch.gather(target.reshape(b, t * n, f), 1,
-                                  rows[..., None].expand(b, rows.shape[1], f))
-            fm = self.feature_mask[rows % n]
-            weight = row_valid.to(pred.dtype)
-        err = ((pred - target) ** 2 * fm).sum(-1) / fm.sum(-1)
+        sq, fm, weight = self._hidden_squared_error(tokens, mask, latent, index, valid)
+        err = (sq * fm).sum(-1) / fm.sum(-1)
         dims = tuple(range(1, err.ndim))
         error = (err * weight).sum(dims) / weight.sum(dims)
         if valid is None:

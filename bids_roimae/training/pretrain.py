@@ -290,8 +290,8 @@ def _train(entries, geometry, cfg, model_dir, dist: DistContext, resume, atlas,
                 e, s, m = (a[i:i + batch] for a in val_plan)
                 x = val_feed.to_device(e, s)
                 mask = torch.from_numpy(m)
-                loss, _ = model(x, mask)
-                sums.add(skill_sums(model, x, mask, regions))
+                loss, pred = model(x, mask)
+                sums.add(skill_sums(model, x, mask, pred, regions))
                 total += float(loss) * len(e)
                 count += len(e)
         model.train()
@@ -344,7 +344,7 @@ def _train(entries, geometry, cfg, model_dir, dist: DistContext, resume, atlas,
             torch.manual_seed(int(np.random.default_rng([cfg.seed, step, rank, 1])
                                   .integers(2 ** 62)))
             with autocast():
-                loss, _ = net(x, mask)
+                loss, _ = net(x, mask, return_pred=False)
             loss = loss.float()
             bad |= ~torch.isfinite(loss.detach())
             if not cuda and bool(bad):  # CPU: stop before the weights take a bad step

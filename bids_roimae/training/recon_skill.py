@@ -81,19 +81,21 @@ def visible_mean_prediction(target: torch.Tensor, hidden: torch.Tensor,
 
 
 @torch.no_grad()
-def skill_sums(model: nn.Module, x: torch.Tensor, mask: torch.Tensor, regions: torch.Tensor
-               ) -> SkillSums:
+def skill_sums(model: nn.Module, x: torch.Tensor, mask: torch.Tensor, pred: torch.Tensor,
+               regions: torch.Tensor) -> SkillSums:
     """Squared errors of the model and both trivial predictors on one batch.
 
     Parameters
     ----------
     model : RoiMAE
-        ``forward(x, mask) -> (loss, pred)``, ``group_time``, ``targets``, ``feature_mask``.
+        ``group_time``, ``targets``, ``feature_mask``.
     x : tensor, shape (B, W, N, P)
     mask : bool tensor, shape (B, T', N); True = hidden
+    pred : tensor, shape (B, T', N, F)
+        The model's reconstruction, ``model(x, mask)[1]`` (the validation pass's own, so
+        scoring costs no second forward pass).
     regions : long tensor, shape (N,)
     """
-    _, pred = model(x, mask)
     target = model.targets(model.group_time(x)).float()
     hidden = mask.to(target.device, torch.bool)
     fm = model.feature_mask

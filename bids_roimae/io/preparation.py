@@ -57,7 +57,8 @@ logger = logging.getLogger(__name__)
 
 def prepare_run(run, geometry, template_img, prep_cfg: Optional[PrepConfig], output_dir, *,
                 window: int, work_dir=None, overwrite: bool = False,
-                space: Optional[str] = None) -> CacheEntry:
+                space: Optional[str] = None, cached_only: bool = False
+                ) -> Optional[CacheEntry]:
     """Prepare one BOLD run into a cache entry (or find it already cached).
 
     Parameters
@@ -83,11 +84,14 @@ def prepare_run(run, geometry, template_img, prep_cfg: Optional[PrepConfig], out
     space : str, optional
         Template space name; default ``template_img.space``, else the ``tpl-<space>`` of
         the template file name, else MNI152NLin2009cAsym.
+    cached_only : bool
+        Only look the run up: ``None`` when it is not cached yet.
 
     Returns
     -------
-    CacheEntry
-        Tokens (T, N, P) float16 (or int8 with ``meta["scale"]``).
+    CacheEntry or None
+        Tokens (T, N, P) float16 (or int8 with ``meta["scale"]``); None only with
+        ``cached_only``.
 
     Raises
     ------
@@ -114,6 +118,8 @@ def prepare_run(run, geometry, template_img, prep_cfg: Optional[PrepConfig], out
             _check_length(name, entry.n_frames, window, entry.meta.get("target_tr"))
             logger.info("%s: cached (%s)", run.key, final.name)
             return entry
+    if cached_only:
+        return None
     started = time.perf_counter()
     source = BoldSource(run.path)
     tr_in, tr_source = _input_tr(run, source, needed=prep.target_tr is not None
@@ -202,22 +208,26 @@ def prepare_runs(runs: Sequence, geometry, template_img, prep_cfg, output_dir, *
     for folder in sorted({entry_path(output_dir, run, "x").parent for run in runs}):
         if folder.is_dir():
             remove_stale_temps(folder)
-    if nprocs <= 1 or len(runs) <= 1:
-        for i, run in enumerate(runs):
-            try:
-                results[i] = prepare_run(run, geometry, template_img, prep_cfg, output_dir,
-                                         **kwargs)
-            except Terminated:
-                raise
-            except Exception as exc:  # noqa: BLE001 - one bad run must not stop the rest
-                results[i] = _as_app_error(run, exc)
-    else:
+    # Cache hits first, in this process: the worker pool (spawned processes that import
+    # torch and receive the geometry) is only worth starting for runs left to prepare.
+    todo = []
+    for i, run in enumerate(runs):
+        try:
+            results[i] = prepare_run(run, geometry, template_img, prep_cfg, output_dir,
+                                     cached_only=nprocs > 1 and len(runs) > 1, **kwargs)
+        except Terminated:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one bad run must not stop the rest
+            results[i] = _as_app_error(run, exc)
+        if results[i] is None:
+            todo.append(i)
+    if todo:
         # spawn: workers must not inherit the parent's thread pools (torch, BLAS) mid-state.
         ctx = multiprocessing.get_context("spawn")
-        pool = ProcessPoolExecutor(max_workers=min(nprocs, len(runs)), mp_context=ctx)
+        pool = ProcessPoolExecutor(max_workers=min(nprocs, len(todo)), mp_context=ctx)
         try:
-            futures = {pool.submit(prepare_run, run, geometry, template_img, prep_cfg,
-                                   output_dir, **kwargs): i for i, run in enumerate(runs)}
+            futures = {pool.submit(prepare_run, runs[i], geometry, template_img, prep_cfg,
+                                   output_dir, **kwargs): i for i in todo}
             for fut in as_completed(futures):
                 i = futures[fut]
                 try:

@@ -285,7 +285,9 @@ RES = "Resources and run control"
 @_opt("--nprocs", type=click.IntRange(1), default=1, section=RES,
       help="Processes for preparing runs in parallel.")
 @_opt("--omp-nthreads", type=click.IntRange(1), default=None, section=RES,
-      help="Threads per process (torch, BLAS). Default: all cores / nprocs.")
+      help="Threads per process (torch, BLAS). Default: all cores for training and "
+           "inference (divided among torchrun's local ranks), all cores / nprocs for each "
+           "preparation worker.")
 @_opt("--seed", type=int, default=None, section=RES, help="Random seed. [default: 0]")
 @_opt("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", section=RES,
       help="Where to run the model.")

@@ -27,7 +27,7 @@ out=$demo/out
 # The demo's choices, for minutes on a 2-core CPU (demo.toml, every one a documented
 # setting): 12 subjects (6 per group) of 48 frames; 8 mm patches and 16-frame windows of
 # two 8-frame time tokens (1.8 k brain tokens per window instead of 17 k at the defaults);
-# 20 pretraining steps with a short warm-up; Integrated Gradients on one window per run
+# 20 pretraining steps with a short warm-up, validated on 4 windows; Integrated Gradients on one window per run
 # with 4-8 integration points; region fidelity on one window of one subject.
 cat > "$demo/demo.toml" <<'TOML'
 [geometry]
@@ -37,6 +37,7 @@ temporal_patch = 8
 [train]
 warmup_steps = 4
 lr = 1e-3
+val_batches = 1
 [attribution]
 windows = 1
 min_steps = 4

@@ -1,6 +1,9 @@
 """Command-line conventions: exit codes, list options, help, refusals."""
 
+import os
+
 import pytest
+import torch
 
 from bids_roimae import __version__
 from bids_roimae.cli import analysis_level_argument, expand_multi_values, main
@@ -75,3 +78,24 @@ def test_list_options_take_several_values():
 def test_level_found_past_option_values():
     assert analysis_level_argument(["--atlas", "AAL3", "/d", "/o", "group", "-v"]) == "group"
     assert analysis_level_argument(["/d", "/o"]) is None
+
+
+def test_training_gets_every_core_and_preparation_workers_share_them(monkeypatch):
+    from bids_roimae.app.context import set_threads
+
+    cores = len(os.sched_getaffinity(0))
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+        set_threads(None, 2)  # --nprocs 2: two workers prepare, then one process trains
+        assert torch.get_num_threads() == cores
+        assert os.environ["OMP_NUM_THREADS"] == str(max(1, cores // 2))
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the scheduler's (or user's) setting
+        set_threads(None, 2)
+        assert torch.get_num_threads() == 1 and os.environ["OMP_NUM_THREADS"] == "1"
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        set_threads(3, 4)  # --omp-nthreads wins
+        assert torch.get_num_threads() == 3 and os.environ["OMP_NUM_THREADS"] == "3"
+    finally:
+        torch.set_num_threads(before)

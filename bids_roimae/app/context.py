@@ -123,10 +123,22 @@ def _resolve_device(requested: str) -> str:
     return requested
 
 
-def _set_threads(nthreads: Optional[int], nprocs: int) -> None:
-    n = nthreads or max(1, (os.cpu_count() or 1) // max(1, nprocs))
-    os.environ.setdefault("OMP_NUM_THREADS", str(n))
-    torch.set_num_threads(n)
+def set_threads(nthreads: Optional[int], nprocs: int) -> None:
+    """Threads of this process and of its preparation workers.
+
+    The ``nprocs`` preparation workers share the cores (spawned, they read
+    ``OMP_NUM_THREADS``) while this process waits for them; training and inference run
+    here alone, so they get every core, shared only with torchrun's other local ranks.
+    """
+    # The cores this process may use (a SLURM or container CPU set), not the machine's.
+    cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+             else os.cpu_count() or 1)
+    given = os.environ.get("OMP_NUM_THREADS", "")
+    if nthreads is None and given.isdigit() and int(given) > 0:
+        nthreads = int(given)  # the user's (or the scheduler's) own setting
+    os.environ["OMP_NUM_THREADS"] = str(nthreads or max(1, cores // max(1, nprocs)))
+    local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    torch.set_num_threads(nthreads or max(1, cores // local_ranks))
 
 
 def _check_names(o: dict) -> None:
@@ -219,7 +231,7 @@ def build_context(o: dict) -> RunContext:
         raise UsageError("--mode finetune needs --target COLUMN (a participants.tsv column)")
     _check_output_location(output_dir, bids_dir, o.get("derivatives"))
     work_dir = _scratch_folder(o.get("work_dir"))
-    _set_threads(o.get("omp_nthreads"), o.get("nprocs") or 1)
+    set_threads(o.get("omp_nthreads"), o.get("nprocs") or 1)
     return RunContext(
         bids_dir=bids_dir, output_dir=output_dir, level=level, mode=mode, cfg=cfg,
         work_dir=work_dir,

@@ -19,7 +19,8 @@ Usage (CPU; needs the real template and AAL3 in the TemplateFlow/nilearn caches,
 laid out from ../shared/data as scripts/demo.sh does)::
 
     python benchmarks/science.py --out /tmp/science --effect-sizes 0.5 0.3 --seeds 0 1 \\
-        --steps 150 --readouts mean region region-cov --patch-sizes 6 [--attribution]
+        --steps 150 --readouts mean region region-cov --patch-sizes 6 [--attribution] \\
+        [--config SETTINGS.toml]
 
 Writes ``OUT/science.tsv`` (one row per arm, dataset and fold) and ``OUT/science.json``
 (the printed summary, settings, timings).
@@ -75,6 +76,8 @@ def one_dataset(root: Path, effect_size: float, seed: int, opts) -> tuple[list[d
     timings = {"generate": time.perf_counter() - t0}
     common = ["-w", root / "work", "--skip-bids-validation", "--seed", seed,
               "--device", "cpu", "--nprocs", 2]
+    if opts.config:
+        common += ["--config", opts.config]
     rows = []
     for patch in opts.patch_sizes:
         pout = out / f"ps-{patch}"
@@ -165,6 +168,9 @@ def main(argv=None) -> None:
                              "grid instead of the real ones in the caches (CPU-sized runs).")
     parser.add_argument("--window", type=int, default=None)
     parser.add_argument("--temporal-patch", type=int, default=None)
+    parser.add_argument("--config", type=Path, default=None,
+                        help="An app settings TOML passed to every command (e.g. [train] lr, "
+                             "warmup_steps).")
     opts = parser.parse_args(argv)
     logging.getLogger("bids_roimae").setLevel(logging.WARNING)
     if opts.grid:

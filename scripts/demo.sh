@@ -24,11 +24,14 @@ echo "demo: template from $TEMPLATEFLOW_HOME, atlas from $NILEARN_DATA"
 
 data=$demo/data
 out=$demo/out
-# The demo's choices, for minutes on a 2-core CPU (demo.toml, every one a documented
-# setting): 12 subjects (6 per group) of 48 frames; 8 mm patches and 16-frame windows of
-# two 8-frame time tokens (1.8 k brain tokens per window instead of 17 k at the defaults);
-# 20 pretraining steps with a short warm-up, validated on 4 windows; Integrated Gradients on one window per run
-# with 4-8 integration points; region fidelity on one window of one subject.
+# The demo's choices, for minutes on a 2-core CPU (every one a documented setting; the
+# defaults are for real studies): 12 subjects (6 per group) of 32 frames; 8 mm patches and
+# 16-frame windows of two 8-frame time tokens (1.8 k brain tokens per window instead of
+# 17 k); 12 pretraining steps with a short warm-up, validated on 4 windows; a subject's
+# 2 windows (not 8 overlapping ones) for fine-tuning, prediction and embeddings; 2 x 3-fold
+# cross-validation (default 5 x 5); Integrated Gradients on one window per run with 4
+# integration points (the sidecars report the completeness error); region fidelity on
+# one window of one subject.
 cat > "$demo/demo.toml" <<'TOML'
 [geometry]
 patch_size = 8
@@ -38,10 +41,12 @@ temporal_patch = 8
 warmup_steps = 4
 lr = 1e-3
 val_batches = 1
+[finetune]
+windows_per_run = 2
 [attribution]
 windows = 1
 min_steps = 4
-steps = 8
+steps = 4
 TOML
 common=(--model-preset tiny -w "$demo/work" --nprocs 2 --config "$demo/demo.toml")
 
@@ -61,16 +66,16 @@ step() {  # step LABEL COMMAND...: run it, print it, its elapsed time and CPU ti
   printf 'demo: %-36s %4d s  (%d CPU-s)\n' "$label" $(( SECONDS - t0 )) $(( cpu - c0 ))
 }
 [ -f "$data/participants.tsv" ] || \
-  step "synthetic dataset" bids_roimae-synth "$data" --n-subjects 12 --n-frames 48
+  step "synthetic dataset" bids_roimae-synth "$data" --n-subjects 12 --n-frames 32
 step "participant prepare" bids_roimae "$data" "$out" participant --mode prepare "${common[@]}"
 step "group pretrain (roi)" bids_roimae "$data" "$out" group --mode pretrain --masking roi \
-  --steps 20 --batch-size 4 "${common[@]}"
+  --steps 12 --batch-size 4 "${common[@]}"
 step "group pretrain (random)" bids_roimae "$data" "$out" group --mode pretrain \
-  --masking random --steps 20 --batch-size 4 "${common[@]}"
+  --masking random --steps 12 --batch-size 4 "${common[@]}"
 step "participant finetune (compare)" bids_roimae "$data" "$out" participant --mode finetune \
-  --target dx --positive 1 2 3 --folds 3 --compare-masking "${common[@]}"
+  --target dx --positive 1 2 3 --folds 3 --cv-repeats 2 --compare-masking "${common[@]}"
 step "participant finetune (roi)" bids_roimae "$data" "$out" participant --mode finetune \
-  --target dx --positive 1 2 3 --folds 3 \
+  --target dx --positive 1 2 3 --folds 3 --cv-repeats 2 \
   --pretrained "$out/models/roimae_mask-roi_preset-tiny_ps-8/model.pt" "${common[@]}"
 # Integrated Gradients for everyone (the group tables compare ADHD with controls); region
 # fidelity for sub-01 only.

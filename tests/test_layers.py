@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "bids_roimae"
-BASE = {"config", "errors", "interrupt", "__init__"}
+BASE = {"config", "errors", "host", "interrupt", "__init__"}
 # What each layer may import besides itself (the base modules are open to every layer).
 ALLOWED = {
     "base": set(),

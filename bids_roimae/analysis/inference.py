@@ -4,11 +4,12 @@ how much work one pass may take on the device."""
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Iterator, Optional
 
 import torch
 from torch import nn
+
+from bids_roimae.host import available_memory
 
 
 @contextlib.contextmanager
@@ -36,14 +37,6 @@ def device_of(module: nn.Module) -> torch.device:
 
 #: The most a CPU pass may use: other work (cache reads, other processes) shares the RAM.
 CPU_BUDGET_BYTES = 2 << 30
-
-
-def available_memory() -> int:
-    """Physical memory available on this machine in bytes (4 GiB when unknown)."""
-    try:
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):
-        return 4 << 30
 
 
 def memory_budget(device: torch.device) -> int:

@@ -19,6 +19,7 @@ import torch
 
 from bids_roimae.config import DEFAULT_SPACE, LEVEL_MODES, AppConfig, ConfigError, load_config
 from bids_roimae.errors import MissingInputError, OutputError, UsageError, one_line
+from bids_roimae.host import usable_cores
 from bids_roimae.io.bids_names import check_label, check_path_component
 from bids_roimae.io.derivatives import output_location_problem
 from bids_roimae.io.discovery import BoldRun, discover, load_filter_file, normalise_labels
@@ -130,9 +131,7 @@ def set_threads(nthreads: Optional[int], nprocs: int) -> None:
     ``OMP_NUM_THREADS``) while this process waits for them; training and inference run
     here alone, so they get every core, shared only with torchrun's other local ranks.
     """
-    # The cores this process may use (a SLURM or container CPU set), not the machine's.
-    cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-             else os.cpu_count() or 1)
+    cores = usable_cores()  # a SLURM or container CPU set, not the machine's cores
     given = os.environ.get("OMP_NUM_THREADS", "")
     if nthreads is None and given.isdigit() and int(given) > 0:
         nthreads = int(given)  # the user's (or the scheduler's) own setting

@@ -25,7 +25,7 @@ echo "demo: template from $TEMPLATEFLOW_HOME, atlas from $NILEARN_DATA"
 data=$demo/data
 out=$demo/out
 # The demo's choices, for minutes on a 2-core CPU (every one a documented setting; the
-# defaults are for real studies): 12 subjects (6 per group) of 32 frames; 8 mm patches and
+# defaults are for real studies): 12 subjects (6 per group) of 48 frames; 8 mm patches and
 # 16-frame windows of two 8-frame time tokens (1.8 k brain tokens per window instead of
 # 17 k); 12 pretraining steps with a short warm-up, validated on 4 windows; a subject's
 # 2 windows (not 8 overlapping ones) for fine-tuning, prediction and embeddings; 2 x 3-fold
@@ -66,7 +66,7 @@ step() {  # step LABEL COMMAND...: run it, print it, its elapsed time and CPU ti
   printf 'demo: %-36s %4d s  (%d CPU-s)\n' "$label" $(( SECONDS - t0 )) $(( cpu - c0 ))
 }
 [ -f "$data/participants.tsv" ] || \
-  step "synthetic dataset" bids_roimae-synth "$data" --n-subjects 12 --n-frames 32
+  step "synthetic dataset" bids_roimae-synth "$data" --n-subjects 12 --n-frames 48
 step "participant prepare" bids_roimae "$data" "$out" participant --mode prepare "${common[@]}"
 step "group pretrain (roi)" bids_roimae "$data" "$out" group --mode pretrain --masking roi \
   --steps 12 --batch-size 4 "${common[@]}"

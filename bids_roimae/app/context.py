@@ -132,9 +132,6 @@ def set_threads(nthreads: Optional[int], nprocs: int) -> None:
     here alone, so they get every core, shared only with torchrun's other local ranks.
     """
     cores = usable_cores()  # a SLURM or container CPU set, not the machine's cores
-    given = os.environ.get("OMP_NUM_THREADS", "")
-    if nthreads is None and given.isdigit() and int(given) > 0:
-        nthreads = int(given)  # the user's (or the scheduler's) own setting
     os.environ["OMP_NUM_THREADS"] = str(nthreads or max(1, cores // max(1, nprocs)))
     local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
     torch.set_num_threads(nthreads or max(1, cores // local_ranks))

@@ -237,3 +237,39 @@ def test_trivial_predictors_of_the_skill():
     assert pred[0, 0].tolist() == [[1.0, 3.0], [1.0, 3.0], [1.0, 3.0], [1.0, 3.0]]
     sums = SkillSums(model=1.0, zero=4.0, visible=2.0)
     assert sums.skill_zero == pytest.approx(0.75) and sums.skill_visible == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("attention,count", [("divided", "exact"), ("joint", "whole")])
+def test_validation_scores_at_hidden_tokens_match_the_full_reconstruction(attention, count):
+    """Validation decodes the hidden tokens only; its loss and skill sums are those of the
+    full reconstruction scored at the hidden voxels."""
+    from bids_roimae.core.masking import make_batch_masks
+    from bids_roimae.training.recon_skill import (
+        skill_sums,
+        token_regions,
+        visible_mean_prediction,
+    )
+
+    geometry = make_geometry()
+    cfg = tiny_config()
+    cfg.model.attention = attention
+    torch.manual_seed(0)
+    model = build_model(cfg, geometry).eval()
+    x = torch.randn(3, 8, geometry.n_tokens, geometry.patch_voxels)
+    x = x * torch.as_tensor(geometry.voxel_mask)
+    mask = torch.as_tensor(make_batch_masks("roi", geometry, 0.5, 3, 4,
+                                            np.random.default_rng(2), count=count))
+    regions = token_regions(geometry.patch_label)
+    with torch.no_grad():
+        full_loss, pred = model(x, mask)
+        hidden = model.hidden_tokens(x, mask)
+        got = skill_sums(hidden, mask, model.feature_mask, regions)
+        target = model.targets(model.group_time(x))
+        weight = (mask[..., None] & model.feature_mask).float()
+        baseline = visible_mean_prediction(target, mask, model.feature_mask, regions)
+    assert float(hidden.loss()) == pytest.approx(float(full_loss), rel=1e-5)
+    assert got.model == pytest.approx(float(((pred - target) ** 2 * weight).sum()), rel=1e-5)
+    assert got.zero == pytest.approx(float((target ** 2 * weight).sum()), rel=1e-5)
+    assert got.visible == pytest.approx(float(((baseline - target) ** 2 * weight).sum()),
+                                        rel=1e-5)
+    assert 0 < got.visible and got.model != got.zero

@@ -22,6 +22,7 @@ The position features and transformer blocks are in :mod:`bids_roimae.model.bloc
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -104,6 +105,45 @@ def _hidden_rows(hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _to_device(pair, device):
     return tuple(None if t is None else t.to(device, non_blocking=True) for t in pair)
+
+
+@dataclass
+class HiddenTokens:
+    """A batch's reconstruction at each sample's hidden tokens only.
+
+    Divided attention: ``pred`` and ``target`` are ``(B, T', Q, F)`` and ``rows (B, Q)``
+    are token indices; joint attention: ``(B, Q, F)`` over the flattened ``T' * N``
+    tokens, ``rows`` indexing them. ``Q`` is the largest hidden count of the batch; a
+    sample that hides fewer repeats a row with ``weight`` 0.
+
+    Attributes
+    ----------
+    pred, target : tensor
+        Reconstruction and (normalised, if the model says so) target.
+    feature_mask : bool tensor broadcasting to ``pred``
+        Brain voxels of each row's features.
+    weight : tensor, ``pred.shape[:-1]``
+        1 for a real hidden row, 0 for padding.
+    rows : long tensor, shape (B, Q)
+    targets : tensor, shape (B, T', N, F)
+        Every token's target (trivial predictors read the visible ones).
+    """
+
+    pred: torch.Tensor
+    target: torch.Tensor
+    feature_mask: torch.Tensor
+    weight: torch.Tensor
+    rows: torch.Tensor
+    targets: torch.Tensor
+
+    def voxel_weight(self) -> torch.Tensor:
+        """``pred``-shaped weight: 1 at a real hidden row's brain voxels, else 0."""
+        return self.feature_mask.to(self.pred.dtype) * self.weight[..., None]
+
+    def loss(self) -> torch.Tensor:
+        """Mean squared error over the hidden tokens' brain voxels (the training loss)."""
+        voxels = self.voxel_weight()
+        return ((self.pred - self.target) ** 2 * voxels).sum() / voxels.sum().clamp(min=1)
 
 
 class RoiMAE(nn.Module):
@@ -332,33 +372,24 @@ class RoiMAE(nn.Module):
             Reconstruction of every token (only hidden ones are trained).
         """
         if not return_pred:
-            tokens = self.group_time(x)
-            mask = self._check_mask(mask, tokens)
-            latent, index, valid = self._encode(tokens, mask)
-            sq, fm, weight = self._hidden_squared_error(tokens, mask, latent, index, valid)
-            voxels = fm.to(sq.dtype) * weight[..., None]
-            return (sq * voxels).sum() / voxels.sum().clamp(min=1), None
+            return self.hidden_tokens(x, mask).loss(), None
         mask, latent, valid, pred, err = self._reconstruct(x, mask)
         weight = mask.to(err.device, non_blocking=True)[..., None] & self.feature_mask
         loss = (err * weight).sum() / weight.sum().clamp(min=1)
         return loss, pred
 
-    def _hidden_squared_error(self, tokens, mask, latent, index, valid):
-        """Squared error of the hidden tokens' reconstruction, decoded there only.
+    def hidden_tokens(self, x: torch.Tensor, mask: torch.Tensor) -> HiddenTokens:
+        """Encode ``x (B, W, N, P)`` under ``mask (B, T', N)`` and decode the hidden
+        tokens only (the loss and validation scores need nothing else)."""
+        tokens = self.group_time(x)
+        mask = self._check_mask(mask, tokens)
+        latent, index, valid = self._encode(tokens, mask)
+        return self._decode_hidden(tokens, mask, latent, index, valid)
 
-        Every token still serves the decoder as key and value; its last block and the
-        prediction head run at the hidden tokens ``rows (B, Q)`` (padded by repeating a
-        row where samples hide different counts).
-
-        Returns
-        -------
-        sq : tensor, (B, T', Q, F) divided or (B, Q, F) joint
-            Squared error per feature (not yet masked to brain voxels).
-        fm : bool tensor broadcasting to ``sq``
-            Brain voxels of each hidden token's features.
-        weight : tensor, ``sq.shape[:-1]``
-            1 for a real hidden row, 0 for padding.
-        """
+    def _decode_hidden(self, tokens, mask, latent, index, valid) -> HiddenTokens:
+        """The hidden tokens' reconstruction, decoded there only: every token still serves
+        the decoder as key and value; its last block and the prediction head run at the
+        hidden rows."""
         b, t, n, f = tokens.shape
         h = self._decoder_input(latent, index, valid, b, t)
         for blk in self.decoder_blocks[:-1]:
@@ -367,17 +398,18 @@ class RoiMAE(nn.Module):
         rows, row_valid = _to_device(_hidden_rows(hidden), tokens.device)
         h = self.decoder_blocks[-1].forward_at(h, rows)
         pred = self.decoder_pred(self.decoder_norm(h)).float()
-        target = self.targets(tokens)
+        targets = self.targets(tokens)
         if self.attention == "divided":  # pred (B, T', Q, F)
-            target = torch.gather(target, 2, rows[:, None, :, None].expand(b, t, rows.shape[1], f))
+            target = torch.gather(targets, 2,
+                                  rows[:, None, :, None].expand(b, t, rows.shape[1], f))
             fm = self.feature_mask[rows][:, None]  # (B, 1, Q, F)
             weight = row_valid[:, None, :].to(pred.dtype).expand(b, t, rows.shape[1])
         else:  # pred (B, Q, F) over the flattened T' * N tokens
-            target = torch.gather(target.reshape(b, t * n, f), 1,
+            target = torch.gather(targets.reshape(b, t * n, f), 1,
                                   rows[..., None].expand(b, rows.shape[1], f))
             fm = self.feature_mask[rows % n]
             weight = row_valid.to(pred.dtype)
-        return (pred - target) ** 2, fm, weight
+        return HiddenTokens(pred, target, fm, weight, rows, targets)
 
     def encode(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Final-norm encoder output, ``(B, T', N, D)``.
@@ -454,8 +486,9 @@ class RoiMAE(nn.Module):
             latent, index, valid = self._encode_occluded(tokens[:1], mask)
         else:
             latent, index, valid = self._encode(tokens, mask)
-        sq, fm, weight = self._hidden_squared_error(tokens, mask, latent, index, valid)
-        err = (sq * fm).sum(-1) / fm.sum(-1)
+        hidden = self._decode_hidden(tokens, mask, latent, index, valid)
+        fm, weight = hidden.feature_mask, hidden.weight
+        err = ((hidden.pred - hidden.target) ** 2 * fm).sum(-1) / fm.sum(-1)
         dims = tuple(range(1, err.ndim))
         error = (err * weight).sum(dims) / weight.sum(dims)
         if valid is None:

@@ -290,8 +290,10 @@ def _train(entries, geometry, cfg, model_dir, dist: DistContext, resume, atlas,
                 e, s, m = (a[i:i + batch] for a in val_plan)
                 x = val_feed.to_device(e, s)
                 mask = torch.from_numpy(m)
-                loss, pred = model(x, mask)
-                sums.add(skill_sums(model, x, mask, pred, regions))
+                # Decoded at the hidden tokens only, like the training loss.
+                hidden = model.hidden_tokens(x, mask)
+                loss = hidden.loss()
+                sums.add(skill_sums(hidden, mask, model.feature_mask, regions))
                 total += float(loss) * len(e)
                 count += len(e)
         model.train()

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import nn
+
+from bids_roimae.model.mae import HiddenTokens
 
 
 @dataclass
@@ -53,9 +54,12 @@ def token_regions(patch_label: np.ndarray) -> torch.Tensor:
     return torch.as_tensor(inverse.reshape(-1), dtype=torch.long)
 
 
-def visible_mean_prediction(target: torch.Tensor, hidden: torch.Tensor,
-                            feature_mask: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
-    """The ``visible`` predictor.
+def visible_region_means(target: torch.Tensor, hidden: torch.Tensor,
+                         feature_mask: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
+    """The ``visible`` predictor per region: ``(B, T', G, F)``.
+
+    Each region's mean over its visible tokens at each time step, or the mean of all
+    visible tokens at that time step where the region is hidden entirely.
 
     Parameters
     ----------
@@ -65,10 +69,6 @@ def visible_mean_prediction(target: torch.Tensor, hidden: torch.Tensor,
         Brain voxels of each token's features.
     regions : long tensor, shape (N,)
         Region of each token (``token_regions``).
-
-    Returns
-    -------
-    tensor, shape (B, T', N, F)
     """
     b, t, n, f = target.shape
     g = int(regions.max()) + 1
@@ -76,31 +76,51 @@ def visible_mean_prediction(target: torch.Tensor, hidden: torch.Tensor,
     sums = target.new_zeros(b, t, g, f).index_add_(2, regions, target * weight)
     counts = target.new_zeros(b, t, g, f).index_add_(2, regions, weight)
     overall = (target * weight).sum(2, keepdim=True) / weight.sum(2, keepdim=True).clamp_min(1)
-    region_mean = torch.where(counts > 0, sums / counts.clamp_min(1), overall)
-    return region_mean[:, :, regions]
+    return torch.where(counts > 0, sums / counts.clamp_min(1), overall)
+
+
+def visible_mean_prediction(target: torch.Tensor, hidden: torch.Tensor,
+                            feature_mask: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
+    """The ``visible`` predictor at every token: ``(B, T', N, F)`` (see
+    :func:`visible_region_means`)."""
+    return visible_region_means(target, hidden, feature_mask, regions)[:, :, regions]
 
 
 @torch.no_grad()
-def skill_sums(model: nn.Module, x: torch.Tensor, mask: torch.Tensor, pred: torch.Tensor,
+def skill_sums(hidden_tokens: HiddenTokens, mask: torch.Tensor, feature_mask: torch.Tensor,
                regions: torch.Tensor) -> SkillSums:
-    """Squared errors of the model and both trivial predictors on one batch.
+    """Squared errors of the model and both trivial predictors on one batch, at the
+    hidden tokens' brain voxels.
 
     Parameters
     ----------
-    model : RoiMAE
-        ``group_time``, ``targets``, ``feature_mask``.
-    x : tensor, shape (B, W, N, P)
+    hidden_tokens : HiddenTokens
+        :meth:`~bids_roimae.model.mae.RoiMAE.hidden_tokens` of the batch (divided:
+        ``pred (B, T', Q, F)`` at token ``rows``; joint: ``(B, Q, F)`` at flat rows).
     mask : bool tensor, shape (B, T', N); True = hidden
-    pred : tensor, shape (B, T', N, F)
-        The model's reconstruction, ``model(x, mask)[1]`` (the validation pass's own, so
-        scoring costs no second forward pass).
+    feature_mask : bool tensor, shape (N, F)
+        Every token's brain voxels (the model's ``feature_mask``).
     regions : long tensor, shape (N,)
     """
-    target = model.targets(model.group_time(x)).float()
-    hidden = mask.to(target.device, torch.bool)
-    fm = model.feature_mask
-    weight = (hidden[..., None] & fm).float()
-    baseline = visible_mean_prediction(target, hidden, fm, regions.to(target.device))
-    return SkillSums(model=float((((pred.float() - target) ** 2) * weight).sum()),
-                     zero=float(((target ** 2) * weight).sum()),
-                     visible=float((((baseline - target) ** 2) * weight).sum()))
+    h = hidden_tokens
+    targets = h.targets.float()
+    hidden = mask.to(targets.device, torch.bool)
+    regions = regions.to(targets.device)
+    n_tokens = targets.shape[2]
+    region_means = visible_region_means(targets, hidden, feature_mask.to(targets.device),
+                                        regions)
+    b, t, _, f = region_means.shape
+    if h.pred.ndim == 4:  # divided: rows are tokens, every time step
+        at_rows = regions[h.rows]  # (B, Q)
+        baseline = torch.gather(region_means, 2,
+                                at_rows[:, None, :, None].expand(b, t, at_rows.shape[1], f))
+    else:  # joint: rows index the flattened T' * N tokens
+        at_time, at_token = h.rows // n_tokens, h.rows % n_tokens
+        batch = torch.arange(b, device=targets.device)[:, None]
+        baseline = region_means[batch, at_time, regions[at_token]]
+    voxels = h.voxel_weight()
+    target = h.target.float()
+    return SkillSums(model=float((((h.pred.float() - target) ** 2) * voxels).sum()),
+                     zero=float(((target ** 2) * voxels).sum()),
+                     visible=float((((baseline - target) ** 2) * voxels).sum()))
+

@@ -104,21 +104,18 @@ def one_dataset(root: Path, effect_size: float, seed: int, opts) -> tuple[list[d
                      "--positive", "1", "2", "3", "--folds", opts.folds, "--compare-masking",
                      "--readout", readout, *geometry, *common])
             timings[f"finetune_{readout}_ps{patch}"] = time.perf_counter() - t0
-            table = pd.read_csv(pout / "models" / "masking_comparison" /
-                                "masking_comparison.tsv", sep="\t", dtype={"fold": str})
-            folds = table[~table["fold"].isin(["mean", "sd"])]
-            arms = sorted({c.split("_", 1)[1] for c in folds.columns
-                           if c.startswith("accuracy_") and "_diff_" not in c})
-            for arm in arms:
-                is_base = arm == "connectome"
+            # One row per arm, repeat and fold: the same splits for every arm.
+            scores = pd.read_csv(pout / "models" / "masking_comparison" /
+                                 "masking_scores.tsv", sep="\t")
+            for _, fold in scores.iterrows():
+                is_base = fold["group"] == "connectome"
                 if is_base and (readout != opts.readouts[0] or patch != opts.patch_sizes[0]):
                     continue  # one baseline per dataset: it depends on neither
-                for _, fold in folds.iterrows():
-                    rows.append({"effect_size": effect_size, "seed": seed,
-                                 "arm": "connectome baseline" if is_base
-                                 else f"{arm} masking, {readout} readout, ps {patch}",
-                                 "fold": fold["fold"], "accuracy": fold[f"accuracy_{arm}"],
-                                 "roc_auc": fold[f"roc_auc_{arm}"]})
+                rows.append({"effect_size": effect_size, "seed": seed,
+                             "arm": "connectome baseline" if is_base
+                             else f"{fold['group']} masking, {readout} readout, ps {patch}",
+                             "fold": f"{fold['repeat']}.{fold['fold']}",
+                             "accuracy": fold["accuracy"], "roc_auc": fold["roc_auc"]})
         if opts.attribution:
             t0 = time.perf_counter()
             roi = next((pout / "models").glob("roimae_mask-roi_*/model.pt"))

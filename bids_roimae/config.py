@@ -286,10 +286,6 @@ class AppConfig:
         return cfg
 
 
-def _section_types() -> dict[str, type]:
-    return {f.name: f.type for f in fields(AppConfig) if f.name != "seed"}
-
-
 def apply_overrides(cfg: AppConfig, data: dict[str, Any], origin: str = "config") -> AppConfig:
     """Set values from a nested mapping ``{section: {key: value}}`` on ``cfg``.
 

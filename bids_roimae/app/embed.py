@@ -57,6 +57,18 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
         raise OutputError(f"cannot write {path}: {exc}") from exc
 
 
+def _write_region_matrix(tsv: Path, npy: Path, matrix: np.ndarray, columns, index: pd.Index,
+                         names: list, sidecar: dict) -> Path:
+    """One row per region: a TSV with the region's index and name, the same matrix as
+    float32 ``.npy``, and the TSV's sidecar."""
+    table = pd.DataFrame(matrix, columns=columns, index=index)
+    table.insert(0, "name", names)
+    write_tsv(tsv, table.reset_index())
+    _save_npy(npy, matrix.astype(np.float32))
+    write_sidecar(tsv, sidecar)
+    return tsv
+
+
 def _write_features(ctx: RunContext, subject: str, feats: EncoderFeatures, atlas_name: str,
                     names: dict, model_info: dict) -> list[Path]:
     ents = {"subject": subject}
@@ -64,7 +76,6 @@ def _write_features(ctx: RunContext, subject: str, feats: EncoderFeatures, atlas
     region_names = [names.get(int(i), f"region-{int(i)}") for i in feats.region_ids]
     dims = [f"dim{i:04d}" for i in range(feats.mean.size)]
     common = dict(model_info, NumberOfWindows=int(feats.n_windows))
-    written = []
 
     def path(desc, ext):
         return derivative_path(ctx.output_dir, ents, suffix="embedding", extension=ext,
@@ -74,26 +85,20 @@ def _write_features(ctx: RunContext, subject: str, feats: EncoderFeatures, atlas
     write_tsv(mean, pd.DataFrame([feats.mean], columns=dims))
     write_sidecar(mean, dict(common, Readout="mean", Description=(
         "Mean of the frozen encoder's output over every token, time step and window")))
-    region = path("region", ".tsv")
-    table = pd.DataFrame(feats.region, columns=dims, index=region_index)
-    table.insert(0, "name", region_names)
-    write_tsv(region, table.reset_index())
-    _save_npy(path("region", ".npy"), feats.region.astype(np.float32))
-    write_sidecar(region, dict(common, Readout="region", Description=(
-        "Encoder tokens pooled per atlas region with each region's voxel weights (its "
-        "own voxels in each token), averaged over time and windows; one row per region, "
-        "same matrix in the .npy file"), index="Atlas region index", name="Region name"))
-    corr = path("regioncorr", ".tsv")
-    square = pd.DataFrame(feats.region_correlation, columns=region_names, index=region_index)
-    square.insert(0, "name", region_names)
-    write_tsv(corr, square.reset_index())
-    _save_npy(path("regioncorr", ".npy"), feats.region_correlation.astype(np.float32))
-    write_sidecar(corr, dict(common, Readout="region-cov", Description=(
-        "Across-time correlation of the region-pooled encoder tokens within each window "
-        "(all feature dimensions pooled), averaged over windows; rows and columns in the "
-        "order of the index column, same matrix in the .npy file")))
-    written += [mean, region, corr]
-    return written
+    region = _write_region_matrix(
+        path("region", ".tsv"), path("region", ".npy"), feats.region, dims, region_index,
+        region_names, dict(common, Readout="region", Description=(
+            "Encoder tokens pooled per atlas region with each region's voxel weights (its "
+            "own voxels in each token), averaged over time and windows; one row per "
+            "region, same matrix in the .npy file"), index="Atlas region index",
+            name="Region name"))
+    corr = _write_region_matrix(
+        path("regioncorr", ".tsv"), path("regioncorr", ".npy"), feats.region_correlation,
+        region_names, region_index, region_names, dict(common, Readout="region-cov", Description=(
+            "Across-time correlation of the region-pooled encoder tokens within each window "
+            "(all feature dimensions pooled), averaged over windows; rows and columns in "
+            "the order of the index column, same matrix in the .npy file")))
+    return [mean, region, corr]
 
 
 def run_embed(ctx: RunContext) -> int:

@@ -103,6 +103,21 @@ def _hidden_rows(hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.where(real, order, order[:, :1]), real
 
 
+def _visible_mean(latent: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.Tensor:
+    """Mean encoder output over each sample's real (not padding) visible tokens ``(B, D)``.
+
+    ``latent`` is ``(B, T', L, D)`` (divided) or ``(B, L, D)`` (joint); ``valid (B, L)``
+    marks real slots, None when no sample is padded.
+    """
+    dims = tuple(range(1, latent.ndim - 1))
+    if valid is None:
+        return latent.mean(dim=dims)
+    w = valid.to(latent.dtype)
+    w = (w[:, None, :, None].expand(-1, latent.shape[1], -1, 1) if latent.ndim == 4
+         else w[..., None])
+    return (latent * w).sum(dim=dims) / w.sum(dim=dims).clamp_min(1.0)
+
+
 def _to_device(pair, device):
     return tuple(None if t is None else t.to(device, non_blocking=True) for t in pair)
 
@@ -446,13 +461,7 @@ class RoiMAE(nn.Module):
         needs both for every masked region)."""
         _, latent, valid, _, err = self._reconstruct(x, mask)
         err = err.sum(-1) / self.feature_mask.sum(-1)
-        if valid is None:  # no padding: every encoded token is a visible one
-            return err, latent.mean(dim=tuple(range(1, latent.ndim - 1)))
-        w = valid.to(latent.dtype)
-        w = (w[:, None, :, None].expand(-1, latent.shape[1], -1, 1) if latent.ndim == 4
-             else w[..., None])
-        pooled = (latent * w).sum(dim=tuple(range(1, latent.ndim - 1)))
-        return err, pooled / w.sum(dim=tuple(range(1, w.ndim - 1))).clamp_min(1.0)
+        return err, _visible_mean(latent, valid)
 
     def token_errors(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Per-token MSE over brain voxels, ``(B, T', N)``, for every token.
@@ -491,13 +500,7 @@ class RoiMAE(nn.Module):
         err = ((hidden.pred - hidden.target) ** 2 * fm).sum(-1) / fm.sum(-1)
         dims = tuple(range(1, err.ndim))
         error = (err * weight).sum(dims) / weight.sum(dims)
-        if valid is None:
-            return error, latent.mean(dim=tuple(range(1, latent.ndim - 1)))
-        w = valid.to(latent.dtype)
-        w = (w[:, None, :, None].expand(-1, latent.shape[1], -1, 1) if latent.ndim == 4
-             else w[..., None])
-        pooled = (latent * w).sum(dim=tuple(range(1, latent.ndim - 1)))
-        return error, pooled / w.sum(dim=tuple(range(1, w.ndim - 1))).clamp_min(1.0)
+        return error, _visible_mean(latent, valid)
 
 
 def _init_weights(module: nn.Module) -> None:

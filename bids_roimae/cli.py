@@ -9,6 +9,7 @@ an unknown analysis level with 17, and no traceback for a user error.
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -310,7 +311,11 @@ def cli(**options):
     from bids_roimae.app.dispatch import run
 
     ctx = build_context(options)
-    return run(ctx)
+    try:
+        return run(ctx)
+    finally:
+        if ctx.work_dir_is_temporary:  # nothing in it is reused: the cache is in OUTPUT_DIR
+            shutil.rmtree(ctx.work_dir, ignore_errors=True)
 
 
 def _check_level(argv: list[str]) -> None:

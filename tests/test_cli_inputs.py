@@ -3,6 +3,7 @@ runs still prepared."""
 
 import json
 import shutil
+import tempfile
 
 import nibabel as nib
 import numpy as np
@@ -33,7 +34,10 @@ def _run(args, capsys):
     return code, err
 
 
-def test_bad_runs_are_skipped_and_reported(dataset, tmp_path, capsys):
+def test_bad_runs_are_skipped_and_reported(dataset, tmp_path, capsys, monkeypatch):
+    scratch = tmp_path / "tmp"  # where the run's own work folder goes without -w
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     _bold(dataset, "02").write_bytes(_bold(dataset, "02").read_bytes()[:5000])  # truncated
     bold3 = _bold(dataset, "03")
     img = nib.load(bold3)
@@ -51,6 +55,7 @@ def test_bad_runs_are_skipped_and_reported(dataset, tmp_path, capsys):
     assert any("sub-03" in line and "NaN" in line for line in bad), err
     prepared = sorted(p.name.split("_")[0] for p in (out / "cache").rglob("*.npy"))
     assert prepared == ["sub-01", "sub-04", "sub-05", "sub-06"]
+    assert not list(scratch.iterdir())  # the temporary work folder is gone, failure or not
 
 
 def test_unknown_participant_is_18(dataset, tmp_path, capsys):

@@ -38,6 +38,8 @@ class RunContext:
     mode: str
     cfg: AppConfig
     work_dir: Path
+    # True when work_dir is a temporary folder made for this run (no -w): removed at its end
+    work_dir_is_temporary: bool = False
     participant_labels: list[str] = field(default_factory=list)
     session_labels: list[str] = field(default_factory=list)
     task_labels: list[str] = field(default_factory=list)
@@ -230,7 +232,7 @@ def build_context(o: dict) -> RunContext:
     set_threads(o.get("omp_nthreads"), o.get("nprocs") or 1)
     return RunContext(
         bids_dir=bids_dir, output_dir=output_dir, level=level, mode=mode, cfg=cfg,
-        work_dir=work_dir,
+        work_dir=work_dir, work_dir_is_temporary=o.get("work_dir") is None,
         participant_labels=normalise_labels(o.get("participant_label") or [], "sub"),
         session_labels=normalise_labels(o.get("session_label") or [], "ses"),
         task_labels=normalise_labels(o.get("task_label") or [], "task"),

@@ -9,7 +9,13 @@ import pytest
 import torch
 from torch import nn
 
-from bids_roimae.analysis.attribution import COMPLETENESS_TOLERANCE, integrated_gradients
+from bids_roimae.analysis.attribution import (
+    COMPLETENESS_TOLERANCE,
+    RULES,
+    integrated_gradients,
+    path_integral,
+    path_rule,
+)
 from bids_roimae.analysis.fidelity import region_fidelity
 from bids_roimae.analysis.regions import (
     region_table,
@@ -337,17 +343,37 @@ def test_adaptive_steps_and_captum_delta_agree():
     model = TinyClassifier(geometry.n_tokens, geometry.patch_voxels)
     windows = make_windows(geometry, 2) * 3  # saturating: few points are not enough
     adaptive = integrated_gradients(model, windows, steps=64, min_steps=2,
-                                    method="riemann_trapezoid")
+                                    method="riemann_middle")
     assert adaptive.within_tolerance
     assert 2 < adaptive.steps <= 64
     fixed = integrated_gradients(model, windows, steps=adaptive.steps,
-                                 method="riemann_trapezoid")
+                                 method="riemann_middle")
     np.testing.assert_allclose(adaptive.abs_mean, fixed.abs_mean, rtol=1e-4, atol=1e-8)
     # The completeness gap is captum's own convergence delta.
     _, delta = IntegratedGradients(lambda x: model(x)[:, 0]).attribute(
-        windows, n_steps=adaptive.steps, method="riemann_trapezoid",
+        windows, n_steps=adaptive.steps, method="riemann_middle",
         return_convergence_delta=True)
     np.testing.assert_allclose(fixed.delta, delta.double().numpy(), rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", [r for r in RULES if r != "riemann_trapezoid"])
+def test_path_integral_matches_captum(method):
+    """The in-house integral gives captum's attributions, batched or not. (Captum's
+    trapezoid weights sum to (n - 1) / n, so its rule is checked below, not against it.)"""
+    from captum.attr import IntegratedGradients
+
+    geometry = make_geometry()
+    model = TinyClassifier(geometry.n_tokens, geometry.patch_voxels)
+    windows = make_windows(geometry, 2) * 2
+    base = windows.mean(dim=1, keepdim=True).expand_as(windows).contiguous()
+    expected = IntegratedGradients(lambda x: model(x)[:, 0]).attribute(
+        windows, baselines=base, n_steps=5, method=method).detach()
+    for batch in (1, 3, 64):  # a window's 5 points in 5, 2 or 1 passes
+        ours = path_integral(lambda x: model(x)[:, 0], windows, base, 5, method, batch)
+        np.testing.assert_allclose(ours.detach().numpy(), expected.numpy(), rtol=1e-4,
+                                   atol=1e-7)
+    alphas, weights = path_rule(method, 5)
+    assert np.isclose(weights.sum(), 1.0) and ((alphas >= 0) & (alphas <= 1)).all()
 
 
 class LinearWindowModel(torch.nn.Module):
@@ -379,3 +405,17 @@ def test_scaled_table_removes_amplitude_but_keeps_what_the_model_weighs():
     assert scaled[2] == pytest.approx(scaled[1], rel=0.15)  # gone once scaled
     assert scaled[3] == pytest.approx(2 * scaled[1], rel=0.15)  # the weight remains
     assert ig.window_abs.shape == (3, n_tokens, n_vox) == ig.window_rms.shape
+
+
+@pytest.mark.parametrize("method", RULES)
+def test_every_rule_is_exact_on_a_linear_model(method):
+    """F(x) = sum(w * x) has a constant gradient: IG from any baseline is w * (x - b), so
+    every rule's weights must sum to 1."""
+    rng = np.random.default_rng(3)
+    weight = rng.normal(size=(4, 13, 6))
+    model = LinearWindowModel(weight)
+    x = torch.as_tensor(rng.normal(size=(2, 4, 13, 6)), dtype=torch.float32)
+    base = torch.as_tensor(rng.normal(size=(2, 4, 13, 6)), dtype=torch.float32)
+    ours = path_integral(lambda v: model(v)[:, 0], x, base, 3, method, 2)
+    np.testing.assert_allclose(ours.detach().numpy(), weight * (x - base).numpy(),
+                               rtol=1e-5, atol=1e-6)

@@ -236,7 +236,8 @@ RES = "Resources and run control"
           section=FINETUNE, help="Cross-validation folds (subject level).")
 @_setting("--readout", setting=(FinetuneConfig, "readout"), section=FINETUNE,
           help="Encoder features: mean of all tokens, tokens pooled per atlas region "
-               "(voxel-weighted), or that plus the regions' across-time correlation.")
+               "(voxel-weighted), that plus the regions' across-time correlation, or the "
+               "across-time SD of the region-pooled tokens before the final norm.")
 @_setting("--baseline", setting=(FinetuneConfig, "baseline"), section=FINETUNE,
           help="Classical arm cross-validated on the same folds: a connectome of "
                "voxel-exact region means plus region SD, logistic regression.")

@@ -210,9 +210,10 @@ class FinetuneConfig:
     windows_per_run: int = 8
     head: Literal["linear", "mlp"] = "linear"
     # How a window's encoder tokens become features (bids_roimae.model.readout): the mean
-    # of all tokens, tokens pooled per atlas region with voxel weights, or that plus the
-    # regions' across-time correlation.
-    readout: Literal["mean", "region", "region-cov"] = "region"
+    # of all tokens, tokens pooled per atlas region with voxel weights, that plus the
+    # regions' across-time correlation, or the across-time SD of the region-pooled tokens
+    # before the encoder's final norm.
+    readout: Literal["mean", "region", "region-cov", "region-sd"] = "region"
     # The classical arm cross-validated on the same folds: a connectome of voxel-exact
     # region means from the token cache, plus each region's SD (or none).
     baseline: Literal["connectome", "none"] = "connectome"

@@ -139,3 +139,33 @@ def test_readouts_pool_encoder_tokens_per_region(geometry, readout):
     if readout == "region-cov":
         corr = features[:, 4 * 16:].detach().numpy()
         assert corr.shape == (2, 6) and np.all(np.abs(corr) <= 1 + 1e-5)
+
+
+def test_region_sd_readout_keeps_how_strongly_a_region_fluctuates(geometry):
+    """``region-sd``: the across-time SD of region-pooled tokens before the final norm.
+    Tripling one region's fluctuations raises that region's SD features far more than the
+    others', which the time-averaged ``region`` readout after the norm cannot show."""
+    torch.manual_seed(0)
+    mae = RoiMAE(geometry.centres_mm, geometry.voxel_mask, 2, 3, embed_dim=16, depth=1,
+                 num_heads=2, decoder_dim=8, decoder_depth=1, decoder_heads=2).eval()
+    encoder = build_readout(mae, "region-sd", geometry)
+    x = torch.randn(2, 6, geometry.n_tokens, geometry.patch_voxels)
+    with torch.no_grad():
+        features = encoder.embed(x)
+        weights = region_weights(geometry.labels, geometry.voxel_mask)
+        pooled = torch.einsum("btnd,nr->btrd", mae.encode(x, normed=False),
+                              torch.as_tensor(weights.token_weights, dtype=torch.float32))
+        np.testing.assert_allclose(features.numpy(),
+                                   pooled.std(dim=1, correction=0).flatten(1).numpy(),
+                                   rtol=1e-4, atol=1e-6)
+        assert features.shape == (2, readout_dim("region-sd", 16, 4))
+        # region 3 (column 2) fluctuates 3x more
+        louder = x.clone()
+        in_region = torch.as_tensor(geometry.labels == weights.region_ids[2])
+        louder[:, :, in_region] *= 3
+        ratio = (encoder.embed(louder) / features).reshape(2, 4, 16).mean(dim=(0, 2))
+    assert ratio[2] > 1.5 and ratio[2] > 1.3 * max(ratio[0], ratio[1], ratio[3])
+    one_step = RoiMAE(geometry.centres_mm, geometry.voxel_mask, 2, 1, embed_dim=16, depth=1,
+                      num_heads=2, decoder_dim=8, decoder_depth=1, decoder_heads=2)
+    with pytest.raises(ValueError, match="at least 2 time tokens"):
+        build_readout(one_step, "region-sd", geometry)

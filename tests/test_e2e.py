@@ -141,6 +141,12 @@ def test_embed_writes_frozen_encoder_features_that_read_back(study):
         assert corr.shape == (len(region), len(region))
         np.testing.assert_allclose(np.diag(corr), 1.0)
         np.testing.assert_allclose(corr, corr.T)
+        sd = pd.read_csv(func / f"sub-{sub}_atlas-AAL3_desc-regionsd_embedding.tsv", sep="\t")
+        assert sd.shape == region.shape and (sd.iloc[:, 2:].to_numpy() >= 0).all()
+        assert sd.iloc[:, 2:].to_numpy().max() > 0  # pooled tokens vary over time
+        np.testing.assert_allclose(
+            np.load(func / f"sub-{sub}_atlas-AAL3_desc-regionsd_embedding.npy"),
+            sd.iloc[:, 2:].to_numpy(), rtol=1e-4, atol=1e-6)
         mean = pd.read_csv(func / f"sub-{sub}_atlas-AAL3_desc-mean_embedding.tsv", sep="\t")
         assert mean.shape == (1, matrix.shape[1])
     assert not list((study["out"] / "sub-03" / "func").glob("*_desc-region_embedding.tsv"))

@@ -98,7 +98,16 @@ def _write_features(ctx: RunContext, subject: str, feats: EncoderFeatures, atlas
             "Across-time correlation of the region-pooled encoder tokens within each window "
             "(all feature dimensions pooled), averaged over windows; rows and columns in "
             "the order of the index column, same matrix in the .npy file")))
-    return [mean, region, corr]
+    written = [mean, region, corr]
+    if feats.region_sd is not None:
+        written.append(_write_region_matrix(
+            path("regionsd", ".tsv"), path("regionsd", ".npy"), feats.region_sd, dims,
+            region_index, region_names, dict(common, Readout="region-sd", Description=(
+                "Across-time standard deviation of the region-pooled encoder tokens before "
+                "the encoder's final norm, within each window, averaged over windows; one "
+                "row per region, same matrix in the .npy file"), index="Atlas region index",
+                name="Region name")))
+    return written
 
 
 def run_embed(ctx: RunContext) -> int:

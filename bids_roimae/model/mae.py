@@ -256,12 +256,13 @@ class RoiMAE(nn.Module):
         return mask
 
     # -- encoder ------------------------------------------------------------------------
-    def _encode(self, tokens: torch.Tensor, mask: Optional[torch.Tensor]):
+    def _encode(self, tokens: torch.Tensor, mask: Optional[torch.Tensor], normed: bool = True):
         """Encode visible tokens.
 
         Returns ``(latent, index, valid)``: divided -> latent ``(B, T', L, D)`` with
         spatial ``index (B, L)``; joint -> latent ``(B, L, D)`` with ``index (B, L)``
         over the flattened ``T' * N`` tokens. ``index`` is None when all are visible.
+        ``normed=False``: the residual stream before the final norm.
         """
         b, t, n, f = tokens.shape
         pos_space, pos_time = self.pos_space, self.pos_time[:t]
@@ -275,7 +276,7 @@ class RoiMAE(nn.Module):
             h = self.patch_embed(tokens) + pos_space + pos_time[:, None, :]
             for blk in self.blocks:
                 h = blk(h, valid)
-            return self.norm(h), index, valid
+            return (self.norm(h) if normed else h), index, valid
         flat = tokens.reshape(b, t * n, f)
         pos = (pos_time[:, None, :] + pos_space[None]).reshape(t * n, -1)
         index = valid = None
@@ -286,7 +287,7 @@ class RoiMAE(nn.Module):
         h = self.patch_embed(flat) + pos
         for blk in self.blocks:
             h = blk(h, valid)
-        return self.norm(h), index, valid
+        return (self.norm(h) if normed else h), index, valid
 
     def _encode_occluded(self, tokens: torch.Tensor, mask: torch.Tensor):
         """:meth:`_encode` of one window ``tokens (1, T', N, F)`` under several tube masks
@@ -426,8 +427,11 @@ class RoiMAE(nn.Module):
             weight = row_valid.to(pred.dtype)
         return HiddenTokens(pred, target, fm, weight, rows, targets)
 
-    def encode(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Final-norm encoder output, ``(B, T', N, D)``.
+    def encode(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, *,
+               normed: bool = True) -> torch.Tensor:
+        """Encoder output, ``(B, T', N, D)``: after the final norm, or with ``normed=False``
+        the residual stream before it (each token keeps its scale there, so how strongly a
+        region fluctuates survives; the norm sets every token to unit variance).
 
         With ``mask`` None every token is visible (fine-tuning, embeddings); with a mask,
         hidden positions hold zeros.
@@ -436,7 +440,7 @@ class RoiMAE(nn.Module):
         b, t, n, _ = tokens.shape
         if mask is not None:
             mask = self._check_mask(mask, tokens)
-        latent, index, valid = self._encode(tokens, mask)
+        latent, index, valid = self._encode(tokens, mask, normed)
         if index is None:
             return latent.reshape(b, t, n, -1)
         d = latent.shape[-1]

@@ -12,6 +12,14 @@
     regions: the correlation over time steps of their pooled tokens, all ``D`` feature
     dimensions pooled), ``(B, R * D + R * (R - 1) / 2)``: the encoder's counterpart of a
     functional connectome.
+``region-sd``
+    the across-time standard deviation of the region-pooled tokens of the residual stream
+    before the encoder's final norm, ``(B, R * D)``: how much each region's encoding moves
+    within the window. The final norm rescales every token to unit variance, so a region
+    that fluctuates twice as much looks the same after it; before it, its tokens keep that
+    scale. Group differences in resting-state fMRI are mostly in such second-order
+    statistics (fluctuation amplitude, coupling), which a time average cannot carry.
+    Needs at least two time tokens per window.
 
 :class:`ReadoutEncoder` wraps a pretrained autoencoder so that its ``embed`` gives the
 readout's features; the fine-tuned :class:`~bids_roimae.model.classifier.Classifier`,
@@ -26,7 +34,7 @@ from torch import nn
 
 from bids_roimae.core.region_weights import region_weights
 
-READOUTS = ("mean", "region", "region-cov")
+READOUTS = ("mean", "region", "region-cov", "region-sd")
 
 
 def pool_regions(tokens: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -74,7 +82,7 @@ def readout_dim(readout: str, embed_dim: int, n_regions: int) -> int:
     if readout == "mean":
         return embed_dim
     region = n_regions * embed_dim
-    if readout == "region":
+    if readout in ("region", "region-sd"):
         return region
     if readout == "region-cov":
         return region + n_regions * (n_regions - 1) // 2
@@ -88,7 +96,7 @@ class ReadoutEncoder(nn.Module):
     ----------
     mae : nn.Module
         With ``encode(x (B, W, N, P)) -> (B, T', N, D)`` and ``embed(x) -> (B, D)``.
-    readout : {"mean", "region", "region-cov"}
+    readout : {"mean", "region", "region-cov", "region-sd"}
     token_weights : array, shape (N, R)
         Voxel weights of each region over tokens (columns sum to 1); unused for ``mean``.
 
@@ -104,6 +112,10 @@ class ReadoutEncoder(nn.Module):
             raise ValueError(f"unknown readout {readout!r}; expected {', '.join(READOUTS)}")
         if readout != "mean" and token_weights is None:
             raise ValueError(f"readout {readout!r} needs region weights")
+        if readout == "region-sd" and int(getattr(mae, "n_time", 2)) < 2:
+            raise ValueError("readout 'region-sd' needs at least 2 time tokens per window; "
+                             f"this model's windows have {int(mae.n_time)} (window / "
+                             "temporal_patch): choose another readout")
         self.mae = mae
         self.readout = readout
         weights = np.zeros((0, 0), np.float32) if token_weights is None else token_weights
@@ -130,6 +142,9 @@ class ReadoutEncoder(nn.Module):
         """Features of windows ``x (B, W, N, P)`` -> ``(B, readout_dim)``."""
         if self.readout == "mean":
             return self.mae.embed(x)
+        if self.readout == "region-sd":
+            residual = pool_regions(self.mae.encode(x, normed=False), self.token_weights)
+            return residual.std(dim=1, correction=0).flatten(1)
         pooled = self.region_tokens(x)
         region = pooled.mean(dim=1).flatten(1)
         if self.readout == "region":

@@ -46,7 +46,6 @@ from bids_roimae.analysis.statistics import (
 )
 from bids_roimae.errors import OutputError, UsageError
 from bids_roimae.io.checkpoint import load_model
-from bids_roimae.model.readout import build_readout
 from bids_roimae.training.baseline import (
     BASELINE_NAME,
     cache_region_series,
@@ -57,7 +56,7 @@ from bids_roimae.training.cross_validation import (
     frozen_embeddings,
     prepare_inputs,
 )
-from bids_roimae.training.finetune import check_entries, merged_config
+from bids_roimae.training.finetune import check_entries, merged_config, readout_encoder
 
 log = logging.getLogger(__name__)
 
@@ -357,7 +356,7 @@ def compare_masking(models: dict, entries, labels: pd.Series, cfg, out_dir, devi
 def _checkpoint_arm(name, loaded, refs, run_cfg, info, device) -> Arm:
     """An arm that fine-tunes one pretrained checkpoint through the configured readout
     (frozen embeddings computed once)."""
-    encoder = build_readout(loaded.model, run_cfg.finetune.readout, loaded.geometry).to(device)
+    encoder = readout_encoder(loaded, run_cfg.finetune.readout, device)
     emb = None if run_cfg.finetune.strategy == "full" else \
         frozen_embeddings(encoder, refs, run_cfg, device)
 

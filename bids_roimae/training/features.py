@@ -3,22 +3,24 @@
 What ``participant --mode embed`` writes, so the pretrained model can serve as a feature
 extractor in a user's own statistics: the mean readout ``(D,)``, the region readout
 ``(R, D)`` (encoder tokens pooled per atlas region with voxel weights, averaged over time
-and windows) and the region correlation ``(R, R)`` (across-time correlation of the
-region-pooled tokens within each window, averaged over windows). These are the same
-quantities the fine-tuning readouts (:mod:`bids_roimae.model.readout`) feed a classifier.
+and windows), the region correlation ``(R, R)`` (across-time correlation of the
+region-pooled tokens within each window, averaged over windows) and the region SD
+``(R, D)`` (across-time SD of the region-pooled tokens before the final norm within each
+window, averaged over windows). These are the same quantities the fine-tuning readouts
+(:mod:`bids_roimae.model.readout`) feed a classifier.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from bids_roimae.core.region_weights import region_weights
-from bids_roimae.model.readout import ReadoutEncoder, region_correlation
+from bids_roimae.model.readout import ReadoutEncoder, pool_regions, region_correlation
 from bids_roimae.training.windows import autocast, batches, load_windows
 
 
@@ -32,6 +34,8 @@ class EncoderFeatures:
     region : ndarray, shape (R, D)
     region_correlation : ndarray, shape (R, R)
         Symmetric, 1 on the diagonal.
+    region_sd : ndarray, shape (R, D), or None
+        None when a window has a single time token (nothing varies within it).
     region_ids : ndarray, shape (R,)
         Atlas indices of the rows of ``region`` (every region with a brain voxel).
     n_windows : int
@@ -40,6 +44,7 @@ class EncoderFeatures:
     mean: np.ndarray
     region: np.ndarray
     region_correlation: np.ndarray
+    region_sd: Optional[np.ndarray]
     region_ids: np.ndarray
     n_windows: int
 
@@ -64,15 +69,20 @@ def encoder_features(mae: nn.Module, refs: Sequence, geometry, window: int, batc
         raise ValueError("no window to embed")
     weights = region_weights(geometry.labels, geometry.voxel_mask)
     reader = ReadoutEncoder(mae, "region", weights.token_weights).to(device).eval()
-    mean, region, corr = [], [], []
+    with_sd = int(getattr(mae, "n_time", 2)) >= 2
+    mean, region, corr, sd = [], [], [], []
     for chunk in batches(list(refs), max(1, batch_size)):
         x = torch.from_numpy(load_windows(chunk, window)).to(device)
         with autocast(device):
             tokens = mae.encode(x).float()  # (B, T', N, D)
-        pooled = torch.einsum("btnd,nr->btrd", tokens, reader.token_weights)
+            residual = mae.encode(x, normed=False).float() if with_sd else None
+        pooled = pool_regions(tokens, reader.token_weights)
         mean.append(tokens.mean(dim=(1, 2)).cpu().numpy())
         region.append(pooled.mean(dim=1).cpu().numpy())
         corr.append(region_correlation(pooled).cpu().numpy())
+        if with_sd:
+            sd.append(pool_regions(residual, reader.token_weights).std(dim=1, correction=0)
+                      .cpu().numpy())
     r = weights.n_regions
     upper = np.concatenate(corr).mean(axis=0)
     matrix = np.eye(r)
@@ -80,5 +90,6 @@ def encoder_features(mae: nn.Module, refs: Sequence, geometry, window: int, batc
     matrix[i, j] = upper
     matrix[j, i] = upper
     return EncoderFeatures(np.concatenate(mean).mean(axis=0),
-                           np.concatenate(region).mean(axis=0), matrix, weights.region_ids,
-                           len(refs))
+                           np.concatenate(region).mean(axis=0), matrix,
+                           np.concatenate(sd).mean(axis=0) if with_sd else None,
+                           weights.region_ids, len(refs))

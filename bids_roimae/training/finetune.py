@@ -28,6 +28,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 import pandas as pd
+from torch import nn
 
 from bids_roimae.analysis.evaluation import (
     PREDICTION_COLUMNS,
@@ -40,7 +41,7 @@ from bids_roimae.analysis.evaluation import (
     summarise_folds,
 )
 from bids_roimae.analysis.labels import label_attrs
-from bids_roimae.errors import BadDataError, OutputError
+from bids_roimae.errors import BadDataError, OutputError, UsageError
 from bids_roimae.io.bids_names import derivative_path
 from bids_roimae.io.checkpoint import HeadSpec, ModelMeta, load_model, save_checkpoint
 from bids_roimae.io.derivatives import write_json, write_tsv
@@ -104,6 +105,20 @@ def check_entries(entries: Sequence, geometry) -> None:
                                f"model expects {expected}; prepare with the model's geometry")
 
 
+def readout_encoder(loaded, readout: str, device) -> nn.Module:
+    """The pretrained model behind ``readout`` (:func:`build_readout`) on ``device``.
+
+    Raises
+    ------
+    UsageError
+        The readout does not fit the model (``region-sd`` on one time token per window).
+    """
+    try:
+        return build_readout(loaded.model, readout, loaded.geometry).to(device)
+    except ValueError as exc:
+        raise UsageError(f"--readout {readout}: {exc}") from exc
+
+
 # -- the participant-level workflow -----------------------------------------------------
 def run_finetune(entries: Sequence, labels: pd.Series, pretrained, cfg, output_dir, *,
                  device="cpu", groups: Optional[pd.Series] = None,
@@ -137,7 +152,7 @@ def run_finetune(entries: Sequence, labels: pd.Series, pretrained, cfg, output_d
     loaded = load_model(pretrained, device, kind="pretrain")
     geometry = loaded.geometry
     run_cfg = merged_config(loaded.cfg, cfg)
-    encoder = build_readout(loaded.model, run_cfg.finetune.readout, geometry).to(device)
+    encoder = readout_encoder(loaded, run_cfg.finetune.readout, device)
     check_entries(list(entries), geometry)
     labels, refs, groups, info, counts = prepare_inputs(entries, labels, run_cfg, groups,
                                                         label_info)

@@ -16,7 +16,12 @@ from bids_roimae.core.geometry import build_geometry
 from bids_roimae.core.region_weights import region_weights, voxel_region_matrix
 from bids_roimae.errors import BadDataError
 from bids_roimae.model.mae import RoiMAE
-from bids_roimae.model.readout import ReadoutEncoder, build_readout, readout_dim
+from bids_roimae.model.readout import (
+    ReadoutEncoder,
+    build_readout,
+    readout_dim,
+    region_sd,
+)
 from bids_roimae.training.baseline import cross_validate_baseline
 
 torch.set_num_threads(1)
@@ -169,3 +174,6 @@ def test_region_sd_readout_keeps_how_strongly_a_region_fluctuates(geometry):
                       num_heads=2, decoder_dim=8, decoder_depth=1, decoder_heads=2)
     with pytest.raises(ValueError, match="at least 2 time tokens"):
         build_readout(one_step, "region-sd", geometry)
+    constant = torch.zeros(1, 3, 4, 16, requires_grad=True)  # (B, T', R, D), nothing varies
+    region_sd(constant).sum().backward()  # IG differentiates here from a flat baseline
+    assert torch.isfinite(constant.grad).all()

@@ -77,6 +77,23 @@ def region_correlation(pooled: torch.Tensor) -> torch.Tensor:
     return corr[:, i, j]
 
 
+def region_sd(pooled: torch.Tensor) -> torch.Tensor:
+    """Across-time standard deviation of region-pooled tokens.
+
+    Parameters
+    ----------
+    pooled : tensor, shape (B, T', R, D)
+
+    Returns
+    -------
+    tensor, shape (B, R, D)
+        Population SD over the ``T'`` time steps. A tiny variance floor keeps the gradient
+        finite where a region does not vary (Integrated Gradients differentiates through
+        it, from a baseline that may be constant).
+    """
+    return (pooled.var(dim=1, correction=0) + 1e-12).sqrt()
+
+
 def readout_dim(readout: str, embed_dim: int, n_regions: int) -> int:
     """Length of a window's feature vector for a readout."""
     if readout == "mean":
@@ -144,7 +161,7 @@ class ReadoutEncoder(nn.Module):
             return self.mae.embed(x)
         if self.readout == "region-sd":
             residual = pool_regions(self.mae.encode(x, normed=False), self.token_weights)
-            return residual.std(dim=1, correction=0).flatten(1)
+            return region_sd(residual).flatten(1)
         pooled = self.region_tokens(x)
         region = pooled.mean(dim=1).flatten(1)
         if self.readout == "region":

@@ -20,7 +20,12 @@ import torch
 from torch import nn
 
 from bids_roimae.core.region_weights import region_weights
-from bids_roimae.model.readout import ReadoutEncoder, pool_regions, region_correlation
+from bids_roimae.model.readout import (
+    ReadoutEncoder,
+    pool_regions,
+    region_correlation,
+    region_sd,
+)
 from bids_roimae.training.windows import autocast, batches, load_windows
 
 
@@ -81,8 +86,7 @@ def encoder_features(mae: nn.Module, refs: Sequence, geometry, window: int, batc
         region.append(pooled.mean(dim=1).cpu().numpy())
         corr.append(region_correlation(pooled).cpu().numpy())
         if with_sd:
-            sd.append(pool_regions(residual, reader.token_weights).std(dim=1, correction=0)
-                      .cpu().numpy())
+            sd.append(region_sd(pool_regions(residual, reader.token_weights)).cpu().numpy())
     r = weights.n_regions
     upper = np.concatenate(corr).mean(axis=0)
     matrix = np.eye(r)

@@ -19,7 +19,7 @@ Usage (CPU; needs the real template and AAL3 in the TemplateFlow/nilearn caches,
 laid out from ../shared/data as scripts/demo.sh does)::
 
     python benchmarks/science.py --out /tmp/science --effect-sizes 0.5 0.3 --seeds 0 1 \\
-        --steps 150 --readouts mean region region-cov --patch-sizes 6 [--attribution] \\
+        --steps 150 --readouts region-sd region region-cov mean --patch-sizes 6 [--attribution] \\
         [--config SETTINGS.toml]
 
 Writes ``OUT/science.tsv`` (one row per arm, dataset and fold) and ``OUT/science.json``
@@ -121,7 +121,7 @@ def one_dataset(root: Path, effect_size: float, seed: int, opts) -> tuple[list[d
             roi = next((pout / "models").glob("roimae_mask-roi_*/model.pt"))
             run_cli([data, pout, "participant", "--mode", "finetune", "--target", "dx",
                      "--positive", "1", "2", "3", "--folds", opts.folds, "--pretrained", roi,
-                     "--readout", opts.readouts[-1], *geometry, *common])
+                     "--readout", opts.readouts[0], *geometry, *common])
             run_cli([data, pout, "participant", "--mode", "predict", "--ig-steps", 8,
                      "--fidelity-windows", 1, *geometry, *common])
             run_cli([data, pout, "group", "--mode", "report", *geometry, *common])
@@ -156,7 +156,9 @@ def main(argv=None) -> None:
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--maskings", nargs="+", default=["roi", "random"])
-    parser.add_argument("--readouts", nargs="+", default=["mean", "region", "region-cov"])
+    parser.add_argument("--readouts", nargs="+",
+                        default=["region-sd", "region", "region-cov", "mean"],
+                        help="The first also serves --attribution.")
     parser.add_argument("--patch-sizes", type=int, nargs="+", default=[6])
     parser.add_argument("--attribution", action="store_true",
                         help="Also predict (IG + fidelity) and report: planted-region ranks.")

@@ -17,8 +17,9 @@
     before the encoder's final norm, ``(B, R * D)``: how much each region's encoding moves
     within the window. The final norm rescales every token to unit variance, so a region
     that fluctuates twice as much looks the same after it; before it, its tokens keep that
-    scale. Group differences in resting-state fMRI are mostly in such second-order
-    statistics (fluctuation amplitude, coupling), which a time average cannot carry.
+    scale. The example's planted group difference, like many reported in resting-state
+    fMRI, is in such second-order statistics (fluctuation amplitude, coupling), which a
+    time average cannot carry.
     Needs at least two time tokens per window.
 
 :class:`ReadoutEncoder` wraps a pretrained autoencoder so that its ``embed`` gives the

@@ -99,10 +99,16 @@ import json, sys
 import pandas as pd
 out, data = sys.argv[1:]
 planted = [p["name"] for p in json.load(open(f"{data}/code/synth_manifest.json"))["planted_regions"]]
-path = f"{out}/group/seg-AAL3_stat-ig_desc-groupdiff_stats.tsv"
-table = pd.read_csv(path, sep="\t")
-print(f"demo: planted regions {', '.join(planted)}; top of {path.split('/')[-1]}:")
-print(table.head(5)[["rank", "name", "system", "statistic", "cohen_d", "p"]].to_string(index=False))
+print(f"demo: planted regions {', '.join(planted)} (* below)")
+for desc, what in [("relativeregions", "where the model relies on a region more than a "
+                    "randomised head does on the same input (amplitude cancels)"),
+                   ("groupdiff", "ADHD - control difference of mean |IG| (follows amplitude: "
+                    "compare desc-randomgroupdiff)")]:
+    table = pd.read_csv(f"{out}/group/seg-AAL3_stat-ig_desc-{desc}_stats.tsv", sep="\t")
+    top = table.head(len(planted))
+    marked = ", ".join(f"{n}{'*' if n in planted else ''}" for n in top["name"])
+    print(f"demo: desc-{desc}, {what}; top {len(top)}: {marked} "
+          f"({top['name'].isin(planted).sum()} of {len(planted)} planted)")
 PY
 echo "demo: outputs in $out (open $out/group/group_report.html and $out/sub-01.html)"
 elapsed=$(( SECONDS - started ))

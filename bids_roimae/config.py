@@ -212,9 +212,10 @@ class FinetuneConfig:
     # How a window's encoder tokens become features (bids_roimae.model.readout): the mean
     # of all tokens, tokens pooled per atlas region with voxel weights, that plus the
     # regions' across-time correlation, or the across-time SD of the region-pooled tokens
-    # before the encoder's final norm. region-sd is the default: it beat region on every
-    # generated dataset measured (README, "Region readout"), since group differences in
-    # resting state are in how regions fluctuate, which a time average does not carry.
+    # before the encoder's final norm. region-sd is the default: it was at or above region
+    # on every generated dataset measured, clearly so where the task is hard (README, "Does
+    # the foundation model beat a connectome?"): the planted differences are in how regions
+    # fluctuate, which a time average of normed tokens does not carry.
     readout: Literal["mean", "region", "region-cov", "region-sd"] = "region-sd"
     # The classical arm cross-validated on the same folds: a connectome of voxel-exact
     # region means from the token cache, plus each region's SD (or none).

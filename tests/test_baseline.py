@@ -5,6 +5,8 @@ voxel-exact and patch-majority regions differ); positive subjects' region 1 fluc
 more and follows the shared signal less (the planted effect of the example generator).
 """
 
+from types import SimpleNamespace
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -14,7 +16,7 @@ from bids_roimae.analysis.connectome import ConnectomeFeatures, region_series
 from bids_roimae.analysis.evaluation import make_folds
 from bids_roimae.core.geometry import build_geometry
 from bids_roimae.core.region_weights import region_weights, voxel_region_matrix
-from bids_roimae.errors import BadDataError
+from bids_roimae.errors import BadDataError, UsageError
 from bids_roimae.model.mae import RoiMAE
 from bids_roimae.model.readout import (
     ReadoutEncoder,
@@ -23,6 +25,7 @@ from bids_roimae.model.readout import (
     region_sd,
 )
 from bids_roimae.training.baseline import cross_validate_baseline
+from bids_roimae.training.finetune import readout_encoder
 
 torch.set_num_threads(1)
 
@@ -174,6 +177,10 @@ def test_region_sd_readout_keeps_how_strongly_a_region_fluctuates(geometry):
                       num_heads=2, decoder_dim=8, decoder_depth=1, decoder_heads=2)
     with pytest.raises(ValueError, match="at least 2 time tokens"):
         build_readout(one_step, "region-sd", geometry)
+    loaded = SimpleNamespace(model=one_step, geometry=geometry)  # what load_model returns
+    with pytest.raises(UsageError, match="--readout region-sd: .*at least 2 time tokens") as err:
+        readout_encoder(loaded, "region-sd", "cpu")
+    assert err.value.exit_code == 64
     constant = torch.zeros(1, 3, 4, 16, requires_grad=True)  # (B, T', R, D), nothing varies
     region_sd(constant).sum().backward()  # IG differentiates here from a flat baseline
     assert torch.isfinite(constant.grad).all()

@@ -79,8 +79,11 @@ def encoder_features(mae: nn.Module, refs: Sequence, geometry, window: int, batc
     for chunk in batches(list(refs), max(1, batch_size)):
         x = torch.from_numpy(load_windows(chunk, window)).to(device)
         with autocast(device):
-            tokens = mae.encode(x).float()  # (B, T', N, D)
-            residual = mae.encode(x, normed=False).float() if with_sd else None
+            # One encoder pass: with every token visible, encode(x) is the final norm of
+            # the residual stream, which region-sd reads before it.
+            residual = mae.encode(x, normed=False)  # (B, T', N, D)
+            tokens = mae.norm(residual).float()
+        residual = residual.float()
         pooled = pool_regions(tokens, reader.token_weights)
         mean.append(tokens.mean(dim=(1, 2)).cpu().numpy())
         region.append(pooled.mean(dim=1).cpu().numpy())

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,14 @@ except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
     pass
 
 SMALL_SHAPE = (13, 17, 11)
+
+
+@pytest.fixture(autouse=True)
+def _sigterm_handler_restored():
+    """Put back the test process's SIGTERM handler that an in-process CLI run replaces."""
+    previous = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, previous)
 
 
 @dataclass(frozen=True)

@@ -104,7 +104,9 @@ def _describe(args):
 
 
 def test_dataset_description_from_concurrent_processes_is_valid(tmp_path):
-    with multiprocessing.get_context("fork").Pool(8) as pool:
+    # spawn, not fork: a test worker already runs threads (torch, execnet), and a child
+    # forked while one of them holds a lock can hang forever
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
         assert sorted(pool.map(_describe, [(tmp_path, i) for i in range(8)])) == list(range(8))
     data = json.loads((tmp_path / "dataset_description.json").read_text())
     assert data["DatasetType"] == "derivative" and data["BIDSVersion"] == "1.10.0"

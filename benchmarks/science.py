@@ -62,44 +62,32 @@ def planted_ranks(out: Path, planted: list[str]) -> dict:
     return ranks
 
 
-def region_sd_rows(pout: Path) -> list[dict]:
-    """The built-in baseline's region SDs without its correlations, through the same probe
-    fit, on the folds of the last comparison: is the built-in baseline diluted? One dict
-    per (repeat, fold) with accuracy and ROC AUC."""
-    from sklearn.metrics import roc_auc_score
-
-    from bids_roimae.analysis.connectome import region_series
-    from bids_roimae.core.region_weights import present_regions, voxel_region_matrix
+def region_sd_rows(pout: Path, seed: int) -> list[dict]:
+    """The app's ``--baseline region-sd`` (the built-in baseline's region SDs without its
+    correlations) on the folds of the last comparison: is the built-in baseline diluted?
+    One dict per (repeat, fold) with accuracy and ROC AUC."""
+    from bids_roimae.io.cache import load_entries
     from bids_roimae.io.checkpoint import geometry_from_checkpoint, load_checkpoint
-    from bids_roimae.training.classifier_fit import fit_linear_probe
+    from bids_roimae.training.baseline import cache_region_series, cross_validate_baseline
 
     checkpoint = next((pout / "models").glob("roimae_mask-roi_*/model.pt"))
     geometry = geometry_from_checkpoint(load_checkpoint(checkpoint))
-    matrix = voxel_region_matrix(geometry.labels, geometry.voxel_mask,
-                                 present_regions(geometry.labels, geometry.voxel_mask))
-    sd = {}
-    for path in sorted((pout / "cache").rglob("*.npy")):
-        tokens = np.load(path, mmap_mode="r")
-        if tokens.shape[1:] != (geometry.n_tokens, geometry.patch_voxels):
-            continue  # another geometry's cache
-        series = np.concatenate([region_series(np.asarray(tokens[t:t + 64]), matrix)
-                                 for t in range(0, tokens.shape[0], 64)])
-        sd.setdefault(path.name.split("_")[0][4:], []).append(series.std(axis=0, ddof=1))
+    series = cache_region_series(load_entries(pout, geometry), geometry)
     folds = pd.read_csv(pout / "models" / "masking_comparison" / "predictions_connectome.tsv",
                         sep="\t", dtype={"participant": str})
     subjects = sorted(set(folds["participant"]))
-    y = folds.drop_duplicates("participant").set_index("participant").loc[subjects, "y_true"]
-    x = np.stack([np.mean(sd[s], axis=0) for s in subjects])
+    labels = folds.drop_duplicates("participant").set_index("participant").loc[
+        subjects, "y_true"]
     rows = []
-    for (repeat, fold), test in folds.groupby(["repeat", "fold"]):
-        held = np.isin(subjects, test["participant"].to_numpy())
-        probe = fit_linear_probe(x[~held], y.to_numpy()[~held], "binary", 1009 * (fold + 1))
-        z = (x[held] - probe["mean"]) / probe["scale"]
-        logit = (z @ probe["weight"].T + probe["bias"])[:, 0]
-        truth = y.to_numpy()[held]
-        rows.append({"fold": f"{repeat}.{fold}", "accuracy": float(((logit > 0) == truth).mean()),
-                     "roc_auc": float(roc_auc_score(truth, logit))
-                     if len(set(truth)) == 2 else float("nan")})
+    for repeat, split in folds.groupby("repeat"):
+        fold_of = split.set_index("participant").loc[subjects, "fold"].to_numpy()
+        splits = [(np.flatnonzero(fold_of != k), np.flatnonzero(fold_of == k))
+                  for k in np.unique(fold_of)]
+        _, table = cross_validate_baseline(series, labels, {"task_type": "binary"}, splits,
+                                           features="region-sd", seed=seed)
+        rows += [{"fold": f"{repeat}.{fold}", "accuracy": float(r["accuracy"]),
+                  "roc_auc": float(r["roc_auc"])}
+                 for fold, r in table.drop(index=["mean", "sd"]).iterrows()]
     return rows
 
 
@@ -160,7 +148,7 @@ def one_dataset(root: Path, effect_size: float, seed: int, opts) -> tuple[list[d
         if patch == opts.patch_sizes[0]:
             rows += [dict(row, effect_size=effect_size, seed=seed,
                           arm="region SD alone (logistic regression)")
-                     for row in region_sd_rows(pout)]
+                     for row in region_sd_rows(pout, seed)]
         if opts.attribution:
             t0 = time.perf_counter()
             roi = next((pout / "models").glob("roimae_mask-roi_*/model.pt"))

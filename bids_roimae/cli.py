@@ -239,8 +239,9 @@ RES = "Resources and run control"
                "(voxel-weighted), that plus the regions' across-time correlation, or the "
                "across-time SD of the region-pooled tokens before the final norm.")
 @_setting("--baseline", setting=(FinetuneConfig, "baseline"), section=FINETUNE,
-          help="Classical arm cross-validated on the same folds: a connectome of "
-               "voxel-exact region means plus region SD, logistic regression.")
+          help="Classical arm cross-validated on the same folds, logistic regression on "
+               "voxel-exact region means: their connectome plus each region's SD, or the "
+               "region SDs alone (the stronger model when groups differ in fluctuation).")
 @_setting("--connectivity", setting=(FinetuneConfig, "connectivity"), section=FINETUNE,
           help="Connectivity measure of the connectome baseline.")
 @_setting("--cv-repeats", type=click.IntRange(1), setting=(FinetuneConfig, "cv_repeats"),

@@ -218,8 +218,10 @@ class FinetuneConfig:
     # fluctuate, which a time average of normed tokens does not carry.
     readout: Literal["mean", "region", "region-cov", "region-sd"] = "region-sd"
     # The classical arm cross-validated on the same folds: a connectome of voxel-exact
-    # region means from the token cache, plus each region's SD (or none).
-    baseline: Literal["connectome", "none"] = "connectome"
+    # region means from the token cache plus each region's SD, what a user would build
+    # instead; or those region SDs alone, the stronger classical model when groups differ
+    # in fluctuation (README, "Does the foundation model beat a connectome?"); or none.
+    baseline: Literal["connectome", "region-sd", "none"] = "connectome"
     connectivity: Literal["correlation", "tangent"] = "correlation"
 
     def validate(self) -> None:

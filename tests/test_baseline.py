@@ -12,7 +12,12 @@ import pandas as pd
 import pytest
 import torch
 
-from bids_roimae.analysis.connectome import ConnectomeFeatures, region_series
+from bids_roimae.analysis.connectome import (
+    ConnectomeFeatures,
+    RegionSDFeatures,
+    baseline_features,
+    region_series,
+)
 from bids_roimae.analysis.evaluation import make_folds
 from bids_roimae.core.geometry import build_geometry
 from bids_roimae.core.region_weights import region_weights, voxel_region_matrix
@@ -106,6 +111,38 @@ def test_connectome_baseline_finds_the_planted_effect_on_given_folds(geometry):
     _, table = cross_validate_baseline(series, shuffled, {"task_type": "binary"},
                                        make_folds(shuffled.to_numpy(), 4, seed=0), seed=0)
     assert table.loc["mean", "accuracy"] < 0.75
+
+
+def test_region_sd_baseline_is_the_region_sds_and_finds_an_amplitude_effect(geometry):
+    rng = np.random.default_rng(4)
+    matrix = voxel_region_matrix(geometry.labels, geometry.voxel_mask, np.arange(1, 5))
+    runs = [region_series(subject_tokens(geometry, rng, planted), matrix)
+            for planted in (False, True)]
+    features = RegionSDFeatures().fit(runs).transform(runs)
+    assert features.shape == (2, 4)
+    np.testing.assert_allclose(features, [r.std(axis=0, ddof=1) for r in runs])
+    assert features[1, 0] > 1.5 * features[0, 0]  # region 1 fluctuates twice as much
+    # the connectome's last R columns are the same SDs, behind its correlations
+    conn = ConnectomeFeatures().fit(runs).transform(runs)
+    assert conn.shape == (2, 6 + 4)
+    np.testing.assert_allclose(conn[:, 6:], features)
+    with pytest.raises(ValueError, match="connectome or region-sd"):
+        baseline_features("sd")
+
+    y = np.array([0, 1] * 10)
+    labels = pd.Series(y, index=pd.Index([f"{i:02d}" for i in range(20)], name="participant"))
+    series = {s: [region_series(subject_tokens(geometry, rng, bool(v)), matrix)]
+              for s, v in labels.items()}
+    folds = make_folds(y, 4, seed=0)
+    predictions, table = cross_validate_baseline(series, labels, {"task_type": "binary"},
+                                                 folds, features="region-sd", seed=0)
+    assert table.loc["mean", "accuracy"] >= 0.9
+    for k, (_, test) in enumerate(folds):
+        assert set(predictions.index[predictions["fold"] == k]) == set(labels.index[test])
+    with pytest.raises(BadDataError, match="region-sd baseline: fold 0 trains on one class"):
+        cross_validate_baseline(series, labels, {"task_type": "binary"},
+                                [(np.arange(0, 20, 2), np.arange(1, 20, 2))],
+                                features="region-sd")
 
 
 def test_baseline_refuses_one_class_and_missing_subjects(geometry):

@@ -172,6 +172,25 @@ def test_linear_probe_finds_the_planted_difference(probe_run, study):
         model.set_index("participant_id")["fold"])
 
 
+def test_region_sd_baseline_sits_beside_the_model_on_the_same_folds(study, tmp_path):
+    labels, _ = parse_labels(study["table"], "dx", positive=["1"])
+    cfg = make_cfg()
+    cfg.finetune.baseline, cfg.finetune.cv_repeats = "region-sd", 1
+    result = run_finetune(study["entries"], labels, study["pretrained"], cfg, tmp_path,
+                          device="cpu")
+    summary = json.loads((result["model_dir"] / "metrics.json").read_text())
+    assert summary["baseline"]["name"] == "region-sd"
+    assert summary["baseline"]["connectivity"] is None
+    assert "region SD" in summary["baseline"]["description"]
+    assert "connectivity" not in summary["baseline"]["description"]
+    assert result["out_of_fold"].baseline_name == "region-sd"
+    base = pd.read_csv(result["model_dir"] / "baseline_predictions.tsv", sep="\t")
+    model = pd.read_csv(result["model_dir"] / "predictions.tsv", sep="\t")
+    assert set(base["model"]) == {"region-sd"}
+    assert base.set_index("participant_id")["fold"].equals(
+        model.set_index("participant_id")["fold"])
+
+
 def test_out_of_fold_predictions_are_per_participant_and_subject_disjoint(probe_run, study):
     rows = probe_run["predictions"]
     assert sorted(rows["participant_id"]) == [f"sub-{i:02d}" for i in range(N_SUBJECTS)]

@@ -1,4 +1,5 @@
-"""The classical arm: a functional connectome plus regional fluctuation (no file I/O).
+"""The classical arms: a functional connectome plus regional fluctuation, or the regional
+fluctuation alone (no file I/O).
 
 What a user would build instead of a foundation model (nilearn's ``NiftiLabelsMasker`` ->
 ``ConnectivityMeasure`` -> logistic regression), computed from the same token cache the
@@ -6,7 +7,9 @@ model reads: region time series are means over each region's **own voxels**
 (:func:`bids_roimae.core.region_weights.voxel_region_matrix`), features are the upper
 triangle of the connectivity matrix (correlation, or tangent to the training subjects'
 mean) and each region's signal SD. Tangent space depends on the group mean, so the
-measure is fitted on training subjects only (:class:`ConnectomeFeatures`).
+measure is fitted on training subjects only (:class:`ConnectomeFeatures`). The region SDs
+alone (:class:`RegionSDFeatures`) are the stronger classical model when groups differ in
+how much regions fluctuate: among R (R - 1) / 2 correlations they are diluted.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import numpy as np
 from bids_roimae.errors import BadDataError
 
 CONNECTIVITY_KINDS = ("correlation", "tangent")
+#: Feature sets of the built-in baseline (``--baseline``).
+BASELINE_FEATURES = ("connectome", "region-sd")
 
 
 def region_series(window: np.ndarray, matrix) -> np.ndarray:
@@ -69,9 +74,47 @@ class ConnectomeFeatures:
         if self._measure is None:
             raise RuntimeError("ConnectomeFeatures.fit must run first")
         runs = [_checked(r) for r in runs]
-        conn = self._measure.transform(runs)
-        sd = np.stack([r.std(axis=0, ddof=1) for r in runs])
-        return np.hstack([conn, sd])
+        return np.hstack([self._measure.transform(runs), region_sd(runs)])
+
+
+class RegionSDFeatures:
+    """Each region's signal SD per run; nothing to fit (the same interface as
+    :class:`ConnectomeFeatures`)."""
+
+    def fit(self, runs: Sequence[np.ndarray]) -> "RegionSDFeatures":
+        """Check the training runs (each ``(T, R)``); no parameters are learned."""
+        for run in runs:
+            _checked(run)
+        return self
+
+    def transform(self, runs: Sequence[np.ndarray]) -> np.ndarray:
+        """Features of runs, ``(n_runs, R)``."""
+        return region_sd([_checked(r) for r in runs])
+
+
+def baseline_features(features: str, kind: str = "correlation"):
+    """An unfitted feature builder of the built-in baseline.
+
+    Parameters
+    ----------
+    features : {"connectome", "region-sd"}
+    kind : {"correlation", "tangent"}
+        Connectivity measure (``"connectome"`` only).
+
+    Returns
+    -------
+    ConnectomeFeatures or RegionSDFeatures
+    """
+    if features == "connectome":
+        return ConnectomeFeatures(kind)
+    if features == "region-sd":
+        return RegionSDFeatures()
+    raise ValueError(f"baseline features must be {' or '.join(BASELINE_FEATURES)}")
+
+
+def region_sd(runs: Sequence[np.ndarray]) -> np.ndarray:
+    """Across-time SD (ddof 1) of each region in each run, ``(n_runs, R)``."""
+    return np.stack([np.asarray(r).std(axis=0, ddof=1) for r in runs])
 
 
 def _checked(run: np.ndarray) -> np.ndarray:

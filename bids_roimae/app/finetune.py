@@ -91,7 +91,7 @@ def run_finetune(ctx: RunContext) -> int:
                             for k, v in result["metrics"].items())
         log.info("fine-tuned %s: %s", result["name"], summary)
         if result["baseline_metrics"]:
-            log.info("connectome baseline on the same folds: %s", ", ".join(
-                f"{k} {v['mean']:.3f} ± {v['sd']:.3f}"
-                for k, v in result["baseline_metrics"].items()))
+            log.info("%s baseline on the same folds: %s", ctx.cfg.finetune.baseline,
+                     ", ".join(f"{k} {v['mean']:.3f} ± {v['sd']:.3f}"
+                               for k, v in result["baseline_metrics"].items()))
     return exit_code_for(failures)

@@ -46,11 +46,7 @@ from bids_roimae.analysis.statistics import (
 )
 from bids_roimae.errors import OutputError, UsageError
 from bids_roimae.io.checkpoint import load_model
-from bids_roimae.training.baseline import (
-    BASELINE_NAME,
-    cache_region_series,
-    cross_validate_baseline,
-)
+from bids_roimae.training.baseline import cache_region_series, cross_validate_baseline
 from bids_roimae.training.cross_validation import (
     cross_validate,
     frozen_embeddings,
@@ -281,8 +277,8 @@ def compare_masking(models: dict, entries, labels: pd.Series, cfg, out_dir, devi
         strategy (each one's seed is a pretraining seed of its group); the groups are
         compared in order of first appearance, ``random`` first when present, so
         differences read ``roi - random``.
-        With ``cfg.finetune.baseline = "connectome"`` the built-in connectome baseline is
-        one more arm (named ``connectome``) on the same folds.
+        Unless ``cfg.finetune.baseline = "none"``, the built-in baseline is one more arm
+        on the same folds, named by its features (``connectome`` or ``region-sd``).
     entries : sequence of CacheEntry
         Prepared runs (the models must share the token geometry of the cache).
     labels : Series
@@ -336,10 +332,11 @@ def compare_masking(models: dict, entries, labels: pd.Series, cfg, out_dir, devi
     for n in order:
         check_entries(list(entries), loaded[n].geometry)
         arms.append(_checkpoint_arm(n, loaded[n], prepared[n][1], run_cfgs[n], info, device))
-    if cfg.finetune.baseline == "connectome":
+    baseline = cfg.finetune.baseline
+    if baseline != "none":
         # The classical arm on the same subjects and folds: does pretraining beat it?
-        if BASELINE_NAME in loaded:
-            raise UsageError(f"a pretrained model may not be named {BASELINE_NAME!r} in a "
+        if baseline in loaded:
+            raise UsageError(f"a pretrained model may not be named {baseline!r} in a "
                              "comparison with the built-in baseline")
         arms.append(baseline_arm(entries, loaded[first].geometry, info,
                                  run_cfgs[first]))
@@ -368,16 +365,17 @@ def _checkpoint_arm(name, loaded, refs, run_cfg, info, device) -> Arm:
 
 
 def baseline_arm(entries, geometry, info: dict, run_cfg) -> Arm:
-    """The connectome baseline as an arm: region series read from the cache once, the
-    connectivity features and the probe fitted inside each fold."""
+    """The built-in baseline (``run_cfg.finetune.baseline``) as an arm: region series read
+    from the cache once, the features and the probe fitted inside each fold."""
     series = cache_region_series(list(entries), geometry)
+    features = run_cfg.finetune.baseline
 
     def evaluate(labels, folds):
         subset = {s: series[s] for s in map(str, labels.index)}
-        return cross_validate_baseline(subset, labels, info, folds,
+        return cross_validate_baseline(subset, labels, info, folds, features=features,
                                        kind=run_cfg.finetune.connectivity, seed=run_cfg.seed)
 
-    return Arm(name=BASELINE_NAME, group=BASELINE_NAME, evaluate=evaluate)
+    return Arm(name=features, group=features, evaluate=evaluate)
 
 
 def checkpoint_label(strategy: str, seed: int, taken: set) -> str:

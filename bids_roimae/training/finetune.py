@@ -13,7 +13,7 @@ cross-validation itself (inputs, embeddings, fitting, out-of-fold predictions) i
 Outputs of a fine-tuning run::
 
     models/<name>/model.pt  fold_metrics.tsv  metrics.json  predictions.tsv
-    models/<name>/baseline_fold_metrics.tsv  baseline_predictions.tsv  (--baseline connectome)
+    models/<name>/baseline_fold_metrics.tsv  baseline_predictions.tsv  (unless --baseline none)
     sub-<label>/func/sub-<label>_desc-finetune_predictions.tsv (+ .json)  one row per model
 """
 
@@ -48,7 +48,7 @@ from bids_roimae.io.derivatives import write_json, write_tsv
 from bids_roimae.model.classifier import Classifier, n_outputs, subject_output
 from bids_roimae.model.readout import build_readout
 from bids_roimae.training.baseline import (
-    BASELINE_NAME,
+    BASELINE_DESCRIPTIONS,
     cache_region_series,
     cross_validate_baseline,
 )
@@ -175,13 +175,14 @@ def run_finetune(entries: Sequence, labels: pd.Series, pretrained, cfg, output_d
     oof = _out_of_fold(runs, labels, task)
     final = fit_classifier(encoder, strategy, list(labels.index), labels.to_numpy(), refs, emb,
                  run_cfg, info, device, seed=run_cfg.seed)
-    baseline = None  # the connectome arm on every repeat's folds: [(predictions, table)]
-    if run_cfg.finetune.baseline == "connectome":
+    baseline = None  # the classical arm on every repeat's folds: [(predictions, table)]
+    baseline_name = run_cfg.finetune.baseline
+    if baseline_name != "none":
         baseline = run_baseline(entries, geometry, labels, info, repeats, run_cfg)
         baseline_table = _repeated_fold_table([t for _, t in baseline], task)
         baseline_oof = _out_of_fold(baseline, labels, task)
         if oof is not None and baseline_oof is not None:
-            oof = dataclasses.replace(oof, baseline_name=BASELINE_NAME, baseline=baseline_oof)
+            oof = dataclasses.replace(oof, baseline_name=baseline_name, baseline=baseline_oof)
 
     name = name or finetuned_name(pretrained, info.get("target", "target"), strategy)
     model_dir = output_dir / "models" / name
@@ -197,10 +198,10 @@ def run_finetune(entries: Sequence, labels: pd.Series, pretrained, cfg, output_d
                "excluded": counts["counts"], "folds": table.reset_index().to_dict("records")}
     if baseline is not None:
         summary["baseline"] = {
-            "name": BASELINE_NAME, "connectivity": run_cfg.finetune.connectivity,
-            "description": "voxel-exact AAL region means from the token cache -> "
-                           "connectivity (upper triangle) + region SD -> standardised "
-                           "logistic regression (ridge for regression), C by inner CV",
+            "name": baseline_name,
+            "connectivity": run_cfg.finetune.connectivity
+            if baseline_name == "connectome" else None,
+            "description": BASELINE_DESCRIPTIONS[baseline_name],
             "metrics": mean_sd(baseline_table),
             "folds": baseline_table.reset_index().to_dict("records")}
     if oof is not None:
@@ -215,7 +216,7 @@ def run_finetune(entries: Sequence, labels: pd.Series, pretrained, cfg, output_d
     if baseline is not None:
         _write_tsv(model_dir / "baseline_fold_metrics.tsv", baseline_table.reset_index())
         _write_tsv(model_dir / "baseline_predictions.tsv",
-                   prediction_rows(baseline[0][0], info, BASELINE_NAME))
+                   prediction_rows(baseline[0][0], info, baseline_name))
     for subject, row in rows.groupby("participant_id", sort=False):
         _write_subject_predictions(output_dir, subject, row)
     return {"model_path": model_dir / "model.pt", "model_dir": model_dir, "name": name,
@@ -239,14 +240,16 @@ def _repeated_fold_table(tables: Sequence[pd.DataFrame], task: str) -> pd.DataFr
 
 def run_baseline(entries: Sequence, geometry, labels: pd.Series, info: dict, repeats, cfg
                  ) -> list[tuple[pd.DataFrame, pd.DataFrame]]:
-    """The connectome baseline (``cfg.finetune.connectivity``) on every repeat's folds,
-    from the labelled subjects' prepared runs (read once); per repeat the outputs of
-    :func:`~bids_roimae.training.cross_validation.cross_validate`."""
+    """The built-in baseline (``cfg.finetune.baseline``, ``connectivity``) on every
+    repeat's folds, from the labelled subjects' prepared runs (read once); per repeat the
+    outputs of :func:`~bids_roimae.training.cross_validation.cross_validate`."""
     wanted = {str(s) for s in labels.index}
     series = cache_region_series([e for e in entries if str(e.subject) in wanted], geometry)
-    log.info("connectome baseline (%s) on the same %d repeats x %d folds",
-             cfg.finetune.connectivity, len(repeats), len(repeats[0]))
-    return [cross_validate_baseline(series, labels, info, folds,
+    features = cfg.finetune.baseline
+    log.info("%s baseline%s on the same %d repeats x %d folds", features,
+             f" ({cfg.finetune.connectivity})" if features == "connectome" else "",
+             len(repeats), len(repeats[0]))
+    return [cross_validate_baseline(series, labels, info, folds, features=features,
                                     kind=cfg.finetune.connectivity, seed=cfg.seed)
             for folds in repeats]
 

@@ -395,6 +395,21 @@ def test_compare_masking_pools_seeds_on_the_same_repeated_folds(study, seeds, tm
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
 
+def test_compare_masking_names_the_region_sd_baseline_arm(study, seeds, tmp_path):
+    labels, _ = parse_labels(study["table"], "dx", positive=["1"])
+    cfg = make_cfg()
+    cfg.finetune.cv_repeats, cfg.finetune.baseline = 1, "region-sd"
+    two = {k: seeds[k] for k in ("roi-seed0", "random-seed1")}
+    out = compare_masking(two, study["entries"], labels, cfg, tmp_path, "cpu")
+    assert "region-sd" in set(out["table"]["model"])
+    assert "connectome" not in set(out["table"]["model"])
+    baseline = pd.read_csv(tmp_path / "predictions_region-sd.tsv", sep="\t")
+    roi = pd.read_csv(tmp_path / "predictions_roi-seed0.tsv", sep="\t")
+    assert baseline.set_index("participant")["fold"].equals(
+        roi.set_index("participant")["fold"])
+    assert not (tmp_path / "predictions_connectome.tsv").exists()
+
+
 def test_compare_masking_on_shuffled_labels_finds_no_difference(study, seeds, tmp_path):
     labels, _ = parse_labels(study["table"].drop(index="99"), "dx", positive=["1"])
     shuffled = pd.Series(np.random.default_rng(5).permutation(labels.to_numpy()),

@@ -215,7 +215,7 @@ RES = "Resources and run control"
 @_setting("--batch-size", type=click.IntRange(1), setting=(TrainConfig, "batch_size"),
           section=PRETRAIN, help="Windows per step (per GPU under torchrun).")
 @_opt("--lr", type=click.FloatRange(0, min_open=True), default=None, section=PRETRAIN,
-      help="Peak learning rate.")
+      help="Peak learning rate (default by preset: tiny 1e-3, small and base 1.5e-4).")
 @_opt("--resume/--no-resume", default=True, section=PRETRAIN,
       help="Continue from a checkpoint of the same configuration when one exists.")
 @_opt("--compile", "compile_model", is_flag=True, section=PRETRAIN,

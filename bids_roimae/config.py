@@ -169,7 +169,8 @@ class TrainConfig:
     steps: int = 200
     epochs: Optional[float] = None
     batch_size: int = 8
-    lr: float = 1.5e-4
+    # Peak learning rate; None takes the preset's (training.schedule.PRESET_PEAK_LR).
+    lr: Optional[float] = None
     min_lr: float = 1e-6
     weight_decay: float = 0.05
     warmup_steps: int = 20
@@ -188,6 +189,8 @@ class TrainConfig:
             raise ConfigError("train.steps must be >= 1")
         if self.batch_size < 1:
             raise ConfigError("train.batch_size must be >= 1")
+        if self.lr is not None and not self.lr > 0:
+            raise ConfigError("train.lr must be > 0")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError("train.val_fraction must be in [0, 1)")
 

@@ -12,11 +12,13 @@ import pytest
 import torch
 from ddp_worker import FakeEntry, make_entries, make_geometry, tiny_config
 
+from bids_roimae.config import AppConfig, ConfigError
 from bids_roimae.errors import AppError, BadDataError, UsageError
 from bids_roimae.io.checkpoint import AtlasMeta, load_checkpoint, load_model
 from bids_roimae.model.mae import build_model
 from bids_roimae.training.pretrain import lr_at, model_name, run_pretraining
 from bids_roimae.training.sampling import split_subjects, step_plan, window_index
+from bids_roimae.training.schedule import peak_lr
 
 torch.set_num_threads(1)
 HERE = Path(__file__).resolve().parent
@@ -203,6 +205,26 @@ def test_learning_rate_schedule():
     assert rates[0] < rates[4] == pytest.approx(1e-3)
     assert all(a >= b for a, b in zip(rates[5:], rates[6:]))
     assert rates[-1] == pytest.approx(1e-5, abs=2e-6)
+
+
+def test_peak_learning_rate_follows_the_preset_unless_set(geometry, entries, tmp_path):
+    cfg = AppConfig()
+    assert cfg.train.lr is None and cfg.model.preset == "tiny"
+    assert peak_lr(cfg) == 1e-3
+    cfg.model.preset = "base"
+    assert peak_lr(cfg) == 1.5e-4
+    cfg.train.lr = 3e-4
+    assert peak_lr(cfg) == 3e-4
+    cfg.train.lr = 0.0
+    with pytest.raises(ConfigError, match="train.lr must be > 0"):
+        cfg.validate()
+    # unset, a pretraining run uses (and records) the preset's peak
+    run_cfg = tiny_config(steps=4, warmup_steps=2, lr=None)
+    run_pretraining(entries, geometry, run_cfg, tmp_path / "m", device="cpu", atlas=ATLAS)
+    summary = json.loads((tmp_path / "m" / "summary.json").read_text())
+    assert summary["peak_lr"] == 1e-3
+    log = pd.read_csv(tmp_path / "m" / "log.tsv", sep="\t")
+    assert log["lr"].max() == pytest.approx(1e-3, rel=1e-3)
 
 
 def test_ddp_two_cpu_processes(tmp_path):

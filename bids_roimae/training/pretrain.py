@@ -15,6 +15,7 @@ The step count, learning-rate schedule and weight-decay groups are in
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -52,7 +53,7 @@ from bids_roimae.training.sampling import (
     step_plan,
     window_index,
 )
-from bids_roimae.training.schedule import lr_at, param_groups, total_steps
+from bids_roimae.training.schedule import lr_at, param_groups, peak_lr, total_steps
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +210,7 @@ def _train(entries, geometry, cfg, model_dir, dist: DistContext, resume, atlas,
     val_index = window_index(val_entries, window)
     steps = total_steps(cfg, train_index.n_epoch_windows, world)
     batch = cfg.train.batch_size
+    schedule = dataclasses.replace(cfg.train, lr=peak_lr(cfg))  # the preset's when unset
     groups = region_groups(geometry)  # built once; random masking only reads its size
 
     torch.manual_seed(cfg.seed)
@@ -220,7 +222,7 @@ def _train(entries, geometry, cfg, model_dir, dist: DistContext, resume, atlas,
     torch.nn.init.zeros_(model.decoder_pred.weight)
     torch.nn.init.zeros_(model.decoder_pred.bias)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay),
-                                  lr=cfg.train.lr, betas=(0.9, 0.95),
+                                  lr=schedule.lr, betas=(0.9, 0.95),
                                   fused=True if device.type == "cuda" else None)
     model_dir.mkdir(parents=True, exist_ok=True)
     if rank == 0:
@@ -313,7 +315,7 @@ def _train(entries, geometry, cfg, model_dir, dist: DistContext, resume, atlas,
     tsv = TrainLog(model_dir / "log.tsv", start if start > 0 else None, rank == 0)
     if start == 0:
         initial_val = validate()
-        tsv.add(step=0, val_loss=initial_val, lr=lr_at(0, steps, cfg.train),
+        tsv.add(step=0, val_loss=initial_val, lr=lr_at(0, steps, schedule),
                 **skill_columns())
     initial_skill = skill_columns()
     meta = ModelMeta(kind="pretrain", atlas=atlas or AtlasMeta())
@@ -339,7 +341,7 @@ def _train(entries, geometry, cfg, model_dir, dist: DistContext, resume, atlas,
             t0 = time.perf_counter()
             x, mask = prefetch.get(step)
             wait += time.perf_counter() - t0
-            lr = lr_at(step, steps, cfg.train)
+            lr = lr_at(step, steps, schedule)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             # Per-step torch seed: dropout is reproducible across a resume.
@@ -406,7 +408,8 @@ def _train(entries, geometry, cfg, model_dir, dist: DistContext, resume, atlas,
                         scheduler=sched_state(steps), meta=meta)
         plot_loss(tsv, model_dir / "loss.png")
         summary = {
-            "steps": steps, "final_loss": last_loss, "final_val_loss": last_val,
+            "steps": steps, "peak_lr": schedule.lr,
+            "final_loss": last_loss, "final_val_loss": last_val,
             "initial_val_loss": initial_val,
             # 1 - MSE / MSE(trivial predictor) on the validation windows' hidden voxels:
             # 0 = no better than predicting zero / the visible tokens' region mean.

@@ -39,7 +39,6 @@ window = 16
 temporal_patch = 8
 [train]
 warmup_steps = 4
-lr = 1e-3
 val_batches = 1
 [finetune]
 windows_per_run = 2

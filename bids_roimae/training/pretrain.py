@@ -15,13 +15,12 @@ The step count, learning-rate schedule and weight-decay groups are in
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -210,7 +209,7 @@ def _train(entries, geometry, cfg, model_dir, dist: DistContext, resume, atlas,
     val_index = window_index(val_entries, window)
     steps = total_steps(cfg, train_index.n_epoch_windows, world)
     batch = cfg.train.batch_size
-    schedule = dataclasses.replace(cfg.train, lr=peak_lr(cfg))  # the preset's when unset
+    schedule = replace(cfg.train, lr=peak_lr(cfg))  # the preset's when unset
     groups = region_groups(geometry)  # built once; random masking only reads its size
 
     torch.manual_seed(cfg.seed)
